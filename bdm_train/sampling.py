@@ -1,0 +1,133 @@
+"""Samplers for blurring diffusion: one step function (B10) and the full reverse loop.
+
+``ddim_step`` is the unit that is also exported as the ONNX step graph (``export``): the runtime
+loop only feeds it tensors. A model is anything callable as ``model(z, t, labels=None)`` returning
+the eps prediction in pixel space.
+"""
+import numpy as np
+import torch
+
+from runtime.noise import NoiseStream, time_grid
+
+
+def denoised(u_t, u_eps, alpha_t, sigma_t):
+    """``u_x_hat = (u_t - sigma_t u_eps) / alpha_t`` (B8)."""
+    return (u_t - sigma_t * u_eps) / alpha_t
+
+
+def posterior_variance(alpha_t, sigma_t, alpha_s, sigma_s):
+    """``sigma_{t->s}^2`` of the denoising posterior, per frequency (B6, B7)."""
+    alpha_ts = alpha_t / alpha_s                                        # B6
+    sigma2_ts = (sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2).clamp(min=0)  # B6
+    # B7: 1 / (1/sigma_s^2 + alpha_ts^2/sigma2_ts) = sigma_s^2 sigma2_ts / sigma_t^2, since
+    # sigma2_ts + alpha_ts^2 sigma_s^2 = sigma_t^2; this form has no 0/0 when sigma2_ts = 0.
+    return sigma_s ** 2 * sigma2_ts / sigma_t ** 2
+
+
+def ddim_step(eps_model, process, z, t, s, eta, noise, clip_denoised=True):
+    """One step ``z_t -> z_s`` of DDIM-eta per frequency (B10); returns ``(z_s, x0)``.
+
+    ``eta = 1`` is the paper's ancestral sampler (B9), ``eta = 0`` the deterministic one.
+    ``noise`` is ``xi`` in frequency space. ``x0`` is the denoised estimate clipped to ``[-1, 1]``.
+    """
+    alpha_t, sigma_t = process.alpha_sigma(t)
+    alpha_s, sigma_s = process.alpha_sigma(s)
+    u_t = process.dct(z)
+    u_eps = process.dct(eps_model(z, t))
+    u_x = denoised(u_t, u_eps, alpha_t, sigma_t)              # B8
+    x0 = process.idct(u_x).clamp(-1.0, 1.0)
+    if clip_denoised:
+        u_x = process.dct(x0)
+        u_eps = (u_t - alpha_t * u_x) / sigma_t                        # B10, eps from clipped x
+    c = eta * posterior_variance(alpha_t, sigma_t, alpha_s, sigma_s).sqrt()  # B10
+    u_s = alpha_s * u_x + (sigma_s ** 2 - c ** 2).clamp(min=0).sqrt() * u_eps + c * noise  # B10
+    return process.idct(u_s), x0
+
+
+def guided(model, labels, guidance, null_label):
+    """Classifier-free guidance: ``eps = (1 + w) eps(z, t, c) - w eps(z, t, null)`` (B12).
+
+    The conditional and null branch run as one doubled batch (as in the exported graph).
+    """
+
+    def eps_model(z, t):
+        null = torch.full_like(labels, null_label)
+        eps = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([labels, null]))
+        eps_c, eps_u = eps.chunk(2)
+        return (1 + guidance) * eps_c - guidance * eps_u
+
+    return eps_model
+
+
+def conditioned(model, labels):
+    """The model with its labels bound: ``eps_model(z, t)``."""
+    return lambda z, t: model(z, t, labels)
+
+
+def _labels(labels, n, num_classes, device):
+    if num_classes <= 0:
+        if labels is not None:
+            raise ValueError("labels given, but the model is unconditional")
+        return None
+    if labels is None:  # the null label: unconditional sampling
+        return torch.full((n,), num_classes, dtype=torch.long, device=device)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(n).clone()
+    if labels.numel() != n:
+        raise ValueError(f"need 1 or n={n} labels, got {labels.numel()}")
+    if labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} is the null label)")
+    return labels
+
+
+@torch.no_grad()
+def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, first_index=0,
+           clip_denoised=True, batch_size=None, channels=None, num_classes=None, device=None,
+           progress=False):
+    """Draw ``n`` images with the noise protocol of ``runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
+
+    Time grid ``t_i = i / steps``, ``i = steps .. 0``: one network evaluation per step; the last
+    step (to ``s = 0``) returns the clipped denoised estimate.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    grid = time_grid(steps)
+    channels = channels if channels is not None else getattr(model, "in_channels", None)
+    if channels is None:
+        raise ValueError("channels not given and the model has no in_channels attribute")
+    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", 0)
+    device = torch.device(device) if device is not None else process.c_h.device
+    shape = (channels,) + tuple(process.image_size)
+    all_labels = _labels(labels, n, num_classes, device)
+    batch_size = batch_size or n
+    out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * ((n + batch_size - 1) // batch_size), desc="sampling", unit="step")
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        noise = NoiseStream(seed, first_index + start, b, shape)
+        z = torch.from_numpy(noise.draw()).to(device)
+        lab = None if all_labels is None else all_labels[start:start + b]
+        if lab is not None and guidance:
+            eps_model = guided(model, lab, float(guidance), num_classes)
+        else:
+            eps_model = conditioned(model, lab)
+        xi = torch.zeros_like(z)
+        for t_i, s_i in zip(grid[:-1], grid[1:]):
+            if eta > 0:
+                xi = torch.from_numpy(noise.draw()).to(device)
+            t = torch.full((b,), float(t_i), device=device)
+            s = torch.full((b,), float(s_i), device=device)
+            z, x0 = ddim_step(eps_model, process, z, t, s, float(eta), xi, clip_denoised)
+            if bar is not None:
+                bar.update(1)
+        out.append(x0.float())
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)

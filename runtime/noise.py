@@ -1,0 +1,40 @@
+"""The noise protocol: the reproducibility contract every backend follows.
+
+Image ``i`` of a call with seed ``S`` has its own generator ``numpy.random.default_rng([S, i])``.
+Its first draw, ``standard_normal((C, H, W), float32)``, is the initial latent ``z_1``; then, only
+when ``eta > 0``, one more draw of the same shape per step, in step order, is ``xi`` (frequency
+space) of that step. An image therefore depends only on ``(S, i)``: the same on every backend, at
+any batch size or chunking, or split across processes (``first_index``).
+"""
+import numpy as np
+
+
+def check_seed(seed, first_index=0):
+    """Raise ``ValueError`` unless ``seed`` and ``first_index`` are non-negative integers."""
+    for name, v in (("seed", seed), ("first_index", first_index)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+
+
+class NoiseStream:
+    """Per-image generators for images ``first_index .. first_index + n - 1`` of seed ``seed``."""
+
+    def __init__(self, seed, first_index, n, shape):
+        check_seed(seed, first_index)
+        self.shape = tuple(int(d) for d in shape)
+        self.generators = [np.random.default_rng([int(seed), int(first_index) + i]) for i in range(n)]
+
+    def draw(self, out=None):
+        """The next draw of every image, stacked: float32 ``[n, *shape]`` (written into ``out`` if given)."""
+        if out is None:
+            out = np.empty((len(self.generators),) + self.shape, dtype=np.float32)
+        for g, o in zip(self.generators, out):
+            g.standard_normal(self.shape, dtype=np.float32, out=o)
+        return out
+
+
+def time_grid(steps):
+    """``t_i = i / steps`` for ``i = steps .. 0`` as float32: ``steps`` steps ``(t_i, t_{i-1})``."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return np.array([i / steps for i in range(steps, -1, -1)], dtype=np.float32)

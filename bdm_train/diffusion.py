@@ -55,6 +55,21 @@ class BlurringDiffusion(nn.Module):
         return dict(image_size=list(self.image_size), blur_sigma_max=self.blur_sigma_max,
                     min_scale=self.min_scale, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
 
+    def _apply(self, fn, *args, **kwargs):
+        """Move/cast as usual; on a dtype change, rebuild the constants from float64 in the new dtype.
+
+        Casting the float32 buffers would leave ``.double()`` only float32-accurate (~1e-7).
+        """
+        dtype = self.c_h.dtype
+        super()._apply(fn, *args, **kwargs)
+        if self.c_h.dtype == dtype:
+            return self
+        h, w = self.image_size
+        self.c_h = dct_matrix(h, self.c_h.dtype, self.c_h.device)
+        self.c_w = dct_matrix(w, self.c_w.dtype, self.c_w.device)
+        self.freqs = frequencies(h, w, self.freqs.dtype).to(self.freqs.device)
+        return self
+
     @classmethod
     def from_config(cls, cfg):
         cfg = dict(cfg)

@@ -1,0 +1,151 @@
+"""Read an ONNX file's ``metadata_props`` and graph input names without the ``onnx`` package.
+
+A minimal protobuf walker over the top-level ``ModelProto`` (onnx.proto3): field 14 is
+``metadata_props`` (``StringStringEntryProto``: key = 1, value = 2), field 7 the ``graph``
+(``GraphProto``: input = 11, ``ValueInfoProto.name`` = 1). Everything else is skipped by its
+wire type, so the weights are never copied. A Jetson running TensorRT may have neither ``onnx``
+nor ONNX Runtime, yet must read the metadata to build and label an engine.
+"""
+import mmap
+import os
+
+from .errors import BdmError
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+# ModelProto, GraphProto, ValueInfoProto and StringStringEntryProto field numbers (onnx.proto3).
+_MODEL_IR_VERSION, _MODEL_GRAPH, _MODEL_METADATA = 1, 7, 14
+_GRAPH_INPUT, _GRAPH_OUTPUT = 11, 12
+_VALUE_INFO_NAME = 1
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+class _Malformed(Exception):
+    """The bytes are not a well-formed protobuf message."""
+
+
+def _varint(buf, pos, end):
+    """Decode one base-128 varint at ``pos``; return ``(value, next_pos)``."""
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, pos, end):
+    """Yield ``(field_number, wire_type, value)`` for each field of the message in ``buf[pos:end]``.
+
+    ``value`` is an int for varints and fixed-width fields, a ``(start, stop)`` span for
+    length-delimited ones (so nested messages and weights are not copied).
+    """
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("field number 0")
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos, end)
+        elif wire == _I64:
+            if pos + 8 > end:
+                raise _Malformed("truncated fixed64")
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire == _I32:
+            if pos + 4 > end:
+                raise _Malformed("truncated fixed32")
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        elif wire == _LEN:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed("length past the end")
+            value, pos = (pos, pos + n), pos + n
+        else:  # groups (3, 4) are not used by onnx.proto; 6 and 7 do not exist
+            raise _Malformed(f"wire type {wire}")
+        yield number, wire, value
+
+
+def _string(buf, span):
+    return buf[span[0]:span[1]].decode("utf-8")
+
+
+def _entry(buf, span):
+    """``StringStringEntryProto`` -> ``(key, value)``."""
+    key = value = ""
+    for number, wire, v in _fields(buf, span[0], span[1]):
+        if wire == _LEN and number == _ENTRY_KEY:
+            key = _string(buf, v)
+        elif wire == _LEN and number == _ENTRY_VALUE:
+            value = _string(buf, v)
+    return key, value
+
+
+def _value_names(buf, span, field):
+    """Names of the ``ValueInfoProto`` entries in field ``field`` of the ``GraphProto`` at ``span``."""
+    names = []
+    for number, wire, v in _fields(buf, span[0], span[1]):
+        if wire == _LEN and number == field:
+            for n2, w2, v2 in _fields(buf, v[0], v[1]):
+                if w2 == _LEN and n2 == _VALUE_INFO_NAME:
+                    names.append(_string(buf, v2))
+    return names
+
+
+class OnnxInfo:
+    """What the runtime needs from an ``.onnx``: ``metadata`` (raw strings), ``inputs``, ``outputs``."""
+
+    def __init__(self, ir_version, metadata, inputs, outputs):
+        self.ir_version = ir_version
+        self.metadata = metadata
+        self.inputs = inputs
+        self.outputs = outputs
+
+
+def parse(buf):
+    """Parse the top level of a serialized ``ModelProto`` (``bytes`` or ``mmap``); raise ``ValueError`` if malformed."""
+    ir_version, graph, metadata = None, None, {}
+    try:
+        for number, wire, v in _fields(buf, 0, len(buf)):
+            if number == _MODEL_IR_VERSION and wire == _VARINT:
+                ir_version = v
+            elif number == _MODEL_GRAPH and wire == _LEN:
+                graph = v
+            elif number == _MODEL_METADATA and wire == _LEN:
+                key, value = _entry(buf, v)
+                metadata[key] = value
+        if ir_version is None or graph is None:
+            raise _Malformed("no ir_version or graph")
+        inputs = _value_names(buf, graph, _GRAPH_INPUT)
+        outputs = _value_names(buf, graph, _GRAPH_OUTPUT)
+    except (_Malformed, UnicodeDecodeError) as e:
+        raise ValueError(f"not an ONNX model ({e})")
+    return OnnxInfo(ir_version, metadata, inputs, outputs)
+
+
+def read(path):
+    """Read ``path``'s metadata and input/output names; ``BdmError`` naming the file if it is not ONNX."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise BdmError(f"{path}: empty file, not an ONNX model")
+            # mmap (indexed directly: no buffer exports to outlive it): the weights are never read.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return parse(mm)
+    except FileNotFoundError:
+        raise BdmError(f"{path}: no such file")
+    except IsADirectoryError:
+        raise BdmError(f"{path}: is a directory, not a model file")
+    except PermissionError:
+        raise BdmError(f"{path}: permission denied")
+    except ValueError as e:
+        raise BdmError(f"{path}: {e}")
+
+
+def read_metadata(path):
+    """``{key: value}`` of ``path``'s ``metadata_props`` (raw strings)."""
+    return read(path).metadata

@@ -1,0 +1,414 @@
+"""The reverse sampling loop around a bdm step graph: numpy and one backend, no torch.
+
+``load(path)`` reads the model's own metadata (``runtime.format``), refuses what it cannot run
+(with a message naming the file) and returns a :class:`Sampler`. The sampler follows the noise
+protocol of ``runtime.noise`` exactly, so a seed gives the same images as
+``bdm_train.sampling.sample`` and as every other backend, at any chunking.
+"""
+import json
+import math
+import os
+import threading
+
+import numpy as np
+
+from . import format as fmt
+from .errors import BdmError
+from .noise import NoiseStream, check_seed, time_grid
+
+BACKENDS = ("auto", "ort", "trt")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+ORT_DEFAULT_BATCH = 64  # chunk size when the backend has no profile maximum (bounds host memory)
+
+
+# -- metadata -------------------------------------------------------------------------------------
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class StepInfo:
+    """What a step graph declares about itself (validated): shape, classes, defaults, interface."""
+
+    def __init__(self, path, meta, inputs=None):
+        self.path = path
+        self.meta = meta
+        self.format_version = meta[fmt.K_FORMAT_VERSION]
+        self.image_shape = tuple(meta[fmt.K_IMAGE_SHAPE])
+        self.process = meta[fmt.K_PROCESS]
+        self.num_classes = meta[fmt.K_NUM_CLASSES]
+        self.guided = bool(meta[fmt.K_GUIDANCE])
+        self.clip_denoised = bool(meta[fmt.K_CLIP_DENOISED])
+        self.default_steps = meta[fmt.K_DEFAULT_STEPS]
+        self.default_eta = float(meta[fmt.K_DEFAULT_ETA])
+        self.precision = meta[fmt.K_PRECISION]
+        self.version = meta[fmt.K_VERSION]
+        self.inputs = inputs
+
+    @classmethod
+    def from_meta(cls, path, meta, inputs=None, outputs=None):
+        """Validate decoded ``bdm.*`` metadata (and graph input/output names when known)."""
+        if not meta:
+            raise BdmError(f"{path}: not a bdm step graph (no bdm.* metadata)")
+        missing = fmt.missing_keys(meta)
+        if missing:
+            raise BdmError(f"{path}: not a bdm step graph (metadata {', '.join(missing)} missing)")
+        version = meta[fmt.K_FORMAT_VERSION]
+        if version not in fmt.SUPPORTED_VERSIONS:
+            raise BdmError(f"{path}: step-graph format version {version!r}, this runtime reads "
+                           f"{', '.join(str(v) for v in fmt.SUPPORTED_VERSIONS)}: upgrade bdm")
+        shape = meta[fmt.K_IMAGE_SHAPE]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and d > 0 for d in shape)):
+            raise BdmError(f"{path}: bad {fmt.K_IMAGE_SHAPE} {shape!r} (want [C, H, W])")
+        k = meta[fmt.K_NUM_CLASSES]
+        if not (_is_int(k) and k >= 0):
+            raise BdmError(f"{path}: bad {fmt.K_NUM_CLASSES} {k!r}")
+        steps = meta[fmt.K_DEFAULT_STEPS]
+        if not (_is_int(steps) and steps > 0):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r}")
+        eta = meta[fmt.K_DEFAULT_ETA]
+        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
+        if meta[fmt.K_GUIDANCE] and k == 0:
+            raise BdmError(f"{path}: a guided graph of an unconditional model")
+        if inputs is not None:
+            want = list(fmt.INPUTS) + ([fmt.LABEL] if k > 0 else []) + ([fmt.GUIDANCE] if meta[fmt.K_GUIDANCE] else [])
+            if sorted(inputs) != sorted(want):
+                raise BdmError(f"{path}: graph inputs {sorted(inputs)} do not match its metadata "
+                               f"(format {version} wants {sorted(want)})")
+        if outputs is not None and sorted(outputs) != sorted(fmt.OUTPUTS):
+            raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has {sorted(fmt.OUTPUTS)}")
+        return cls(path, meta, inputs)
+
+
+def _decode(path, props):
+    try:
+        return fmt.decode(props)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise BdmError(f"{path}: unreadable bdm metadata ({e})")
+
+
+def onnx_info(path):
+    """Validated :class:`StepInfo` of an ``.onnx`` step graph (read without the onnx package)."""
+    from . import onnx_meta
+
+    info = onnx_meta.read(path)
+    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs)
+
+
+def side_file(plan_path):
+    """``X.plan.json``: the metadata of engine ``X.plan``."""
+    return plan_path + ".json"
+
+
+def read_side_file(plan_path):
+    """Decoded ``bdm.*`` metadata of a TensorRT engine, from ``X.plan.json`` beside it."""
+    path = side_file(plan_path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise BdmError(f"{plan_path}: its metadata {os.path.basename(path)} is missing beside it "
+                       "(not a bdm engine, or copied without it)")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BdmError(f"{path}: not JSON ({e})")
+    if not isinstance(raw, dict):
+        raise BdmError(f"{path}: not a bdm engine side file (want a JSON object)")
+    return raw
+
+
+def engine_info(plan_path):
+    """Validated :class:`StepInfo` of a TensorRT engine plus its side file's raw dict."""
+    raw = read_side_file(plan_path)
+    meta = {k: v for k, v in raw.items() if k.startswith(fmt.PREFIX)}
+    return StepInfo.from_meta(plan_path, meta), raw
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _stream_handle(stream):
+    """A CUDA stream handle (int) from an int, or an object with ``.ptr``/``.cuda_stream``/``.handle``."""
+    if stream is None:
+        return None
+    for attr in ("ptr", "cuda_stream", "handle"):
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    try:
+        return int(stream)
+    except (TypeError, ValueError):
+        raise BdmError(f"cuda_stream must be a stream handle (int) or a stream object, got {stream!r}")
+
+
+def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cuda_graph=False,
+         engine_cache=None):
+    """Open a bdm step graph (``.onnx``) or TensorRT engine (``.plan``) as a :class:`Sampler`.
+
+    ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"`` or
+    ``"trt"`` (an ``.onnx`` is then built into an engine once and cached beside it, or in
+    ``engine_cache``). ``providers``: ONNX Runtime providers (default CUDA when available, else
+    CPU). ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
+    ``cuda_stream``: the caller's CUDA stream (handle or stream object). ``cuda_graph``: replay
+    the TensorRT step as a CUDA graph once shapes are fixed.
+    """
+    path = os.fspath(path)
+    if backend not in BACKENDS:
+        raise BdmError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not os.path.exists(path):
+        raise BdmError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise BdmError(f"{path}: is a directory, not a model file")
+    if batch is not None and (not _is_int(batch) or batch < 1):
+        raise BdmError(f"batch must be a positive integer, got {batch!r}")
+    stream = _stream_handle(cuda_stream)
+    if path.lower().endswith(ENGINE_SUFFIXES):
+        if backend == "ort":
+            raise BdmError(f"{path}: a TensorRT engine runs only with --backend trt; "
+                           "give ONNX Runtime the .onnx instead")
+        info, raw = engine_info(path)
+        from .backends.trt import TrtBackend
+
+        be = TrtBackend(path, info, raw, batch=batch, cuda_stream=stream, cuda_graph=cuda_graph)
+    else:
+        info = onnx_info(path)
+        if backend == "trt":
+            from .backends.trt import TrtBackend, cached_engine
+
+            plan = cached_engine(path, info, engine_cache=engine_cache, batch=batch)
+            plan_info, raw = engine_info(plan)
+            be = TrtBackend(plan, plan_info, raw, batch=batch, cuda_stream=stream, cuda_graph=cuda_graph)
+        else:
+            if cuda_graph:
+                raise BdmError("--cuda-graph needs the TensorRT backend")
+            from .backends.ort import OrtBackend
+
+            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream)
+    return Sampler(be, info, batch=batch)
+
+
+# -- the sampler ----------------------------------------------------------------------------------
+def _positive_int(v, name):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise BdmError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _finite(v, name):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise BdmError(f"{name} must be a number, got {v!r}")
+    if not math.isfinite(f):
+        raise BdmError(f"{name} must be finite, got {v!r}")
+    return f
+
+
+class Sampler:
+    """Draws images from a bdm step graph with one backend; the latent stays on its device.
+
+    Use it as a context manager, or call :meth:`close` to release the session or engine and all
+    device memory. Thread safety: calls on one sampler are serialized by an internal lock (it
+    reuses its device buffers), so for parallel sampling use one sampler per thread (each with
+    its own CUDA stream); never call it from two processes after a fork.
+    """
+
+    def __init__(self, backend, info, batch=None):
+        self._backend = backend
+        self.info = info
+        self._lock = threading.Lock()
+        limit = backend.max_batch
+        self.batch = batch if batch is not None else (limit or ORT_DEFAULT_BATCH)
+        if limit is not None:
+            self.batch = min(self.batch, limit)  # chunks above the profile maximum: split
+
+    # -- description --------------------------------------------------------------------------
+    @property
+    def image_shape(self):
+        """``(C, H, W)``."""
+        return self.info.image_shape
+
+    @property
+    def num_classes(self):
+        return self.info.num_classes
+
+    @property
+    def backend(self):
+        """``"ort"`` or ``"trt"``."""
+        return self._require().name
+
+    @property
+    def provider(self):
+        """What actually runs the graph (an ONNX Runtime provider, or ``TensorRT x.y``)."""
+        return self._require().provider
+
+    @property
+    def device(self):
+        return self._require().device
+
+    def __repr__(self):
+        state = "closed" if self._backend is None else f"{self._backend.name}/{self._backend.provider}"
+        return f"Sampler({self.info.path!r}, {state}, image_shape={self.image_shape})"
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def _require(self):
+        if self._backend is None:
+            raise BdmError("this sampler is closed")
+        return self._backend
+
+    def close(self):
+        """Release the session or engine and all device memory (idempotent)."""
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- arguments ----------------------------------------------------------------------------
+    def _labels(self, labels, n):
+        k = self.info.num_classes
+        if k == 0:
+            if labels is not None:
+                raise BdmError("labels given, but the model is unconditional")
+            return None
+        if labels is None:  # the null label: unconditional sampling (B12)
+            return np.full((n,), k, dtype=np.int64)
+        arr = np.asarray(labels)
+        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+            raise BdmError(f"labels must be integers, got {labels!r}")
+        arr = arr.astype(np.int64).reshape(-1)
+        if arr.size == 1:
+            arr = np.full((n,), int(arr[0]), dtype=np.int64)
+        if arr.size != n:
+            raise BdmError(f"need 1 or n={n} labels, got {arr.size}")
+        if arr.min() < 0 or arr.max() > k:
+            raise BdmError(f"labels must be in 0..{k - 1} ({k} is the null label), got {int(arr.min())}..{int(arr.max())}")
+        return arr
+
+    def _guidance(self, guidance):
+        if guidance is None:
+            return 0.0 if self.info.guided else None
+        w = _finite(guidance, "guidance")
+        if self.info.num_classes == 0:
+            if w != 0.0:
+                raise BdmError("guidance needs a conditional model; this one is unconditional")
+            return None
+        if not self.info.guided:
+            if w != 0.0:
+                raise BdmError(f"{self.info.path}: exported without the guided branch; "
+                               "re-export with guidance to use --guidance")
+            return None
+        return w
+
+    def _destination(self, out, n):
+        """``(host array or None, DeviceOut or None)`` for ``out`` of shape ``[n, C, H, W]``."""
+        from .backends import cuda_array
+
+        shape = (n,) + self.image_shape
+        if out is None:
+            return np.empty(shape, dtype=np.float32), None
+        if isinstance(out, np.ndarray):
+            if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+                raise BdmError(f"out must be a writable C-contiguous float32 array of shape {shape}, "
+                               f"got {out.dtype} {out.shape}")
+            return out, None
+        if hasattr(out, "__cuda_array_interface__"):
+            if self._require().device != "cuda":
+                raise BdmError(f"out is device memory, but {self.provider} runs on the CPU: pass a numpy array")
+            return None, cuda_array(out, shape)
+        raise BdmError(f"out must be a numpy array or device memory (__cuda_array_interface__), got {type(out).__name__}")
+
+    # -- sampling -----------------------------------------------------------------------------
+    def sample(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
+               out=None, progress=False):
+        """Draw images ``first_index .. first_index + n - 1`` of ``seed``: float32 ``[n, C, H, W]`` in ``[-1, 1]``.
+
+        ``steps``/``eta`` default to the graph's own defaults; ``eta = 0`` is deterministic
+        (B10), ``eta = 1`` ancestral (B9). ``labels``: one or ``n`` class ids (``None`` on a
+        conditional model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph).
+        ``out``: a float32 array or device memory (``__cuda_array_interface__``) to write into;
+        it is returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
+        ``progress(done, total)`` called after every step.
+        """
+        n = _positive_int(n, "n")
+        steps = self.info.default_steps if steps is None else _positive_int(steps, "steps")
+        eta = self.info.default_eta if eta is None else _finite(eta, "eta")
+        if not 0.0 <= eta <= 1.0:
+            raise BdmError(f"eta must be in [0, 1], got {eta!r}")
+        try:
+            check_seed(seed, first_index)
+        except ValueError as e:
+            raise BdmError(str(e))
+        all_labels = self._labels(labels, n)
+        w = self._guidance(guidance)
+        grid = time_grid(steps)
+        host, device = self._destination(out, n)
+        with self._lock:
+            backend = self._require()
+            chunk = self.batch
+            chunks = (n + chunk - 1) // chunk
+            tick, finish = _progress(progress, steps * chunks)
+            try:
+                for start in range(0, n, chunk):
+                    b = min(chunk, n - start)
+                    stream = NoiseStream(seed, first_index + start, b, self.image_shape)
+                    z = stream.draw()                           # the initial latent z_1
+                    noise = _drawer(stream) if eta > 0 else None  # then one draw per step (xi)
+                    lab = None if all_labels is None else all_labels[start:start + b]
+                    dest = host[start:start + b] if device is None else device.rows(start, b)
+                    backend.run(z, grid, eta, noise, lab, w, dest, tick)
+            finally:
+                finish()
+        return host if device is None else out
+
+    def generate(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
+                 out=None, progress=False):
+        """Like :meth:`sample`, as uint8 images ``[n, H, W, C]`` (written into ``out`` if given)."""
+        from .images import to_uint8
+
+        if out is not None:
+            c, h, w = self.image_shape
+            shape = (_positive_int(n, "n"), h, w, c)
+            if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
+                raise BdmError(f"out must be a writable uint8 array of shape {shape}")
+        x = self.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
+                        first_index=first_index, progress=progress)
+        images = to_uint8(x)
+        if out is None:
+            return images
+        out[...] = images
+        return out
+
+
+def _drawer(stream):
+    """``draw()`` of ``stream`` into one reused host buffer."""
+    buf = np.empty((len(stream.generators),) + stream.shape, dtype=np.float32)
+    return lambda: stream.draw(buf)
+
+
+def _progress(progress, total):
+    """``(tick, finish)`` for ``progress``: ``False``, ``True`` (tqdm on stderr) or ``f(done, total)``."""
+    if not progress:
+        return None, lambda: None
+    if callable(progress):
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            progress(done[0], total)
+
+        return tick, lambda: None
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, leave=False)
+    return (lambda: bar.update(1)), bar.close

@@ -1,0 +1,364 @@
+"""The torch-free runtime (``runtime.load`` / ``Sampler``) through ONNX Runtime on the CPU.
+
+References are independent of the runtime: ``bdm_train.sampling.sample`` (the torch loop) for
+parity, files written by the ``onnx`` package for the metadata reader, and the noise protocol's
+own definition for determinism.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from runtime import format as fmt
+from runtime import onnx_meta
+from runtime.errors import BdmError
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Parity tolerance of the issue. The loop's only differences from the torch loop are kernel
+# rounding (ORT vs torch, ~1e-7 relative per op), amplified by at most alpha_s/alpha_t on the
+# final step; measured below ~1e-5, so 1e-3 leaves room without hiding a wrong step or draw.
+PARITY_TOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
+# -- models -----------------------------------------------------------------------------------------
+def _export_checkpoint(ckpt, path, **kw):
+    """Export a bdm_train checkpoint with ``export.export_onnx``; returns ``(model, process, config)``."""
+    from bdm_train.checkpoint import load
+    from export import export_onnx
+
+    model, process, config = load(ckpt)
+    s = config["sampler"]
+    export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
+                clip_denoised=s["clip_denoised"], default_steps=s["steps"], default_eta=s["eta"], **kw)
+    return model, process, config
+
+
+@pytest.fixture(scope="module")
+def mixture_onnx(tmp_path_factory):
+    """The exact denoiser of a 4-image mixture (8x8, 1 channel) exported as a step graph: fast."""
+    from bdm_train.analytic import MixtureDenoiser
+    from bdm_train.diffusion import BlurringDiffusion
+    from export import export_onnx
+
+    process = BlurringDiffusion(8)
+    images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()
+    model = MixtureDenoiser(images, process)
+    path = str(tmp_path_factory.mktemp("mix") / "mix.onnx")
+    export_onnx(model, process, path, channels=1, default_steps=12, default_eta=1.0)
+    return path, model, process
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(tiny_checkpoint, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("unet") / "bdm.onnx")
+    model, process, config = _export_checkpoint(tiny_checkpoint, path)
+    return path, model, process
+
+
+@pytest.fixture(scope="module")
+def cond_onnx(tiny_cond_checkpoint, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cond") / "bdm_cond.onnx")
+    model, process, config = _export_checkpoint(tiny_cond_checkpoint, path)  # with the guided branch
+    return path, model, process
+
+
+# -- the metadata reader -----------------------------------------------------------------------------
+def _toy_model(props=None, n_weights=3):
+    """A small valid ONNX model (MatMul chain with weights), written by the onnx package."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    nodes, inits, prev = [], [], "z"
+    for i in range(n_weights):
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["out"]))
+    graph = helper.make_graph(nodes, "toy",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 4]),
+                               helper.make_tensor_value_info("t", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if props:
+        helper.set_model_props(model, props)
+    return model
+
+
+def test_onnx_meta_reads_what_the_onnx_package_wrote(tmp_path):
+    props = {"bdm.format_version": "1", "bdm.image_shape": "[3, 16, 16]", "note": "ünïcode ✓", "empty": ""}
+    path = tmp_path / "toy.onnx"
+    onnx.save(_toy_model(props, n_weights=5), str(path))
+    info = onnx_meta.read(path)
+    assert info.metadata == props
+    assert info.metadata == {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert info.inputs == ["z", "t"] and info.outputs == ["out"]
+    assert info.ir_version == onnx.load(str(path)).ir_version
+    onnx.save(_toy_model(None), str(path))
+    assert onnx_meta.read(path).metadata == {}
+
+
+def test_onnx_meta_skips_every_wire_type():
+    # Unknown top-level fields of each wire type (varint, fixed64, fixed32, bytes) around the real ones.
+    real = _toy_model({"k": "v"}).SerializeToString()
+    extra = bytes([(90 << 3 | 0) & 0x7F | 0x80, 90 >> 4, 0x96, 0x01])          # field 90 varint 150
+    extra += bytes([(91 << 3 | 1) & 0x7F | 0x80, 91 >> 4]) + b"\x01" * 8        # field 91 fixed64
+    extra += bytes([(92 << 3 | 5) & 0x7F | 0x80, 92 >> 4]) + b"\x02" * 4        # field 92 fixed32
+    extra += bytes([(93 << 3 | 2) & 0x7F | 0x80, 93 >> 4, 3]) + b"abc"          # field 93 bytes
+    info = onnx_meta.parse(extra + real + extra)
+    assert info.metadata == {"k": "v"} and info.inputs == ["z", "t"]
+    assert onnx.load_from_string(extra + real).metadata_props[0].key == "k"  # protobuf agrees it is valid
+
+
+def test_onnx_meta_refuses_non_onnx(tmp_path):
+    cases = {"random.onnx": np.random.default_rng(0).bytes(4096), "empty.onnx": b"",
+             "text.onnx": b"hello, this is not a model\n",
+             "truncated.onnx": _toy_model({"k": "v"}).SerializeToString()[:-7]}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(BdmError, match=name):
+            onnx_meta.read(path)
+    with pytest.raises(BdmError, match="no such file"):
+        onnx_meta.read(tmp_path / "missing.onnx")
+
+
+def test_onnx_meta_on_an_exported_graph(mixture_onnx):
+    path = mixture_onnx[0]
+    info = onnx_meta.read(path)
+    proto = onnx.load(path)
+    assert info.metadata == {p.key: p.value for p in proto.metadata_props}
+    assert info.inputs == [i.name for i in proto.graph.input] == list(fmt.INPUTS)
+    assert info.outputs == list(fmt.OUTPUTS)
+
+
+# -- load: refusals name the file --------------------------------------------------------------------
+def _with_meta(src, dst, **changes):
+    proto = onnx.load(src)
+    props = {p.key: p.value for p in proto.metadata_props}
+    for k, v in changes.items():
+        key = "bdm." + k
+        if v is None:
+            props.pop(key)
+        else:
+            props[key] = v
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, dst)
+    return dst
+
+
+def test_load_refuses_what_it_cannot_run(mixture_onnx, tmp_path):
+    src = mixture_onnx[0]
+    plain = str(tmp_path / "plain.onnx")
+    onnx.save(_toy_model(), plain)
+    cases = [
+        (plain, "not a bdm step graph"),
+        (_with_meta(src, str(tmp_path / "v2.onnx"), format_version="2"), "format version 2"),
+        (_with_meta(src, str(tmp_path / "noshape.onnx"), image_shape=None), "bdm.image_shape"),
+        (_with_meta(src, str(tmp_path / "badshape.onnx"), image_shape="[1, 8]"), "image_shape"),
+        (_with_meta(src, str(tmp_path / "cond.onnx"), num_classes="3"), "inputs"),
+        (_with_meta(src, str(tmp_path / "json.onnx"), process="{not json"), "metadata"),
+        (str(tmp_path / "missing.onnx"), "no such file"),
+        (str(tmp_path), "directory"),
+    ]
+    for path, what in cases:
+        with pytest.raises(BdmError) as e:
+            runtime.load(path)
+        assert what in str(e.value) and os.path.basename(path) in str(e.value)
+    with pytest.raises(BdmError, match="backend"):
+        runtime.load(src, backend="cuda")
+
+
+def test_plan_refusals(tmp_path, mixture_onnx):
+    plan = tmp_path / "random.plan"
+    plan.write_bytes(np.random.default_rng(0).bytes(2048))
+    with pytest.raises(BdmError, match="random.plan.json is missing"):
+        runtime.load(plan)
+    with pytest.raises(BdmError, match="--backend trt"):
+        runtime.load(plan, backend="ort")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        # A well-formed side file gets as far as TensorRT, which is absent here: say what to use.
+        meta = onnx_meta.read(mixture_onnx[0]).metadata
+        side = {k: json.loads(v) for k, v in meta.items()}
+        side.update({fmt.K_TRT_VERSION: "10.0.0", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 8}})
+        (tmp_path / "random.plan.json").write_text(json.dumps(side))
+        with pytest.raises(BdmError, match="--backend ort"):
+            runtime.load(plan)
+        with pytest.raises(BdmError, match="--backend ort"):
+            runtime.load(mixture_onnx[0], backend="trt")
+
+
+# -- parity with the torch loop ----------------------------------------------------------------------
+def _parity(path, model, process, n, steps, **kw):
+    from bdm_train.sampling import sample
+
+    with runtime.load(path) as s:
+        got = s.sample(n, seed=11, steps=steps, **kw)
+    ref = sample(model, process, n, seed=11, steps=steps, channels=s.image_shape[0], **kw).numpy()
+    assert got.shape == ref.shape and got.dtype == np.float32
+    return float(np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_parity_mixture(mixture_onnx, eta):
+    path, model, process = mixture_onnx
+    assert _parity(path, model, process, 6, 10, eta=eta) < PARITY_TOL
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_parity_trained_checkpoint(unet_onnx, eta):
+    path, model, process = unet_onnx
+    err = _parity(path, model, process, 4, 8, eta=eta)
+    print(f"parity eta={eta}: max abs err {err:.3g}")
+    assert err < PARITY_TOL
+
+
+@pytest.mark.parametrize("eta,labels,guidance", [(0.0, [0, 1, 2, 1], 0.0), (1.0, [2, 0, 1, 0], 2.0),
+                                                 (1.0, None, 0.0)])
+def test_parity_conditional(cond_onnx, eta, labels, guidance):
+    path, model, process = cond_onnx
+    err = _parity(path, model, process, 4, 6, eta=eta, labels=labels, guidance=guidance)
+    print(f"parity conditional eta={eta} guidance={guidance}: max abs err {err:.3g}")
+    # B12 combines two network evaluations as (1 + w) eps_c - w eps_u: their independent rounding
+    # differences (ORT vs torch) add up to (1 + 2w) times one branch's (measured 1.3e-3 at w = 2).
+    assert err < PARITY_TOL * (1 + 2 * guidance)
+
+
+def test_guidance_changes_the_images(cond_onnx):
+    # Guarding the parity test above: w really reaches the graph (else w=0 and w=3 would coincide).
+    with runtime.load(cond_onnx[0]) as s:
+        a = s.sample(3, seed=2, steps=4, eta=0.0, labels=[0, 1, 2], guidance=0.0)
+        b = s.sample(3, seed=2, steps=4, eta=0.0, labels=[0, 1, 2], guidance=3.0)
+    assert np.abs(a - b).max() > 1e-3
+
+
+# -- determinism ---------------------------------------------------------------------------------------
+def test_determinism_and_chunking(mixture_onnx):
+    path = mixture_onnx[0]
+    with runtime.load(path) as s:
+        a = s.sample(7, seed=5, steps=6, eta=1.0)
+        b = s.sample(7, seed=5, steps=6, eta=1.0)
+        assert np.array_equal(a, b)                               # same seed twice: identical
+        assert not np.array_equal(a, s.sample(7, seed=6, steps=6, eta=1.0))
+        head = s.sample(3, seed=5, steps=6, eta=1.0)
+        tail = s.sample(4, seed=5, steps=6, eta=1.0, first_index=3)
+    with runtime.load(path, batch=2) as s2:                        # chunks of 2, 2, 2, 1
+        assert s2.batch == 2
+        chunked = s2.sample(7, seed=5, steps=6, eta=1.0)
+    # Chunks and first_index splits draw exactly the same noise per image (runtime.noise); ORT's
+    # CPU kernels may round differently at another batch size (seen: 1 ulp, 1.2e-7), hence 1e-6.
+    np.testing.assert_allclose(chunked, a, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([head, tail]), a, rtol=0, atol=1e-6)
+
+
+def test_defaults_come_from_the_metadata(mixture_onnx):
+    with runtime.load(mixture_onnx[0]) as s:
+        assert s.info.default_steps == 12 and s.info.default_eta == 1.0
+        assert np.array_equal(s.sample(2, seed=1), s.sample(2, seed=1, steps=12, eta=1.0))
+        assert s.image_shape == (1, 8, 8) and s.num_classes == 0
+        assert s.backend == "ort" and s.provider == "CPUExecutionProvider" and s.device == "cpu"
+        assert np.array_equal(s.sample(2, seed=1, guidance=0.0), s.sample(2, seed=1))  # w = 0: no-op
+
+
+def test_out_arrays_and_generate(mixture_onnx):
+    with runtime.load(mixture_onnx[0]) as s:
+        ref = s.sample(3, seed=4, steps=5)
+        buf = np.full((3, 1, 8, 8), 7.0, dtype=np.float32)
+        assert s.sample(3, seed=4, steps=5, out=buf) is buf
+        assert np.array_equal(buf, ref) and buf.min() >= -1 and buf.max() <= 1
+        img = np.zeros((3, 8, 8, 1), dtype=np.uint8)
+        assert s.generate(3, seed=4, steps=5, out=img) is img
+        assert np.array_equal(img, np.clip((ref.transpose(0, 2, 3, 1) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8))
+        for bad in (np.zeros((3, 1, 8, 8), np.float64), np.zeros((2, 1, 8, 8), np.float32), [0.0]):
+            with pytest.raises(BdmError, match="out"):
+                s.sample(3, seed=4, steps=5, out=bad)
+
+
+def test_progress_callback(mixture_onnx):
+    seen = []
+    with runtime.load(mixture_onnx[0], batch=2) as s:
+        s.sample(3, steps=4, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 8) for k in range(1, 9)]  # 4 steps x 2 chunks
+
+
+def test_bad_arguments(mixture_onnx):
+    with runtime.load(mixture_onnx[0]) as s:
+        for kw, what in [({"n": 0}, "n must"), ({"n": -2}, "n must"), ({"n": 2.5}, "n must"),
+                         ({"steps": 0}, "steps"), ({"eta": 2.0}, "eta"), ({"eta": -0.1}, "eta"),
+                         ({"eta": float("nan")}, "eta"), ({"seed": -1}, "seed"), ({"first_index": -3}, "first_index"),
+                         ({"labels": [1]}, "unconditional"), ({"guidance": 1.0}, "conditional")]:
+            args = {"n": 2, "steps": 2}
+            args.update(kw)
+            with pytest.raises(BdmError, match=what):
+                s.sample(**args)
+
+
+def test_bad_labels_and_guidance(cond_onnx, tmp_path):
+    path, model, process = cond_onnx
+    k = model.num_classes
+    with runtime.load(path) as s:
+        assert s.num_classes == k and s.info.guided
+        for labels in ([k + 1], [-1], [0, 1], "x"):
+            with pytest.raises(BdmError, match="label"):
+                s.sample(3, steps=2, labels=labels)
+        # labels=None is the null label k: the same images as asking for it explicitly.
+        assert np.array_equal(s.sample(2, steps=2, eta=0.0), s.sample(2, steps=2, eta=0.0, labels=[k, k]))
+    plain = str(tmp_path / "noguide.onnx")
+    _export_checkpoint_model(model, process, plain, guidance=False)
+    with runtime.load(plain) as s:
+        assert not s.info.guided
+        s.sample(1, steps=2, labels=[0], guidance=0.0)  # w = 0 needs no guided branch
+        with pytest.raises(BdmError, match="guid"):
+            s.sample(1, steps=2, labels=[0], guidance=1.5)
+
+
+def _export_checkpoint_model(model, process, path, **kw):
+    from export import export_onnx
+
+    export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes, **kw)
+
+
+def test_close_and_context_manager(mixture_onnx):
+    s = runtime.load(mixture_onnx[0])
+    with s as same:
+        assert same is s
+        s.sample(1, steps=1)
+    with pytest.raises(BdmError, match="closed"):
+        s.sample(1, steps=1)
+    s.close()  # idempotent
+    assert "closed" in repr(s)
+
+
+# -- Python 3.8 ------------------------------------------------------------------------------------
+def test_runtime_is_python38_compatible(tmp_path):
+    pytest.importorskip("vermin")
+    # JetPack 5 ships Python 3.8; no 3.8 interpreter can be installed here, so vermin checks the syntax
+    # and standard-library use of runtime/ (and the torch-free engine builder) against a 3.8 target.
+    # --eval-annotations: annotations are evaluated at definition time on 3.8 (no PEP 563 default).
+    targets = ["runtime/"] + (["export/trt.py"] if os.path.exists(os.path.join(ROOT, "export", "trt.py")) else [])
+    vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-t=3.8-", "--no-tips", "--violations", "--eval-annotations"]
+    proc = subprocess.run(vermin + targets, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The check bites: 3.9/3.10 constructs in a scratch file are reported.
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(x):\n    match x:\n        case _:\n            return 'a'.removeprefix('b')\n")
+    bad = subprocess.run(vermin + [str(probe)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "removeprefix" in bad.stdout

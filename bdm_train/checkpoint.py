@@ -1,0 +1,124 @@
+"""Checkpoints: one versioned dict of tensors and plain types, loadable with ``weights_only=True``.
+
+Schema (version 1)::
+
+    {"format": "bdm.checkpoint", "version": 1, "step": int,
+     "config": {"model": UNet kwargs, "process": BlurringDiffusion config,
+                "sampler": {"clip_denoised", "steps", "eta"}, "train": {...}, "data": {...}},
+     "model": state_dict, "ema": state_dict, "optimizer": state_dict, "scheduler": state_dict,
+     "rng": {"torch": uint8 tensor, "cuda": [uint8 tensor, ...], "numpy": [...], "python": [...]}}
+"""
+import os
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+
+from runtime.errors import BdmError
+from runtime.io import atomic_path
+
+FORMAT = "bdm.checkpoint"
+VERSION = 1
+REQUIRED = ("config", "model", "ema", "step")
+
+
+# -- RNG states as tensors and plain types --------------------------------------------------------
+def rng_state():
+    """Global RNG states of torch (CPU, CUDA), numpy and Python, as tensors and plain types."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state):
+    """Restore what :func:`rng_state` returned (CUDA states only where the devices exist)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# -- save ---------------------------------------------------------------------------------------
+def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=None):
+    """Write a checkpoint atomically (temporary file beside ``path``, then ``os.replace``)."""
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "model": _cpu(model.state_dict()),
+        "ema": _cpu(ema.state_dict()),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng if rng is not None else rng_state(),
+        "step": int(step),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def _cpu(state_dict):
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+# -- load ---------------------------------------------------------------------------------------
+def load_state(path, map_location="cpu"):
+    """The raw checkpoint dict, validated; :class:`BdmError` naming the file for anything not ours."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BdmError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
+            KeyError, AttributeError, IndexError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdmError(f"cannot read checkpoint {path} (truncated or not a torch file): {first[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise BdmError(f"{path} is not a bdm checkpoint (no format {FORMAT!r})")
+    version = state.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise BdmError(f"{path}: bad checkpoint version {version!r}")
+    if version > VERSION:
+        raise BdmError(f"{path} is checkpoint version {version}, newer than this bdm reads ({VERSION}): "
+                       f"upgrade bdm")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise BdmError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    for key in ("model", "process", "sampler"):
+        if not isinstance(state["config"].get(key), dict):
+            raise BdmError(f"{path}: checkpoint config lacks {key!r}")
+    return state
+
+
+def build(config):
+    """``(UNet, BlurringDiffusion)`` from a checkpoint config (fresh weights)."""
+    from .diffusion import BlurringDiffusion
+    from .unet import UNet
+
+    return UNet(**config["model"]), BlurringDiffusion.from_config(config["process"])
+
+
+def load(path, ema=True, device="cpu"):
+    """``(model, process, config)`` in eval mode; ``ema=True`` takes the EMA weights (for sampling)."""
+    state = load_state(path)
+    config = state["config"]
+    try:
+        model, process = build(config)
+        model.load_state_dict(state["ema" if ema else "model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdmError(f"{path}: checkpoint does not match its config: {first[:200]}") from None
+    return model.to(device).eval(), process.to(device), config

@@ -1,0 +1,89 @@
+"""``bdm-sample``: draw images from a checkpoint with the PyTorch sampler (B10), the reference for the runtime."""
+import os
+
+import click
+import numpy as np
+import torch
+
+from runtime.errors import BdmError
+
+from .train import int_list, run_cli
+
+
+def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, labels=None, guidance=0.0,
+                      batch=None, device="auto", ema=True, clip_denoised=None, progress=False):
+    """float ``[n, C, H, W]`` in ``[-1, 1]`` and the labels used (or None)."""
+    from . import checkpoint
+    from .sampling import sample
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise BdmError("--device cuda, but this torch sees no CUDA device")
+    model, process, config = checkpoint.load(ckpt, ema=ema, device=device)
+    sampler = config["sampler"]
+    steps = sampler["steps"] if steps is None else steps
+    eta = sampler["eta"] if eta is None else eta
+    clip_denoised = sampler["clip_denoised"] if clip_denoised is None else clip_denoised
+    if labels is not None and model.num_classes == 0:
+        raise BdmError(f"--label given, but {ckpt} is an unconditional model")
+    if guidance and labels is None:
+        raise BdmError("--guidance needs --label (guidance pulls towards a class)")
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size not in (1, n):
+            raise BdmError(f"--label takes 1 or n={n} labels, got {labels.size}")
+        labels = np.broadcast_to(labels.reshape(-1), (n,)).copy()
+    x = sample(model, process, n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
+               first_index=first_index, clip_denoised=clip_denoised, batch_size=batch, device=device,
+               progress=progress)
+    return x.cpu().numpy(), labels
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (OUT/model.pt of bdm-train).")
+@click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Sampler steps [checkpoint's].")
+@click.option("--eta", default=None, type=click.FloatRange(0, 1), help="0 deterministic .. 1 ancestral [checkpoint's].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--first-index", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Index of the first image in the seed's stream (split work across calls).")
+@click.option("--label", default=None, help="Class label for all images, or one per image (comma-separated).")
+@click.option("--guidance", default=0.0, show_default=True, type=float, help="Classifier-free guidance w (B12).")
+@click.option("--batch", default=None, type=click.IntRange(min=1), help="Images per network batch [n].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--raw", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Grid of all images (PNG).")
+@click.option("--npz", default=None, type=click.Path(dir_okay=False),
+              help="Also write images (uint8 [n,H,W,C]), samples (float32 [n,C,H,W]) and labels.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, out, npz, quiet):
+    """Sample a trained Blurring Diffusion Model with PyTorch."""
+    from runtime.images import save_grid, save_npz, to_uint8
+
+    labels = int_list(label, "label") if label is not None else None
+    x, labels = sample_checkpoint(ckpt, n=n, steps=steps, eta=eta, seed=seed, first_index=first_index,
+                                  labels=labels or None, guidance=guidance, batch=batch, device=device,
+                                  ema=not raw, progress=not quiet)
+    images = to_uint8(x)
+    for path in (out, npz):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise BdmError(f"output folder {folder} does not exist")
+    save_grid(images, out, scale=max(1, 64 // images.shape[1]))
+    if npz:
+        arrays = dict(images=images, samples=x.astype(np.float32))
+        if labels is not None:
+            arrays["labels"] = labels
+        save_npz(npz, **arrays)
+    click.echo(out)
+
+
+def main(args=None):
+    """Console entry point ``bdm-sample``."""
+    run_cli(cli, args)
+
+
+if __name__ == "__main__":
+    main()

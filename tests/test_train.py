@@ -1,0 +1,137 @@
+"""Training: the loss goes down, resuming is exact, the data plan is a clean split, CLI errors are one line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bdm_train import checkpoint
+from bdm_train.train import batch_indices, main, train
+from bdm_train.sample_cli import main as sample_main
+from conftest import ROOT, make_shapes
+
+SMALL = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(4,), blur_sigma_max=2.0, batch_size=8, lr=1e-3,
+             warmup=2, log_every=1, ckpt_every=0)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    images, labels = make_shapes(24, size=8, seed=1)
+    path = tmp_path_factory.mktemp("small") / "d.npz"
+    np.savez(path, images=images, labels=labels)
+    return str(path)
+
+
+def _log(ckpt_path):
+    with open(os.path.join(os.path.dirname(ckpt_path), "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_goes_down(tiny_checkpoint, tiny_data):
+    log = _log(tiny_checkpoint)
+    assert [r["step"] for r in log] == [10, 20, 30]
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    # Independent reference: a fresh UNet outputs exactly 0, so its loss is E||eps||^2 = 1. The
+    # trained EMA model must do clearly better on a fresh draw of (t, eps).
+    model, process, _ = checkpoint.load(tiny_checkpoint)
+    x = torch.from_numpy(np.load(tiny_data)["images"][:64]).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(123)
+    t, eps = torch.rand(64, generator=g), torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        loss = torch.mean((eps - model(process.q_sample(x, t, eps), t)) ** 2).item()
+    assert loss < 0.7, loss
+    assert os.path.isfile(os.path.join(os.path.dirname(tiny_checkpoint), "samples_000030.png"))
+
+
+def test_checkpoint_config(tiny_checkpoint, tiny_cond_checkpoint):
+    _, _, cfg = checkpoint.load(tiny_checkpoint)
+    assert cfg["sampler"] == {"clip_denoised": True, "steps": 50, "eta": 0.0}
+    assert cfg["model"]["num_classes"] == 0 and cfg["model"]["image_size"] == 16
+    assert cfg["process"]["blur_sigma_max"] == 3.0 and cfg["data"]["channels"] == 1
+    model, _, cfg = checkpoint.load(tiny_cond_checkpoint)
+    assert model.num_classes == 3 and cfg["train"]["num_classes"] == 3
+    assert checkpoint.load_state(tiny_cond_checkpoint)["step"] == 30
+
+
+def test_batch_plan_is_epoch_permutations_split_by_rank():
+    n, B = 10, 4
+    stream = torch.cat([batch_indices(0, k, n, B) for k in range(5)])  # 20 draws = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:])  # a new order each epoch
+    assert torch.equal(batch_indices(0, 3, n, B), stream[12:16])  # stateless: step 3 alone is the same
+
+
+def test_resume_matches_uninterrupted(tmp_path, small_data):
+    """3 steps, then resume to 6, equals 6 straight (dropout on: the RNG handling is exercised)."""
+    opts = dict(SMALL, dropout=0.1, num_classes=3, flip=True, seed=5)
+    straight = train(small_data, tmp_path / "a", progress=False, steps=6, **opts)
+    train(small_data, tmp_path / "b", progress=False, steps=3, **opts)
+    assert checkpoint.load_state(tmp_path / "b" / "model.pt")["step"] == 3
+    resumed = train(None, tmp_path / "b", resume=True, progress=False, steps=6)  # options from the checkpoint
+    a, b = checkpoint.load_state(straight), checkpoint.load_state(resumed)
+    assert b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert [r["step"] for r in _log(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in _log(resumed)] == [r["loss"] for r in _log(straight)]
+
+
+def test_resume_refuses_architecture_change(tmp_path, small_data):
+    train(small_data, tmp_path, progress=False, steps=1, **SMALL)
+    with pytest.raises(Exception, match="--ch 16 differs"):
+        train(small_data, tmp_path, resume=True, progress=False, steps=2, ch=16)
+
+
+# -- the CLI boundary: one line, non-zero exit --------------------------------------------------
+def _cli_error(entry, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        entry(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code not in (0, None)
+    assert err.startswith("Error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_cli_errors(tmp_path, small_data, capsys):
+    out = str(tmp_path / "run")
+    err = _cli_error(main, ["--data", str(tmp_path / "missing"), "--out", out, "--quiet"], capsys)
+    assert "missing" in err
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(b"garbage")
+    assert "x.png" in _cli_error(main, ["--data", str(tmp_path / "imgs"), "--out", out, "--quiet"], capsys)
+    err = _cli_error(main, ["--data", small_data, "--out", out, "--image-size", "16", "--quiet"], capsys)
+    assert "--fit pad|resize" in err
+    assert "--ch-mult" in _cli_error(main, ["--data", small_data, "--out", out, "--ch-mult", "1,x"], capsys)
+    _cli_error(main, ["--data", small_data, "--out", out, "--fit", "stretch"], capsys)  # click usage error
+    err = _cli_error(main, ["--data", small_data, "--out", out, "--num-classes", "2", "--quiet"], capsys)
+    assert "labels" in err  # labels 0..2 do not fit 2 classes
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model.pt"), "wb") as f:
+        f.write(os.urandom(1000))
+    assert "model.pt" in _cli_error(main, ["--out", out, "--resume", "--quiet"], capsys)
+    assert "model.pt" in _cli_error(sample_main, ["--ckpt", os.path.join(out, "model.pt")], capsys)
+
+
+def test_cli_subprocess_error_is_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "bdm_train.train", "--data", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("Error: ") and "nope" in r.stderr
+
+
+def test_sample_cli(tiny_cond_checkpoint, tmp_path):
+    """Grid and npz written; images depend only on (seed, index): two half calls equal one call."""
+    common = ["--ckpt", tiny_cond_checkpoint, "--steps", "3", "--eta", "1", "--seed", "7", "--quiet",
+              "--label", "1", "--guidance", "1.5"]
+    for name, extra in (("all", ["--n", "4"]), ("lo", ["--n", "2"]), ("hi", ["--n", "2", "--first-index", "2"])):
+        sample_main(common + extra + ["--out", str(tmp_path / f"{name}.png"), "--npz", str(tmp_path / f"{name}.npz")])
+    full, lo, hi = (np.load(tmp_path / f"{n}.npz") for n in ("all", "lo", "hi"))
+    assert full["images"].shape == (4, 16, 16, 1) and full["samples"].shape == (4, 1, 16, 16)
+    assert full["labels"].tolist() == [1, 1, 1, 1]
+    np.testing.assert_allclose(np.concatenate([lo["samples"], hi["samples"]]), full["samples"], atol=1e-5)
+    assert os.path.getsize(tmp_path / "all.png") > 0

@@ -1,0 +1,184 @@
+"""The README's pictures: the forward process (the paper's Figure 1) and quality vs sampler steps.
+
+    python -m benchmarks.figures forward                              # docs/forward_process.png
+    python -m benchmarks.figures study benchmarks/results/study.json  # docs/quality_vs_steps.png
+"""
+import json
+import os
+
+import click
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FORWARD_PNG = os.path.join(ROOT, "docs", "forward_process.png")
+STUDY_PNG = os.path.join(ROOT, "docs", "quality_vs_steps.png")
+TIMES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def forward_rows(x, times=TIMES, blur_sigma_max=20.0, seed=0):
+    """The three processes of Figure 1 at ``times`` for one image ``x [1, H, W]`` in ``[-1, 1]``.
+
+    Returns ``{name: float array [len(times), H, W]}``:
+    diffusion ``z = a_t x + sigma_t eps`` (B4 with sigma_B_max = 0, B5); heat dissipation
+    ``z = V(d_t * V^T x)`` (B4's d_t only: no a_t, no noise); blurring diffusion
+    ``z = V(a_t d_t * V^T x) + sigma_t eps`` (B5). Both noisy rows use the same ``eps``.
+    """
+    import torch
+
+    from bdm_train.diffusion import BlurringDiffusion
+
+    h, w = x.shape[-2:]
+    xt = torch.as_tensor(np.asarray(x, np.float64))[None].expand(len(times), -1, -1, -1)
+    t = torch.tensor(times, dtype=torch.float64)
+    eps = torch.randn(xt.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    plain = BlurringDiffusion((h, w), blur_sigma_max=0.0).double()
+    blur = BlurringDiffusion((h, w), blur_sigma_max=blur_sigma_max).double()
+    heat = blur.idct(blur.blur_scale(t) * blur.dct(xt))                  # B4: d_t only
+    return {
+        "Diffusion": plain.q_sample(xt, t, eps)[:, 0].numpy(),            # B5, d_t = 1
+        "Heat dissipation": heat[:, 0].numpy(),
+        "Blurring diffusion": blur.q_sample(xt, t, eps)[:, 0].numpy(),    # B5
+    }
+
+
+def forward_process(out=FORWARD_PNG, index=0, times=TIMES, blur_sigma_max=20.0, seed=0):
+    """One Fashion-MNIST test image through the three processes, rows side by side; writes ``out``."""
+    from runtime.io import atomic_path
+
+    from . import fmnist
+
+    images, labels = fmnist.load("test")
+    x = images[index].astype(np.float64) / 127.5 - 1.0
+    rows = forward_rows(x, times, blur_sigma_max, seed)
+    sigma_b = [blur_sigma_max * np.sin(np.pi * t / 2) ** 2 for t in times]  # B4
+    plt = _pyplot()
+    n = len(times)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 1.6, 1.45 * len(rows) + 0.9), squeeze=False)
+    names = {"Diffusion": "Diffusion\n" r"($\sigma_{B,\max} = 0$)", "Heat dissipation": "Heat dissipation\n(blur only)",
+             "Blurring diffusion": "Blurring diffusion\n" rf"($\sigma_{{B,\max}} = {blur_sigma_max:g}$)"}
+    for r, (name, zs) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(np.clip(zs[c], -1, 1), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"t = {times[c]:g}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel(names[name], fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
+            if r == len(rows) - 1:
+                ax.set_xlabel(rf"$\sigma_B(t) = {sigma_b[c]:.1f}$", fontsize=8)
+    fig.suptitle(f"Forward processes on a Fashion-MNIST test image ({fmnist.CLASSES[labels[index]]}, "
+                 f"32x32); same noise in rows 1 and 3", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -- the study plot -----------------------------------------------------------------------------
+def plot_study(study_json, out=STUDY_PNG):
+    """FD-FMNIST and KID vs network evaluations, one line per model and sampler; writes ``out``.
+
+    ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe,
+    fd, kid, kid_std; optional ``reference.fd_train_<n>``: the score of real images).
+    """
+    from runtime.io import atomic_path
+
+    study = study_json
+    if not isinstance(study, dict):
+        with open(study_json) as f:
+            study = json.load(f)
+    points = [p for p in study["points"] if p.get("fd") is not None]
+    plt = _pyplot()
+    fig, (ax_fd, ax_kid) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {0.0: "-", 1.0: "--"}
+    colors = {}
+    for key in sorted({(p["model"], float(p["eta"])) for p in points}):
+        model, eta = key
+        color = colors.setdefault(model, "C%d" % len(colors))
+        pts = sorted((p for p in points if (p["model"], float(p["eta"])) == key), key=lambda p: p["nfe"])
+        nfe = [p["nfe"] for p in pts]
+        sampler = "deterministic (η=0)" if eta == 0 else "ancestral (η=1)" if eta == 1 else f"η={eta:g}"
+        label = f"{model}, {sampler}"
+        kw = dict(color=color, linestyle=styles.get(eta, ":"), marker="o", label=label)
+        ax_fd.plot(nfe, [p["fd"] for p in pts], **kw)
+        ax_kid.errorbar(nfe, [p["kid"] for p in pts], yerr=[p["kid_std"] for p in pts], capsize=3, **kw)
+    n = study.get("n_samples") or (points[0]["n"] if points else None)
+    floor = study.get("reference", {}).get(f"fd_train_{n}")
+    if floor is not None:
+        ax_fd.axhline(floor, color="gray", linewidth=0.8, linestyle=":", label=f"real training images (n={n})")
+    for ax, name in ((ax_fd, "FD-FMNIST"), (ax_kid, "KID")):
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations (sampler steps)")
+        ax.set_ylabel(name + " (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+        xt = sorted({p["nfe"] for p in points})
+        if xt:
+            ax.set_xticks(xt)
+            ax.set_xticklabels([str(v) for v in xt])
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax_fd.set_yscale("log")
+    if points and min(p["kid"] for p in points) > 0:  # KID is unbiased: it can dip below 0 near the floor
+        ax_kid.set_yscale("log")
+    for ax in (ax_fd, ax_kid):
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    ax_fd.legend(fontsize=8, handlelength=3.5)
+    fig.suptitle(f"Fashion-MNIST 32x32: sample quality vs steps ({n} samples per point; "
+                 f"own feature network, not Inception)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+@click.group()
+def cli():
+    """Figures for the README."""
+
+
+@cli.command("forward")
+@click.option("--out", default=FORWARD_PNG, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--index", default=0, show_default=True, type=click.IntRange(0, 9999), help="Test image index.")
+@click.option("--blur-sigma-max", default=20.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+def forward_cmd(out, index, blur_sigma_max, seed):
+    """The forward process figure (diffusion / heat dissipation / blurring diffusion)."""
+    click.echo(forward_process(out, index=index, blur_sigma_max=blur_sigma_max, seed=seed))
+
+
+@cli.command("study")
+@click.argument("study_json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", default=STUDY_PNG, show_default=True, type=click.Path(dir_okay=False))
+def study_cmd(study_json, out):
+    """The quality-vs-steps plot from benchmarks/results/study.json."""
+    click.echo(plot_study(study_json, out))
+
+
+def main(args=None):
+    from bdm_train.train import run_cli
+
+    run_cli(cli, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,505 @@
+"""The quality study: Blurring Diffusion vs DDPM on Fashion-MNIST 32x32, quality vs sampler steps.
+
+Two models with the same network, data, seed and training budget, differing only in
+``blur_sigma_max`` (B4): BDM (20) and the DDPM baseline (0, the same code with d_t = 1). Each is
+evaluated with the deterministic sampler (eta = 0, B10) at 10/20/50 steps and the paper's
+ancestral sampler (eta = 1, B9) at 50/100 steps, on ``--n`` samples per point, with FD-FMNIST,
+KID and the class histogram (``benchmarks.metrics``).
+
+Why blur_sigma_max = 20 at 32x32 (B2-B4): sigma_B is measured in pixels (B2's lambda uses pi k / N
+per pixel), so at the same 32x32 grid as CIFAR-10 the paper's 20 damps every DCT index exactly as
+it does there. At t = 1 it gives tau = 200, so the lowest non-constant frequency (k = 1,
+lambda = (pi/32)^2) keeps d = exp(-1.93) = 0.145 and every k >= 2 is at d_min: the blur runs until
+only the mean and the coarsest gradient of the image survive, i.e. the schedule ends at the
+coarsest structure the 32x32 grid has. ``python -m benchmarks.study info`` prints the remaining
+Gaussian-channel information per image along t for several values, from the data's DCT spectrum.
+
+Every stage is resumable and skippable, so the study can span several sittings:
+
+    python -m benchmarks.study run --hours 3          # train (resumes), export, sample, check, evaluate, report
+    python -m benchmarks.study run --stages report    # only rebuild study.json / study.md / the plot
+    python -m benchmarks.study run --smoke            # a tiny end-to-end check of the wiring (minutes)
+
+Layout: ``RUNS/<model>/model.pt`` (bdm-train checkpoint), ``budget.json`` (training seconds summed
+over sittings), ``model.onnx``, ``samples/step<S>/eta<e>_steps<k>/<first>.npz`` (chunks of uint8
+images: a killed run loses at most one chunk; a longer-trained checkpoint gets a new folder),
+``.../eval.json``. Results: ``benchmarks/results/study.json``, ``study.md``, grids of samples, and
+``docs/quality_vs_steps.png``.
+"""
+import glob
+import json
+import math
+import os
+import platform
+import time
+
+import click
+import numpy as np
+
+from runtime.errors import BdmError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+RUNS = os.path.join(ROOT, "runs", "study")
+
+MODELS = {"bdm": 20.0, "ddpm": 0.0}                            # name -> blur_sigma_max (B4)
+POINTS = ((0.0, 10), (0.0, 20), (0.0, 50), (1.0, 50), (1.0, 100))  # (eta, steps)
+SAMPLE_SEED = 1            # the same initial noise for both models: paired samples
+# Network and optimiser, the same for both models. Sized for 2 CPU cores (1.1M parameters, no
+# attention, ~15 ms per image per network evaluation on one busy core): bdm-train's default
+# (ch 64, 2 blocks, attention at 16; 6.5M) costs ~6x more per step and per sample, which on CPU
+# would make the 460,000 network evaluations of the sampling stage alone take ~12 hours.
+# On a GPU use --ch 64 --num-res-blocks 2 --attn 16 --batch-size 128 --steps 30000.
+NET = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn=(), dropout=0.1)
+OPT = dict(batch_size=64, lr=2e-4, warmup=500, ema_decay=0.9995, grad_clip=1.0, seed=0)
+STEPS = 10000
+SMOKE = dict(net=dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0),
+             steps=4, n=16, chunk=8, points=((0.0, 2), (1.0, 3)))
+
+
+# -- the information argument for blur_sigma_max -------------------------------------------------
+def information(blur_values=(0, 5, 10, 15, 20, 30), times=(0.1, 0.3, 0.5, 0.7, 0.9), n=20000):
+    """Remaining information ``sum_f 0.5 log(1 + alpha_t^2 P_f / sigma_t^2)`` (nats/image) along ``t``.
+
+    ``P_f`` is the per-frequency variance of the training images in the DCT basis (B1); the sum is
+    the capacity of the per-frequency Gaussian channels of B5 for Gaussian data with that spectrum.
+    """
+    import torch
+
+    from bdm_train.diffusion import BlurringDiffusion
+
+    from . import fmnist
+
+    x, _ = fmnist.load("train")
+    x = torch.from_numpy(x[:n].astype(np.float64) / 127.5 - 1.0)
+    u = BlurringDiffusion(32, 0.0).double().dct(x)[:, 0]
+    power = u.var(0)
+    t = torch.tensor(times, dtype=torch.float64)
+    rows = {}
+    for b in blur_values:
+        alpha, sigma = BlurringDiffusion(32, float(b)).double().alpha_sigma(t)   # B3, B4
+        snr = alpha[:, 0] ** 2 * power / sigma[:, 0] ** 2
+        rows[b] = (0.5 * torch.log1p(snr).sum((1, 2))).tolist()
+    return dict(times=list(times), nats=rows, dc_fraction=float(power[0, 0] / power.sum()))
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _write_json(path, obj):
+    from runtime.io import atomic_path
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _read_json(path, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ckpt_step(path):
+    from bdm_train import checkpoint
+
+    return int(checkpoint.load_state(path)["step"]) if os.path.isfile(path) else 0
+
+
+def _log(msg):
+    click.echo(f"[study {time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+
+class Study:
+    """Paths and settings of one study (``runs`` folder, models, points, budget)."""
+
+    def __init__(self, runs=RUNS, results=RESULTS, models=None, points=POINTS, steps=STEPS, n=1000, chunk=250,
+                 net=None, opt=None, device="auto", backend="runtime", threads=1, plot=None):
+        self.runs, self.results = runs, results
+        self.models = dict(models or MODELS)
+        self.points = tuple((float(e), int(k)) for e, k in points)
+        self.steps, self.n, self.chunk = int(steps), int(n), int(chunk)
+        self.net = dict(NET, **(net or {}))
+        self.opt = dict(OPT, **(opt or {}))
+        self.device, self.backend, self.threads = device, backend, int(threads)
+        self.plot = plot if plot is not None else os.path.join(ROOT, "docs", "quality_vs_steps.png")
+
+    def folder(self, model):
+        return os.path.join(self.runs, model)
+
+    def ckpt(self, model):
+        return os.path.join(self.folder(model), "model.pt")
+
+    def onnx(self, model):
+        return os.path.join(self.folder(model), "model.onnx")
+
+    def point_dir(self, model, step, eta, steps):
+        return os.path.join(self.folder(model), "samples", f"step{step}", f"eta{eta:g}_steps{steps}")
+
+    # -- stage 1: training (resumable, time-bounded per sitting) --------------------------------
+    def train(self, hours=None, chunk_steps=1000):
+        """Train every model to ``steps`` in chunks of ``chunk_steps``; stop starting chunks after ``hours``.
+
+        Models are trained round-robin chunk by chunk, so an interrupted budget leaves both at
+        (nearly) the same step count, and the comparison stays fair at any point.
+        """
+        from bdm_train.train import train
+
+        from . import fmnist
+
+        if not fmnist.available("train"):
+            raise BdmError(f"Fashion-MNIST not found in {fmnist.folder()}: {fmnist.INSTALL_HINT}")
+        deadline = time.time() + 3600 * hours if hours else None
+        while True:
+            todo = {m: _ckpt_step(self.ckpt(m)) for m in self.models}
+            todo = {m: s for m, s in todo.items() if s < self.steps}
+            if not todo:
+                return
+            if deadline and time.time() >= deadline:
+                _log(f"time budget of this sitting used up; at steps {todo}; run again to continue")
+                return
+            model = min(todo, key=todo.get)          # the one behind goes next
+            target = min(self.steps, (todo[model] // chunk_steps + 1) * chunk_steps)
+            _log(f"training {model} (blur_sigma_max={self.models[model]:g}) steps {todo[model]} -> {target}")
+            start = time.time()
+            train(fmnist.folder(), self.folder(model), resume=os.path.isfile(self.ckpt(model)), progress=False,
+                  image_size=32, fit="pad", blur_sigma_max=self.models[model], steps=target,
+                  ckpt_every=chunk_steps, sample_steps=50, sample_eta=0.0, device=self.device,
+                  **self.net, **self.opt)
+            budget_path = os.path.join(self.folder(model), "budget.json")
+            budget = _read_json(budget_path, dict(seconds=0.0, chunks=[]))
+            budget["seconds"] += time.time() - start
+            budget["steps"] = target
+            budget["chunks"].append(dict(steps=[todo[model], target], seconds=round(time.time() - start, 1),
+                                           device=self._device_name(), host=platform.node()))
+            _write_json(budget_path, budget)
+
+    def _device_name(self):
+        import torch
+
+        if self.device != "cpu" and torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+        return f"cpu x{torch.get_num_threads()} threads ({platform.processor() or platform.machine()})"
+
+    def _trained(self, model, allow_partial):
+        step = _ckpt_step(self.ckpt(model))
+        if step == 0:
+            raise BdmError(f"{self.ckpt(model)} does not exist: run the train stage first")
+        if step < self.steps and not allow_partial:
+            raise BdmError(f"{model} is at step {step} of {self.steps}: train more, or pass --allow-partial")
+        return step
+
+    # -- stage 2: export ------------------------------------------------------------------------
+    def export(self, allow_partial=False):
+        """The EMA weights of each model as an ONNX step graph (skipped when newer than the checkpoint)."""
+        from bdm_train import checkpoint
+        from export import export_onnx
+
+        for model in self.models:
+            self._trained(model, allow_partial)
+            ck, onnx = self.ckpt(model), self.onnx(model)
+            if os.path.isfile(onnx) and os.path.getmtime(onnx) >= os.path.getmtime(ck):
+                continue
+            _log(f"exporting {model} -> {onnx}")
+            net, process, config = checkpoint.load(ck, ema=True)
+            export_onnx(net, process, onnx, channels=net.in_channels, num_classes=net.num_classes,
+                        clip_denoised=config["sampler"]["clip_denoised"], default_steps=50, default_eta=0.0)
+
+    # -- stage 3: sampling (chunked, resumable) -------------------------------------------------
+    def sample(self, allow_partial=False):
+        """``n`` images per model and point, in chunks of ``chunk`` (seed protocol: any chunking, same images)."""
+        for model in self.models:
+            step = self._trained(model, allow_partial)
+            sampler = None
+            for eta, steps in self.points:
+                folder = self.point_dir(model, step, eta, steps)
+                for first in range(0, self.n, self.chunk):
+                    path = os.path.join(folder, f"{first:06d}.npz")
+                    if os.path.isfile(path):
+                        continue
+                    if sampler is None:
+                        sampler = self._sampler(model)
+                    b = min(self.chunk, self.n - first)
+                    start = time.perf_counter()
+                    images = sampler(b, steps, eta, first)
+                    seconds = time.perf_counter() - start
+                    from runtime.images import save_npz
+
+                    os.makedirs(folder, exist_ok=True)
+                    save_npz(path, images=images, seconds=np.float64(seconds))
+                    _log(f"{model} eta={eta:g} steps={steps}: images {first}..{first + b - 1} "
+                         f"({b / seconds:.1f} images/s)")
+            if sampler is not None and hasattr(sampler, "close"):
+                sampler.close()
+
+    def _sampler(self, model):
+        """``f(n, steps, eta, first_index) -> uint8 [n, H, W, C]`` through the runtime or PyTorch."""
+        from runtime.images import to_uint8
+
+        if self.backend == "torch":
+            from bdm_train.sample_cli import sample_checkpoint
+
+            import torch
+
+            torch.set_num_threads(self.threads)
+            ck = self.ckpt(model)
+            return lambda n, steps, eta, first: to_uint8(sample_checkpoint(
+                ck, n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, first_index=first, device=self.device)[0])
+        import runtime
+
+        s = runtime.load(self.onnx(model), batch=self.chunk)
+        f = lambda n, steps, eta, first: to_uint8(s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta,  # noqa: E731
+                                                           first_index=first))
+        f.close = s.close
+        return f
+
+    def images(self, model, step, eta, steps):
+        """All sampled images of one point, uint8 ``[n, H, W, C]``, and the sampling seconds."""
+        folder = self.point_dir(model, step, eta, steps)
+        files = sorted(glob.glob(os.path.join(folder, "[0-9]*.npz")))
+        parts, seconds = [], 0.0
+        for path in files:
+            with np.load(path) as z:
+                parts.append(z["images"])
+                seconds += float(z["seconds"])
+        images = np.concatenate(parts) if parts else np.zeros((0, 32, 32, 1), np.uint8)
+        return images[:self.n], seconds
+
+    # -- stage 4: evaluation --------------------------------------------------------------------
+    def evaluate(self, allow_partial=False):
+        """Metrics of every complete point (cached in the point's ``eval.json``)."""
+        from . import metrics
+
+        ref = None
+        for model in self.models:
+            step = self._trained(model, allow_partial)
+            for eta, steps in self.points:
+                folder = self.point_dir(model, step, eta, steps)
+                cache = os.path.join(folder, "eval.json")
+                old = _read_json(cache)
+                if old is not None and old.get("n") == self.n:
+                    continue
+                images, seconds = self.images(model, step, eta, steps)
+                if len(images) < self.n:
+                    _log(f"{model} eta={eta:g} steps={steps}: only {len(images)} of {self.n} images; skipped")
+                    continue
+                ref = ref if ref is not None else metrics.reference_stats()
+                res = metrics.evaluate(images, ref)
+                res.update(sample_seconds=round(seconds, 2))
+                _write_json(cache, res)
+                _log(f"{model} eta={eta:g} steps={steps}: FD {res['fd']:.3f} KID {res['kid']:.5f}")
+
+    # -- spot check: the runtime on the ONNX equals the PyTorch reference ------------------------
+    def parity(self, n=16, steps=10, eta=1.0, allow_partial=False):
+        """Max |runtime - PyTorch| over ``n`` images per model (same seed protocol); writes ``parity.json``."""
+        import runtime
+        from bdm_train.sample_cli import sample_checkpoint
+
+        out = {}
+        for model in self.models:
+            self._trained(model, allow_partial)
+            with runtime.load(self.onnx(model)) as s:
+                a = s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta)
+            b = sample_checkpoint(self.ckpt(model), n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, device="cpu")[0]
+            out[model] = dict(n=n, steps=steps, eta=eta, max_abs_diff=float(np.abs(a - b).max()))
+            _log(f"{model}: runtime vs PyTorch, {n} images, {steps} steps, eta={eta:g}: "
+                 f"max |diff| {out[model]['max_abs_diff']:.2e}")
+        _write_json(os.path.join(self.runs, "parity.json"), out)
+        return out
+
+    # -- stage 5: the report --------------------------------------------------------------------
+    def collect(self):
+        """``study.json``'s content from what is on disk."""
+        from . import metrics
+
+        points, models = [], {}
+        for model, blur in self.models.items():
+            step = _ckpt_step(self.ckpt(model))
+            budget = _read_json(os.path.join(self.folder(model), "budget.json"), {})
+            models[model] = dict(blur_sigma_max=blur, trained_steps=step,
+                                 train_seconds=round(budget.get("seconds", 0), 1),
+                                 devices=sorted({s["device"] for s in budget.get("chunks", [])}))
+            for eta, steps in self.points:
+                res = _read_json(os.path.join(self.point_dir(model, step, eta, steps), "eval.json"))
+                if res is None:
+                    continue
+                points.append(dict(model=model, blur_sigma_max=blur, eta=eta, steps=steps, nfe=steps, **res))
+        ref = {}
+        try:
+            r = metrics.reference_stats()
+            ref = {k: float(r[k]) for k in r if k.startswith(("fd_train", "kid_train", "test_accuracy"))}
+        except BdmError:
+            pass
+        return dict(dataset="Fashion-MNIST, 32x32 (28x28 centre-padded)", n_samples=self.n, sample_seed=SAMPLE_SEED,
+                    network=self.net, optimizer=self.opt, target_steps=self.steps, backend=self.backend,
+                    models=models, points=points, reference=ref, recommended=recommend(points),
+                    parity=_read_json(os.path.join(self.runs, "parity.json")))
+
+    def report(self):
+        """``study.json``, ``study.md``, sample grids and the plot."""
+        from . import figures
+
+        study = self.collect()
+        _write_json(os.path.join(self.results, "study.json"), study)
+        from runtime.io import atomic_path
+
+        with atomic_path(os.path.join(self.results, "study.md")) as tmp, open(tmp, "w") as f:
+            f.write(markdown(study))
+        self._grids(study)
+        if study["points"]:
+            figures.plot_study(study, self.plot)
+        _log(f"wrote {self.results}/study.json, study.md" + (f" and {self.plot}" if study["points"] else ""))
+        return study
+
+    def _grids(self, study):
+        """An 8x8 grid of the first 64 samples of each model at the recommended sampler settings."""
+        from runtime.images import save_grid
+
+        rec = study["recommended"]
+        if not rec:
+            return
+        for model in self.models:
+            step = study["models"][model]["trained_steps"]
+            images, _ = self.images(model, step, rec["eta"], rec["steps"])
+            if len(images) >= 64:
+                save_grid(images[:64], os.path.join(self.results, f"samples_{model}_eta{rec['eta']:g}_steps"
+                                                    f"{rec['steps']}.png"), ncols=8, scale=2)
+
+
+def recommend(points, tolerance=1.10):
+    """The best quality-per-cost point: the better model's fewest steps within ``tolerance`` x its best FD."""
+    if not points:
+        return None
+    best_model = min(points, key=lambda p: p["fd"])["model"]
+    own = [p for p in points if p["model"] == best_model]
+    best = min(p["fd"] for p in own)
+    pick = min((p for p in own if p["fd"] <= tolerance * best), key=lambda p: (p["nfe"], p["fd"]))
+    return dict(model=best_model, eta=pick["eta"], steps=pick["steps"], fd=pick["fd"], kid=pick["kid"],
+                rule=f"fewest steps with FD <= {tolerance:g} x the best FD of the better model")
+
+
+def markdown(study):
+    """The study table (one row per model, one column per sampler setting)."""
+    points = study["points"]
+    cols = sorted({(p["eta"], p["steps"]) for p in points})
+    lines = [f"Fashion-MNIST 32x32, {study['n_samples']} samples per point, FD-FMNIST / KID "
+             f"(own feature network: comparable within this table, not with Inception FIDs).", ""]
+    head = "| model | blur_sigma_max | trained steps | " + " | ".join(
+        f"{'ancestral' if e == 1 else 'deterministic' if e == 0 else f'eta={e:g}'} {k}" for e, k in cols) + " |"
+    lines += [head, "|" + "---|" * (3 + len(cols))]
+    for model, info in study["models"].items():
+        cells = []
+        for e, k in cols:
+            p = next((p for p in points if p["model"] == model and (p["eta"], p["steps"]) == (e, k)), None)
+            cells.append("-" if p is None else f"{p['fd']:.2f} / {p['kid']:.3f}")
+        lines.append(f"| {model} | {info['blur_sigma_max']:g} | {info['trained_steps']} | " + " | ".join(cells) + " |")
+    ref = study.get("reference", {})
+    n = study["n_samples"]
+    if f"fd_train_{n}" in ref:
+        lines += ["", f"Real training images (n={n}) against the test set: FD {ref[f'fd_train_{n}']:.2f}, "
+                  f"KID {ref.get(f'kid_train_{n}', float('nan')):.3f} (the floor at this sample count)."]
+    for model, info in study["models"].items():
+        hours = info["train_seconds"] / 3600
+        lines.append(f"- {model}: {info['trained_steps']} steps, {hours:.2f} h of training on "
+                     f"{', '.join(info['devices']) or 'unknown'}.")
+    if study.get("recommended"):
+        r = study["recommended"]
+        lines.append(f"- Recommended default: {r['model']}, eta={r['eta']:g}, {r['steps']} steps "
+                     f"(FD {r['fd']:.2f}; {r['rule']}).")
+    for model, p in (study.get("parity") or {}).items():
+        lines.append(f"- Runtime (ONNX) vs PyTorch sampler, {model}: max |difference| {p['max_abs_diff']:.1e} "
+                     f"over {p['n']} images ({p['steps']} steps, eta={p['eta']:g}).")
+    lines += ["", "Regenerate: `python -m benchmarks.study run` (resumable; see benchmarks/study.py).", ""]
+    return "\n".join(lines)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+STAGES = ("train", "export", "sample", "parity", "eval", "report")
+
+
+@click.group()
+def cli():
+    """Blurring diffusion vs DDPM on Fashion-MNIST: quality vs sampler steps."""
+
+
+@cli.command("run")
+@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated subset of stages.")
+@click.option("--hours", type=float, default=None, help="Stop starting training chunks after this long (per sitting).")
+@click.option("--steps", type=click.IntRange(1), default=STEPS, show_default=True, help="Training steps per model.")
+@click.option("--blur-sigma-max", type=float, default=MODELS["bdm"], show_default=True, help="BDM's sigma_B_max.")
+@click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True, help="Samples per point.")
+@click.option("--chunk", type=click.IntRange(1), default=250, show_default=True, help="Images per sample file.")
+@click.option("--ch", type=click.IntRange(1), default=NET["ch"], show_default=True, help="UNet base channels.")
+@click.option("--ch-mult", default=",".join(map(str, NET["ch_mult"])), show_default=True)
+@click.option("--num-res-blocks", type=click.IntRange(1), default=NET["num_res_blocks"], show_default=True)
+@click.option("--attn", default=",".join(map(str, NET["attn"])) or "none", show_default=True,
+              help="Attention resolutions, or none.")
+@click.option("--batch-size", type=click.IntRange(1), default=OPT["batch_size"], show_default=True)
+@click.option("--lr", type=float, default=OPT["lr"], show_default=True)
+@click.option("--runs", default=RUNS, show_default=True, type=click.Path(file_okay=False))
+@click.option("--results", default=RESULTS, show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="Training (and torch sampling) device.")
+@click.option("--backend", type=click.Choice(["runtime", "torch"]), default="runtime", show_default=True,
+              help="Sample through the runtime on the exported ONNX, or with the PyTorch reference sampler.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [all].")
+@click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
+@click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
+def run_cmd(stages, hours, steps, blur_sigma_max, n, chunk, ch, ch_mult, num_res_blocks, attn, batch_size, lr,
+            runs, results, device, backend, threads, allow_partial, smoke):
+    """Run (or resume) the study's stages in order."""
+    import torch
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in STAGES]
+    if bad:
+        raise BdmError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    models = {"bdm": blur_sigma_max, "ddpm": 0.0}
+    from bdm_train.train import int_list
+
+    net = dict(ch=ch, ch_mult=tuple(int_list(ch_mult, "ch-mult")), num_res_blocks=num_res_blocks,
+               attn=tuple(int_list(attn, "attn")))
+    kw = dict(runs=runs, results=results, models=models, steps=steps, n=n, chunk=chunk, net=net,
+              opt=dict(batch_size=batch_size, lr=lr), device=device, backend=backend,
+              threads=threads or torch.get_num_threads())
+    if smoke:
+        tmp = os.path.join("/tmp", "bdm_study_smoke")
+        kw.update(runs=os.path.join(tmp, "runs"), results=os.path.join(tmp, "results"), steps=SMOKE["steps"],
+                  n=SMOKE["n"], chunk=SMOKE["chunk"], net=SMOKE["net"], points=SMOKE["points"],
+                  plot=os.path.join(tmp, "quality_vs_steps.png"), opt=dict(batch_size=8, warmup=1))
+    study = Study(**kw)
+    if "train" in chosen:
+        study.train(hours=hours, chunk_steps=2 if smoke else 1000)
+    allow = allow_partial or smoke
+    if "export" in chosen and backend == "runtime":
+        study.export(allow)
+    if "sample" in chosen:
+        study.sample(allow)
+    if "parity" in chosen and backend == "runtime":
+        study.parity(n=4 if smoke else 16, steps=3 if smoke else 10, allow_partial=allow)
+    if "eval" in chosen:
+        study.evaluate(allow)
+    if "report" in chosen:
+        study.report()
+
+
+@cli.command("info")
+def info_cmd():
+    """Remaining information (nats/image) along t for several blur_sigma_max: the argument for the choice."""
+    res = information()
+    click.echo(f"Gaussian-channel information left in z_t (nats per image; DC holds "
+               f"{100 * res['dc_fraction']:.0f}% of the variance)")
+    click.echo("blur_sigma_max " + " ".join(f"t={t:<8g}" for t in res["times"]))
+    for b, row in res["nats"].items():
+        click.echo(f"{b:>14g} " + " ".join(f"{v:<10.2f}" for v in row))
+
+
+def main(args=None):
+    from bdm_train.train import run_cli
+
+    run_cli(cli, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Compare an exported step graph with the torch step it came from, through Polygraphy's Comparator.
+
+Backends: torch (``TorchRunner``) vs ONNX Runtime on CPU (``OnnxrtRunner``), plus TensorRT
+(``TrtRunner``) when an engine is given. Inputs are realistic: latents ``q_sample``d from random
+images at grid times ``t = i/N`` with the adjacent ``s = t - 1/N``, ``N = max(default steps, 50)``
+(far-apart ``t, s`` amplify any difference by ``alpha_s / alpha_t``, up to 3e4).
+
+Two sets of inputs, because ``x0`` only matters where it is the output: "trajectory" inputs at
+any grid time are compared on ``z_next``; "final" inputs at the last step (``t = 1/N, s = 0``)
+on ``z_next`` and ``x0``. At earlier steps ``x0 = V (u_t - sigma_t u_eps) / alpha_t`` is a
+preview whose float32 rounding is amplified by ``sigma_t / alpha_t`` (up to 1e5 at ``t = 1``);
+torch in float32 is itself ~1e-2 away from float64 there, so no two backends agree on it.
+
+ONNX Runtime's CPU provider has few float16 kernels on x86: it inserts casts and computes FP16
+nodes in float32 (rounding to float16 between nodes), so an FP16 graph checked here is checked
+for validity and against torch's own FP16 model, not for GPU FP16 arithmetic (TensorRT is).
+"""
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from runtime import format as fmt
+
+from . import CHECK_TOLERANCES
+from .fp16 import half_model
+from .onnx_export import read_metadata
+from .step import StepGraph
+
+TOLERANCES = CHECK_TOLERANCES
+CHECK_MIN_STEPS = 50
+
+
+def _runner_base():
+    from polygraphy.backend.pyt import PytRunner
+
+    return PytRunner
+
+
+class TorchRunner(_runner_base()):
+    """Polygraphy's ``PytRunner`` on the model's own device (it assumes CUDA) returning a dict."""
+
+    def infer_impl(self, feed_dict):
+        device = next(iter(self.model.buffers()), torch.zeros(())).device
+        with torch.no_grad():
+            args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])).to(device) for n in self.input_metadata]
+            start = time.time()
+            outs = self.model(*args)
+            self.inference_time = time.time() - start
+        return OrderedDict((n, o.detach().cpu().numpy()) for n, o in zip(self.output_names, outs))
+
+
+def make_inputs(meta, process, *, final, batch=3, seed=0, guidance=2.0):
+    """One feed dict of realistic step inputs (``final``: the last step, ``t = 1/N, s = 0``)."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = meta[fmt.K_IMAGE_SHAPE]
+    # Differences between backends are amplified by alpha_s / alpha_t, which grows with the step
+    # size (up to 3e4): on a grid of at least 50 steps the check measures the backends, not that.
+    steps = max(int(meta[fmt.K_DEFAULT_STEPS]), CHECK_MIN_STEPS)
+    i = torch.ones(batch) if final else torch.randint(1, steps + 1, (batch,), generator=g).float()
+    t, s = i / steps, (i - 1) / steps
+    x = torch.rand(batch, c, h, w, generator=g) * 2 - 1
+    with torch.no_grad():
+        z = process.q_sample(x.to(process.c_h.device), t.to(process.c_h.device),
+                             torch.randn(batch, c, h, w, generator=g).to(process.c_h.device)).cpu()
+    feed = OrderedDict()
+    feed[fmt.Z] = z.numpy()
+    feed[fmt.T] = t.numpy()
+    feed[fmt.S] = s.numpy()
+    feed[fmt.ETA] = np.array([float(torch.rand((), generator=g))], dtype=np.float32)
+    feed[fmt.NOISE] = torch.randn(batch, c, h, w, generator=g).numpy()
+    if meta[fmt.K_NUM_CLASSES] > 0:
+        feed[fmt.LABEL] = torch.randint(0, meta[fmt.K_NUM_CLASSES] + 1, (batch,), generator=g).numpy()
+    if meta[fmt.K_GUIDANCE]:
+        feed[fmt.GUIDANCE] = np.array([guidance], dtype=np.float32)
+    return feed
+
+
+def _simple(**kwargs):
+    """Polygraphy's simple (atol/rtol) comparison: ``SimpleCompareFunc`` (0.53+) or ``CompareFunc.simple``."""
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+    except ImportError:
+        from polygraphy.comparator import CompareFunc
+
+        return CompareFunc.simple(**kwargs)
+    return SimpleCompareFunc(**kwargs)
+
+
+def _errors(results, outputs):
+    """``{(reference, other): {output: (max abs error, max|a-b| / max|b|)}}`` against runner 0."""
+    pairs = list(results.items())  # RunResults: [(runner name, [IterationResult, ...]), ...]
+    (ref_name, ref_iters), others = pairs[0], pairs[1:]
+    out = OrderedDict()
+    for name, iters in others:
+        errs = {}
+        for ref_it, it in zip(ref_iters, iters):
+            for o in outputs:
+                a = np.asarray(it[o], np.float64)
+                b = np.asarray(ref_it[o], np.float64)
+                d = float(np.abs(a - b).max())
+                r = d / max(float(np.abs(b).max()), 1e-30)
+                old = errs.get(o, (0.0, 0.0))
+                errs[o] = (max(old[0], d), max(old[1], r))
+        out[(ref_name, name)] = errs
+    return out
+
+
+def check_onnx(onnx_path, model, process, *, plan_path=None, iterations=2, batch=3, seed=0, tolerances=None,
+               log=print):
+    """Compare torch, ONNX Runtime (and TensorRT if ``plan_path``) on one step graph; True if within tolerance.
+
+    ``model`` is the FP32 model the graph was exported from (an FP16 graph is compared with its
+    ``convert_to_fp16()`` copy). Prints max abs / rel error per output and comparison.
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    meta = read_metadata(onnx_path)
+    precision = meta[fmt.K_PRECISION]
+    atol, rtol = (tolerances or TOLERANCES)[precision]
+    net = half_model(model) if precision == "fp16" else model
+    graph = StepGraph(net, process, num_classes=meta[fmt.K_NUM_CLASSES], guided=meta[fmt.K_GUIDANCE],
+                      clip_denoised=meta[fmt.K_CLIP_DENOISED]).eval()
+    c, h, w = meta[fmt.K_IMAGE_SHAPE]
+    spec = TensorMetadata()
+    for name in graph.input_names:
+        per_image = name in (fmt.Z, fmt.NOISE)
+        shape = (batch, c, h, w) if per_image else ((1,) if name in (fmt.ETA, fmt.GUIDANCE) else (batch,))
+        spec.add(name, np.int64 if name == fmt.LABEL else np.float32, shape)
+    # PytRunner takes "a torch.nn.Module or a callable that returns one", and calls any callable.
+    runners = [TorchRunner(lambda: graph, spec, graph.output_names, name="torch"),
+               OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxrt")]
+    if plan_path is not None:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        runners.append(TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))), name="tensorrt"))
+
+    ok = True
+    for final in (False, True):
+        outputs = list(fmt.OUTPUTS) if final else [fmt.Z_NEXT]
+        feeds = [make_inputs(meta, process, final=final, batch=batch, seed=seed + 17 * k + int(final))
+                 for k in range(iterations)]
+        compare = _simple(atol=atol, rtol=rtol, check_error_stat="elemwise",
+                                     find_output_func=lambda name, index, result, keep=outputs:
+                                     [name] if name in keep else [])
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            results = Comparator.run(runners, data_loader=feeds)
+            passed = bool(Comparator.compare_accuracy(results, compare_func=compare,
+                                                      comparisons=[(0, k) for k in range(1, len(runners))]))
+        ok = ok and passed
+        where = "last step (t=1/N)" if final else "trajectory steps"
+        for (ref, other), errs in _errors(results, outputs).items():
+            for o, (d, r) in errs.items():
+                log(f"  {other} vs {ref} [{precision}] {o:6s} @ {where}: max abs {d:.2e}, max rel {r:.2e}")
+        if not passed:
+            log(f"  FAILED at {where}: an element differs by > {atol:g} and > {rtol:g} x |reference|")
+    return ok

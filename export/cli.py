@@ -1,0 +1,181 @@
+"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``) and TensorRT engines.
+
+    bdm-export --ckpt runs/x/model.pt --fp16 --check
+    bdm-export --onnx bdm_fp16.onnx --out bdm.plan          # on the target; no torch needed
+
+User mistakes print one line ``Error: ...`` on stderr and exit non-zero; every file is written
+atomically, so nothing is left half-written. torch is imported only on the ``--ckpt`` path.
+"""
+import os
+import sys
+
+import click
+
+from runtime.errors import BdmError
+
+from . import CHECK_TOLERANCES
+
+_TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES.items())
+
+
+def _out_dir(out_dir, ckpt):
+    """The output folder (default: the checkpoint's), created if missing; ``BdmError`` if unusable."""
+    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BdmError(f"--out-dir {out_dir} exists and is not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise BdmError(f"cannot create --out-dir {out_dir}: {e.strerror or e}")
+    if not os.access(out_dir, os.W_OK):
+        raise BdmError(f"--out-dir {out_dir} is not writable")
+    return out_dir
+
+
+def _describe(meta):
+    from runtime import format as fmt
+
+    c, h, w = meta[fmt.K_IMAGE_SHAPE]
+    k = meta[fmt.K_NUM_CLASSES]
+    kind = "unconditional" if not k else f"{k} classes, " + ("guided" if meta[fmt.K_GUIDANCE] else "no guidance")
+    return (f"{meta[fmt.K_PRECISION]}, {c}x{h}x{w}, {kind}, default {meta[fmt.K_DEFAULT_STEPS]} steps "
+            f"eta {meta[fmt.K_DEFAULT_ETA]:g}")
+
+
+def _engine(onnx_path, plan, batch, workspace, timing_cache):
+    from runtime import format as fmt
+
+    from .trt import build_engine
+
+    side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
+    p = side[fmt.K_PROFILE]
+    click.echo(f"wrote {plan} (+ .json): TensorRT {side[fmt.K_TRT_VERSION]} engine, {side[fmt.K_PRECISION]}, "
+               f"batch profile {p['min']}:{p['opt']}:{p['max']} images")
+
+
+def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
+                      engine):
+    """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status."""
+    from bdm_train import checkpoint
+
+    from .onnx_export import export_onnx
+    from .trt import unavailable_reason
+
+    out_dir = _out_dir(out_dir, ckpt)
+    model, process, config = checkpoint.load(ckpt, ema=ema)
+    sampler = config["sampler"]
+    steps = sampler["steps"] if steps is None else steps
+    eta = sampler["eta"] if eta is None else eta
+    if steps < 1:
+        raise BdmError(f"--steps must be at least 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise BdmError(f"--eta must be in [0, 1], got {eta}")
+    if guidance and model.num_classes <= 0:
+        raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
+    graphs = [(os.path.join(out_dir, "bdm.onnx"), False)]
+    if fp16:
+        graphs.append((os.path.join(out_dir, "bdm_fp16.onnx"), True))
+    for path, half in graphs:
+        try:
+            meta = export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
+                               fp16=half, guidance=guidance, clip_denoised=sampler["clip_denoised"],
+                               default_steps=steps, default_eta=eta)
+        except OSError as e:
+            raise BdmError(f"cannot write {path}: {e.strerror or e}")
+        click.echo(f"wrote {path} ({_describe(meta)}, {os.path.getsize(path) / 2**20:.1f} MiB)")
+    plans = {}
+    reason = unavailable_reason() if engine else "--no-engine"
+    if reason:
+        click.echo(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
+    else:
+        for path, _ in graphs:
+            plans[path] = os.path.splitext(path)[0] + ".plan"
+            _engine(path, plans[path], batch, workspace, timing_cache)
+    if check:
+        from .check import check_onnx
+
+        failed = []
+        for path, _ in graphs:
+            click.echo(f"check {os.path.basename(path)}: torch vs ONNX Runtime"
+                       + (" vs TensorRT" if path in plans else ""))
+            if not check_onnx(path, model, process, plan_path=plans.get(path), log=click.echo):
+                failed.append(os.path.basename(path))
+        if failed:
+            raise BdmError(f"check failed for {', '.join(failed)}: errors over the tolerances ({_TOL})")
+        click.echo("check passed")
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint from bdm-train: export its step graph(s) (needs torch).")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Where bdm.onnx (and bdm_fp16.onnx, engines) go. Default: the checkpoint's folder.")
+@click.option("--fp16", is_flag=True, help="Also write bdm_fp16.onnx: network in FP16, sampler update in FP32.")
+@click.option("--guidance/--no-guidance", default=None,
+              help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
+                   "Default: yes for conditional checkpoints.")
+@click.option("--steps", type=int, default=None, help="Default sampler steps stored in the graph "
+              "(default: the checkpoint's sampler config).")
+@click.option("--eta", type=float, default=None, help="Default eta stored in the graph (default: the checkpoint's).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
+              help="Build a TensorRT engine from this step graph only (no torch needed); with --out.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Engine path for --onnx (X.plan; "
+              "X.plan.json is written beside it).")
+@click.option("--batch", default="1:16:64", show_default=True,
+              help="TensorRT optimization profile MIN:OPT:MAX, in images.")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, help="TensorRT workspace limit, MiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="TensorRT timing cache file (read if present, updated).")
+@click.option("--engine/--no-engine", default=True, show_default=True,
+              help="With --ckpt: build TensorRT engines when TensorRT and a GPU are present.")
+@click.option("--check", is_flag=True,
+              help="Compare torch, ONNX Runtime (and TensorRT if built) on random realistic inputs with "
+                   "Polygraphy's Comparator; print max abs/rel error per output; exit non-zero when an element "
+                   f"differs by more than both tolerances ({_TOL}).")
+def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, onnx_path, out, batch, workspace, timing_cache, engine,
+        check):
+    """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
+    from .trt import parse_batch
+
+    if (ckpt is None) == (onnx_path is None):
+        raise BdmError("give either --ckpt CHECKPOINT (export) or --onnx GRAPH.onnx --out ENGINE.plan (engine only)")
+    batch = parse_batch(batch)
+    if onnx_path is not None:
+        if out is None:
+            raise BdmError("--onnx needs --out ENGINE.plan")
+        if check or fp16 or out_dir or steps is not None or eta is not None or guidance is not None:
+            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --steps, --eta and "
+                           "--guidance need --ckpt")
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise BdmError(f"--out {out}: folder {folder} does not exist or is not writable")
+        _engine(onnx_path, out, batch, workspace, timing_cache)
+        return 0
+    if out is not None:
+        raise BdmError("--out is for --onnx; with --ckpt use --out-dir")
+    return export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache,
+                             check, engine)
+
+
+def main(argv=None):
+    """Console entry point: user mistakes become one ``Error: ...`` line and a non-zero exit."""
+    try:
+        cli.main(args=argv, prog_name="bdm-export", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code or 2)
+    except BdmError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Build a TensorRT engine ``X.plan`` (+ ``X.plan.json``) from a bdm step graph ``.onnx``.
+
+Torch-free and Python 3.8 compatible: engines are specific to the GPU and the TensorRT version,
+so they are built on the target (a Jetson has no torch). Needs ``tensorrt`` and Polygraphy (the
+``[trt]`` extra); the ONNX metadata is read with ``runtime.onnx_meta`` (no ``onnx`` package).
+
+Precision comes from the graph (``export.fp16``), by TensorRT major version, never by ``hasattr``
+(a silently FP32 engine is the common failure in the field):
+
+- 8.x/9.x (JetPack 5, 6.0): weakly typed networks. An FP16 graph gets ``BuilderFlag.FP16`` plus
+  precision constraints ("obey"), each layer pinned to its ONNX tensors' type, so the FP32
+  islands (update, DCTs, time embedding, GroupNorm) stay FP32. The types come from the graph's
+  ``value_info`` (the exporter stores inferred types); TensorRT 8's own tensor dtypes are not the
+  graph's (NVIDIA/TensorRT#1993: a constant of FP16 weights reports FLOAT).
+- 10.x: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: types are the graph's, no FP16 flag.
+- 11.x: networks are always strongly typed; the FP16 flag no longer exists.
+"""
+import json
+import os
+
+from runtime import format as fmt
+from runtime.errors import BdmError
+from runtime.io import atomic_path
+
+DEFAULT_BATCH = (1, 16, 64)
+BATCH_INPUTS = (fmt.Z, fmt.T, fmt.S, fmt.NOISE, fmt.LABEL)  # inputs whose first dim is the batch
+
+
+def parse_batch(spec):
+    """``"MIN:OPT:MAX"`` (images) -> ``(min, opt, max)`` with ``1 <= min <= opt <= max``."""
+    shown = spec
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        try:
+            spec = tuple(int(p) for p in parts)
+        except ValueError:
+            spec = ()
+        if len(parts) != 3:
+            spec = ()
+    spec = tuple(spec)
+    if len(spec) != 3 or not 1 <= spec[0] <= spec[1] <= spec[2]:
+        raise BdmError(f"bad batch profile {shown!r}: want MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, e.g. 1:16:64")
+    return spec
+
+
+def unavailable_reason():
+    """Why no engine can be built here (one line), or ``None`` when TensorRT and a GPU are present."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (JetPack ships it; elsewhere pip install tensorrt)"
+    try:
+        from polygraphy.backend.trt import network_from_onnx_path  # noqa: F401
+    except ImportError:
+        return "Polygraphy is not installed (pip install polygraphy, or bdm[trt])"
+    if not _gpu_count():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def _gpu_count():
+    """Number of CUDA devices through the driver API (``cuInit``, ``cuDeviceGetCount``); 0 if none."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def trt_major(trt):
+    """TensorRT's major version, from ``tensorrt.__version__``."""
+    return int(trt.__version__.split(".")[0])
+
+
+def read_step_metadata(onnx_path):
+    """The decoded ``bdm.*`` metadata of a step graph; ``BdmError`` if it is not one this code knows."""
+    from runtime import onnx_meta
+
+    meta = fmt.decode(onnx_meta.read(onnx_path).metadata)
+    missing = fmt.missing_keys(meta)
+    if missing:
+        raise BdmError(f"{onnx_path}: not a bdm step graph (metadata lacks {', '.join(missing)})")
+    if meta[fmt.K_FORMAT_VERSION] not in fmt.SUPPORTED_VERSIONS:
+        raise BdmError(f"{onnx_path}: step-graph format {meta[fmt.K_FORMAT_VERSION]} is not supported "
+                       f"(this bdm reads {list(fmt.SUPPORTED_VERSIONS)})")
+    return meta
+
+
+def profile_shapes(meta, batch):
+    """``{input: (min_shape, opt_shape, max_shape)}`` for the inputs with a batch dimension."""
+    c, h, w = meta[fmt.K_IMAGE_SHAPE]
+    inputs = [fmt.Z, fmt.T, fmt.S, fmt.NOISE] + ([fmt.LABEL] if meta[fmt.K_NUM_CLASSES] > 0 else [])
+    out = {}
+    for name in inputs:
+        tail = (c, h, w) if name in (fmt.Z, fmt.NOISE) else ()
+        out[name] = tuple((b,) + tail for b in batch)
+    return out
+
+
+def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, timing_cache=None, verbose=False):
+    """Build ``plan_path`` (and ``plan_path + ".json"``) from the step graph ``onnx_path``; returns the json dict.
+
+    ``batch`` is ``(min, opt, max)`` or ``"MIN:OPT:MAX"`` in images (the guided branch doubles
+    the batch inside the graph only). ``workspace_mib`` limits the builder's workspace pool;
+    ``timing_cache`` is a file read (if present) and updated.
+    """
+    batch = parse_batch(batch)
+    meta = read_step_metadata(onnx_path)
+    reason = unavailable_reason()
+    if reason:
+        raise BdmError(f"cannot build a TensorRT engine: {reason}")
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    major = trt_major(trt)
+    if major < 8:
+        raise BdmError(f"TensorRT {trt.__version__} is too old: bdm engines need TensorRT 8.5 or later")
+    fp16 = meta[fmt.K_PRECISION] == "fp16"
+    weak_fp16 = fp16 and major < 10
+    path = os.fspath(onnx_path)
+    with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.WARNING):
+        # Polygraphy backend/trt/loader.py NetworkFromOnnxPath: parse with trt.OnnxParser into an
+        # explicit-batch network; strongly_typed sets NetworkDefinitionCreationFlag.STRONGLY_TYPED
+        # (TensorRT 10 "Strongly Typed Networks"). TensorRT 11 networks are strongly typed anyway.
+        try:
+            if major == 10:
+                builder, network, parser = network_from_onnx_path(path, strongly_typed=True)
+            else:
+                builder, network, parser = network_from_onnx_path(path)
+        except PolygraphyException as e:
+            raise BdmError(f"TensorRT {trt.__version__} cannot parse {path}: {str(e).strip()[:300]}")
+        if weak_fp16:
+            _pin_precisions(trt, network, _onnx_value_types(path), path)
+        profile = Profile()
+        for name, (lo, opt, hi) in profile_shapes(meta, batch).items():
+            profile.add(name, min=lo, opt=opt, max=hi)  # Polygraphy Profile.add(name, min, opt, max)
+        limits = None
+        if workspace_mib:
+            # IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) (TensorRT >= 8.4)
+            limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_mib) << 20}
+        # Polygraphy CreateConfig: tf32 defaults to False (it clears BuilderFlag.TF32: the DCTs and
+        # the update stay true FP32); fp16=True sets BuilderFlag.FP16 (weak typing only), and
+        # precision_constraints="obey" sets BuilderFlag.OBEY_PRECISION_CONSTRAINTS.
+        config = CreateConfig(fp16=weak_fp16, precision_constraints="obey" if weak_fp16 else None,
+                              profiles=[profile], memory_pool_limits=limits, load_timing_cache=timing_cache)
+        # Polygraphy EngineFromNetwork: builder.build_serialized_network + deserialize; the timing
+        # cache is appended to save_timing_cache.
+        try:
+            engine = engine_from_network((builder, network, parser), config=config, save_timing_cache=timing_cache)
+        except PolygraphyException as e:  # raised after TensorRT's own errors are logged
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BdmError(f"TensorRT {trt.__version__} could not build an engine from {path}: {detail}")
+    if engine is None:
+        raise BdmError(f"TensorRT {trt.__version__} could not build an engine from {path} (see its log above)")
+    with atomic_path(plan_path) as tmp:
+        save_engine(engine, tmp)  # Polygraphy SaveEngine: writes engine.serialize()
+    side = dict(meta)
+    side[fmt.K_TRT_VERSION] = trt.__version__
+    side[fmt.K_PROFILE] = {"min": batch[0], "opt": batch[1], "max": batch[2]}
+    with atomic_path(os.fspath(plan_path) + ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(side, f, indent=1, sort_keys=True)
+    return side
+
+
+def _pin_precisions(trt, network, onnx_types, path):
+    """TensorRT 8/9 with an FP16 graph: pin each layer to the type its ONNX tensors have.
+
+    ``ILayer.precision`` and ``ILayer.set_output_type`` (TensorRT developer guide, "Layer-Level
+    Control of Precision"), enforced by ``OBEY_PRECISION_CONSTRAINTS``. Layers the parser adds
+    with no ONNX name (helpers of one ONNX node) take the type of their first float input.
+    """
+    floats = {trt.float32, trt.float16}
+    onnx_to_trt = {1: trt.float32, 10: trt.float16}
+    known = {}
+    for i in range(network.num_inputs):
+        known[network.get_input(i).name] = network.get_input(i).dtype
+    halves = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.SHAPE, trt.LayerType.CONSTANT):
+            continue
+        inherited = None
+        for j in range(layer.num_inputs):
+            x = layer.get_input(j)
+            if x is not None and known.get(x.name) in floats:
+                inherited = known[x.name]
+                break
+        chosen = set()
+        for k in range(layer.num_outputs):
+            out = layer.get_output(k)
+            if out.dtype not in floats:
+                continue
+            dtype = onnx_to_trt.get(onnx_types.get(out.name), inherited)
+            if dtype is None:
+                continue
+            layer.set_output_type(k, dtype)
+            known[out.name] = dtype
+            chosen.add(dtype)
+        if len(chosen) == 1:
+            layer.precision = chosen.pop()
+            halves += layer.precision == trt.float16
+    if not halves:
+        raise BdmError(f"{path}: no layer of this FP16 graph maps to FP16 in TensorRT {trt.__version__}; "
+                       "refusing to build an FP32 engine labelled fp16 (re-export with bdm-export --fp16)")
+
+
+# -- ONNX value types without the onnx package --------------------------------------------------
+# ModelProto.graph = 7; GraphProto.input/output/value_info = 11/12/13; ValueInfoProto.name = 1,
+# .type = 2; TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1 (onnx.proto3).
+def _onnx_value_types(path):
+    """``{tensor name: onnx elem type}`` from the graph's inputs, outputs and ``value_info``."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    types = {}
+    for graph in _sub(buf, 0, len(buf), 7):
+        for field in (11, 12, 13):
+            for vi in _sub(buf, graph[0], graph[1], field):
+                name = [buf[a:b].decode("utf-8") for a, b in _sub(buf, vi[0], vi[1], 1)]
+                elem = [v for t in _sub(buf, vi[0], vi[1], 2) for tt in _sub(buf, t[0], t[1], 1)
+                        for v in _ints(buf, tt[0], tt[1], 1)]
+                if name and elem:
+                    types[name[0]] = elem[0]
+    return types
+
+
+def _varint(buf, pos):
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _walk(buf, pos, end):
+    """Yield ``(field, wire, value)``; length-delimited values as ``(start, stop)`` spans."""
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = (pos, pos + n), pos + n
+        else:
+            raise BdmError(f"malformed ONNX file (protobuf wire type {wire})")
+        yield key >> 3, wire, value
+
+
+def _sub(buf, start, stop, field):
+    return [v for f, w, v in _walk(buf, start, stop) if f == field and w == 2]
+
+
+def _ints(buf, start, stop, field):
+    return [v for f, w, v in _walk(buf, start, stop) if f == field and w == 0]

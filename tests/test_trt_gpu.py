@@ -1,0 +1,141 @@
+"""TensorRT engines from step graphs (export.trt): run where TensorRT and an NVIDIA GPU exist.
+
+Per TensorRT major version the builder takes a different path (8/9: FP16 flag + precision
+constraints pinned from the graph's types; 10: STRONGLY_TYPED; 11: always strongly typed); these
+tests check the result, whatever the path: the engine's interface, its metadata side file, that an
+FP16 graph gives an engine with FP16 layers and an FP32 graph one without, and that engines agree
+with ONNX Runtime and torch on realistic inputs (also through ``check_onnx``).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU machines with TensorRT only)")
+
+from export.trt import build_engine, trt_major, unavailable_reason  # noqa: E402
+
+_reason = unavailable_reason()
+if _reason:
+    pytest.skip(f"cannot build TensorRT engines here: {_reason}", allow_module_level=True)
+
+from bdm_train import checkpoint  # noqa: E402
+from export import export_onnx  # noqa: E402
+from export.check import check_onnx, make_inputs  # noqa: E402
+from export.cli import main  # noqa: E402
+from export.fp16 import relative_error  # noqa: E402
+from runtime import format as fmt  # noqa: E402
+from test_export import session  # noqa: E402
+
+BATCH = (1, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_checkpoint, tiny_cond_checkpoint, tmp_path_factory):
+    """FP32 and FP16 engines of the unconditional graph and an FP16 engine of the guided one."""
+    folder = tmp_path_factory.mktemp("trt")
+    cache = folder / "timing.cache"
+    out = {}
+    for name, ckpt, half in (("fp32", tiny_checkpoint, False), ("fp16", tiny_checkpoint, True),
+                             ("guided16", tiny_cond_checkpoint, True)):
+        model, process, _ = checkpoint.load(ckpt)
+        onnx_path = folder / f"{name}.onnx"
+        export_onnx(model, process, onnx_path, channels=1, num_classes=model.num_classes, fp16=half)
+        plan = folder / f"{name}.plan"
+        side = build_engine(str(onnx_path), str(plan), batch=BATCH, workspace_mib=512, timing_cache=str(cache))
+        out[name] = dict(model=model, process=process, onnx=onnx_path, plan=plan, side=side)
+    assert cache.exists()
+    return out
+
+
+def _engine(plan):
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    with open(plan, "rb") as f:
+        return runtime.deserialize_cuda_engine(f.read())
+
+
+def _layer_info(engine):
+    """The engine inspector's JSON (Polygraphy builds with ProfilingVerbosity.DETAILED)."""
+    inspector = engine.create_engine_inspector()
+    return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def test_engines_and_side_files(built):
+    for name, b in built.items():
+        side = json.loads(open(str(b["plan"]) + ".json").read())
+        assert side == b["side"]
+        assert set(side) == set(fmt.REQUIRED_KEYS) | {fmt.K_TRT_VERSION, fmt.K_PROFILE}
+        assert side[fmt.K_TRT_VERSION] == trt.__version__
+        assert side[fmt.K_PROFILE] == {"min": 1, "opt": 4, "max": 8}
+        engine = _engine(b["plan"])
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        want = list(fmt.INPUTS) + ([fmt.LABEL, fmt.GUIDANCE] if name == "guided16" else []) + list(fmt.OUTPUTS)
+        assert sorted(names) == sorted(want)
+        for n in (fmt.Z, fmt.NOISE, fmt.Z_NEXT, fmt.X0, fmt.T, fmt.S, fmt.ETA):
+            assert engine.get_tensor_dtype(n) == trt.float32, (name, n)
+        lo, _, hi = engine.get_tensor_profile_shape(fmt.Z, 0)
+        assert tuple(lo) == (1, 1, 16, 16) and tuple(hi) == (8, 1, 16, 16)  # images, not internal batch
+
+
+def test_precision_follows_the_graph(built):
+    """FP16 graph -> FP16 layers (not a silent FP32 engine); FP32 graph -> none (TF32 off too)."""
+    info = {name: _layer_info(_engine(b["plan"])).lower() for name, b in built.items()}
+    print(f"\nTensorRT {trt.__version__} (major {trt_major(trt)})")
+    assert "half" in info["fp16"] or "fp16" in info["fp16"]
+    assert "half" in info["guided16"] or "fp16" in info["guided16"]
+    assert "half" not in info["fp32"] and "fp16" not in info["fp32"]
+
+
+def _trt_run(plan, feed):
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))) as runner:
+        types = runner.get_input_metadata()  # NumPy dtypes (Polygraphy's default)
+        # TensorRT < 10 turns the int64 label input into int32.
+        feed = {k: np.ascontiguousarray(v.astype(types[k].dtype)) for k, v in feed.items()}
+        out = runner.infer(feed)
+        return {k: np.array(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_engines_match_onnxruntime(built, batch):
+    # FP32 engine vs ORT: TF32 is off, so ~1e-6 like ORT vs torch; bound 1e-3. FP16 engines vs the
+    # same FP16 graph in ORT (FP32 compute between float16 casts): the --check tolerance, 3e-2.
+    for name, b in built.items():
+        meta = dict(b["side"])
+        meta[fmt.K_DEFAULT_STEPS] = 50
+        bound = 1e-3 if name == "fp32" else 3e-2
+        sess = session(b["onnx"])
+        for final in (False, True):
+            feed = make_inputs(meta, b["process"], final=final, batch=batch, seed=batch)
+            want = dict(zip([fmt.Z_NEXT, fmt.X0], sess.run([fmt.Z_NEXT, fmt.X0], feed)))
+            got = _trt_run(b["plan"], feed)
+            err = relative_error(got[fmt.Z_NEXT], want[fmt.Z_NEXT])
+            print(f"\n{name} engine vs ORT, batch {batch}, {'last' if final else 'trajectory'} step: z_next {err:.2e}")
+            assert err < bound
+            if final:
+                assert relative_error(got[fmt.X0], want[fmt.X0]) < bound
+
+
+def test_check_with_tensorrt(built):
+    for name, b in built.items():
+        lines = []
+        assert check_onnx(b["onnx"], b["model"], b["process"], plan_path=b["plan"], log=lines.append), lines
+        assert any("tensorrt vs torch" in line for line in lines)
+        print("\n" + "\n".join(lines))
+
+
+def test_cli_builds_engines(tiny_cond_checkpoint, tmp_path, capsys):
+    try:
+        main(["--ckpt", str(tiny_cond_checkpoint), "--out-dir", str(tmp_path), "--fp16", "--batch", "1:2:4",
+              "--timing-cache", str(tmp_path / "cache")])
+    except SystemExit as e:
+        pytest.fail(f"bdm-export exited {e.code}: {capsys.readouterr().err}")
+    out = capsys.readouterr().out
+    for stem in ("bdm", "bdm_fp16"):
+        assert os.path.exists(tmp_path / f"{stem}.plan") and os.path.exists(tmp_path / f"{stem}.plan.json")
+        assert f"wrote {tmp_path / stem}.plan" in out

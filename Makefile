@@ -2,11 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
 PIP    := $(PY) -m pip
 # torch is pinned to the local CPU build: an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+DEMO   ?= demo_out
+# The demo trains a small model on scikit-learn's bundled 8x8 digits (no download), exports the
+# step graph and samples it through the runtime (ONNX Runtime here, TensorRT where present).
+DEMO_STEPS ?= 2000
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fmnist features figures study
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +25,31 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests
 
 demo: $(VENV)/.installed
-	$(PY) -m bdm_train.demo --out demo_out
+	mkdir -p $(DEMO)
+	$(PY) examples/digits_npz.py $(DEMO)/digits.npz
+	$(BIN)/bdm-train --data $(DEMO)/digits.npz --out $(DEMO)/run --ch 32 --ch-mult 1,2 \
+	    --num-res-blocks 1 --attn none --dropout 0 --blur-sigma-max 5 --steps $(DEMO_STEPS) \
+	    --batch-size 64 --lr 1e-3 --warmup 100 --ckpt-every 500 --sample-steps 20 --sample-eta 0 \
+	    $(if $(wildcard $(DEMO)/run/model.pt),--resume)
+	$(BIN)/bdm-export --ckpt $(DEMO)/run/model.pt --fp16 --check
+	$(BIN)/bdm-run --engine $(DEMO)/run/bdm.onnx --n 64 --out $(DEMO)/grid.png --grid-scale 4
+	@echo "demo: sample grid in $(DEMO)/grid.png"
+
+# -- Fashion-MNIST study (issue 5): data from Debian's dataset-fashion-mnist ------------------------
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+fmnist:
+	test -f $(FMNIST)/t10k-images-idx3-ubyte.gz || $(SUDO) apt-get install -y dataset-fashion-mnist
+
+features: $(VENV)/.installed fmnist
+	$(PY) -m benchmarks.feature_net train && $(PY) -m benchmarks.metrics stats
+
+figures: $(VENV)/.installed fmnist
+	$(PY) -m benchmarks.figures forward
+
+study: $(VENV)/.installed fmnist
+	$(PY) -m benchmarks.study run --hours $(or $(HOURS),4)
 
 clean:
-	rm -rf $(VENV) demo_out *.egg-info
+	rm -rf $(VENV) $(DEMO) *.egg-info

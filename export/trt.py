@@ -19,6 +19,7 @@ import json
 import os
 
 from runtime import format as fmt
+from runtime import onnx_meta
 from runtime.errors import BdmError
 from runtime.io import atomic_path
 
@@ -80,17 +81,10 @@ def trt_major(trt):
 
 
 def read_step_metadata(onnx_path):
-    """The decoded ``bdm.*`` metadata of a step graph; ``BdmError`` if it is not one this code knows."""
-    from runtime import onnx_meta
+    """The validated ``bdm.*`` metadata of a step graph (``BdmError`` if it is not one this code reads)."""
+    from runtime.sampler import onnx_info
 
-    meta = fmt.decode(onnx_meta.read(onnx_path).metadata)
-    missing = fmt.missing_keys(meta)
-    if missing:
-        raise BdmError(f"{onnx_path}: not a bdm step graph (metadata lacks {', '.join(missing)})")
-    if meta[fmt.K_FORMAT_VERSION] not in fmt.SUPPORTED_VERSIONS:
-        raise BdmError(f"{onnx_path}: step-graph format {meta[fmt.K_FORMAT_VERSION]} is not supported "
-                       f"(this bdm reads {list(fmt.SUPPORTED_VERSIONS)})")
-    return meta
+    return onnx_info(os.fspath(onnx_path)).meta
 
 
 def profile_shapes(meta, batch):
@@ -139,7 +133,7 @@ def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, 
         except PolygraphyException as e:
             raise BdmError(f"TensorRT {trt.__version__} cannot parse {path}: {str(e).strip()[:300]}")
         if weak_fp16:
-            _pin_precisions(trt, network, _onnx_value_types(path), path)
+            _pin_precisions(trt, network, onnx_meta.value_types(path), path)
         profile = Profile()
         for name, (lo, opt, hi) in profile_shapes(meta, batch).items():
             profile.add(name, min=lo, opt=opt, max=hi)  # Polygraphy Profile.add(name, min, opt, max)
@@ -212,60 +206,3 @@ def _pin_precisions(trt, network, onnx_types, path):
     if not halves:
         raise BdmError(f"{path}: no layer of this FP16 graph maps to FP16 in TensorRT {trt.__version__}; "
                        "refusing to build an FP32 engine labelled fp16 (re-export with bdm-export --fp16)")
-
-
-# -- ONNX value types without the onnx package --------------------------------------------------
-# ModelProto.graph = 7; GraphProto.input/output/value_info = 11/12/13; ValueInfoProto.name = 1,
-# .type = 2; TypeProto.tensor_type = 1; TypeProto.Tensor.elem_type = 1 (onnx.proto3).
-def _onnx_value_types(path):
-    """``{tensor name: onnx elem type}`` from the graph's inputs, outputs and ``value_info``."""
-    with open(path, "rb") as f:
-        buf = f.read()
-    types = {}
-    for graph in _sub(buf, 0, len(buf), 7):
-        for field in (11, 12, 13):
-            for vi in _sub(buf, graph[0], graph[1], field):
-                name = [buf[a:b].decode("utf-8") for a, b in _sub(buf, vi[0], vi[1], 1)]
-                elem = [v for t in _sub(buf, vi[0], vi[1], 2) for tt in _sub(buf, t[0], t[1], 1)
-                        for v in _ints(buf, tt[0], tt[1], 1)]
-                if name and elem:
-                    types[name[0]] = elem[0]
-    return types
-
-
-def _varint(buf, pos):
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _walk(buf, pos, end):
-    """Yield ``(field, wire, value)``; length-delimited values as ``(start, stop)`` spans."""
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            value, pos = (pos, pos + n), pos + n
-        else:
-            raise BdmError(f"malformed ONNX file (protobuf wire type {wire})")
-        yield key >> 3, wire, value
-
-
-def _sub(buf, start, stop, field):
-    return [v for f, w, v in _walk(buf, start, stop) if f == field and w == 2]
-
-
-def _ints(buf, start, stop, field):
-    return [v for f, w, v in _walk(buf, start, stop) if f == field and w == 0]

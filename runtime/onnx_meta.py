@@ -15,8 +15,9 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 # ModelProto, GraphProto, ValueInfoProto and StringStringEntryProto field numbers (onnx.proto3).
 _MODEL_IR_VERSION, _MODEL_GRAPH, _MODEL_METADATA = 1, 7, 14
-_GRAPH_INPUT, _GRAPH_OUTPUT = 11, 12
-_VALUE_INFO_NAME = 1
+_GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 11, 12, 13
+_VALUE_INFO_NAME, _VALUE_INFO_TYPE = 1, 2
+_TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 1  # TypeProto.tensor_type, TypeProto.Tensor.elem_type
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 
 
@@ -93,6 +94,39 @@ def _value_names(buf, span, field):
                 if w2 == _LEN and n2 == _VALUE_INFO_NAME:
                     names.append(_string(buf, v2))
     return names
+
+
+def _sub(buf, span, field):
+    """Spans of the length-delimited occurrences of ``field`` in the message at ``span``."""
+    return [v for n, w, v in _fields(buf, span[0], span[1]) if n == field and w == _LEN]
+
+
+def _elem_type(buf, value_info):
+    """``TensorProto.DataType`` of a ``ValueInfoProto`` (``None`` when it is not a tensor)."""
+    for tp in _sub(buf, value_info, _VALUE_INFO_TYPE):
+        for tensor in _sub(buf, tp, _TYPE_TENSOR):
+            for n, w, v in _fields(buf, tensor[0], tensor[1]):
+                if n == _TENSOR_ELEM_TYPE and w == _VARINT:
+                    return v
+    return None
+
+
+def value_types(path):
+    """``{tensor name: ONNX elem type}`` of the graph's inputs, outputs and ``value_info``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        types = {}
+        try:
+            for graph in _sub(buf, (0, len(buf)), _MODEL_GRAPH):
+                for field in (_GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO):
+                    for vi in _sub(buf, graph, field):
+                        names = [_string(buf, v) for v in _sub(buf, vi, _VALUE_INFO_NAME)]
+                        elem = _elem_type(buf, vi)
+                        if names and elem is not None:
+                            types[names[0]] = elem
+        except (_Malformed, UnicodeDecodeError) as e:
+            raise BdmError(f"{path}: not an ONNX model ({e})")
+        return types
 
 
 class OnnxInfo:

@@ -14,7 +14,8 @@ from export import export_onnx, read_metadata
 from export.check import check_onnx
 from export.cli import main
 from export.fp16 import value_types
-from export.trt import _onnx_value_types, parse_batch, unavailable_reason
+from export.trt import parse_batch, unavailable_reason
+from runtime import onnx_meta
 from runtime import format as fmt
 from runtime.errors import BdmError
 
@@ -194,7 +195,7 @@ def test_onnx_value_types_without_onnx(tiny_checkpoint, tmp_path):
     export_onnx(model, process, path, channels=1, fp16=True)
     m = onnx.load(str(path))
     want = value_types(m)
-    got = _onnx_value_types(str(path))
+    got = onnx_meta.value_types(str(path))
     names = [v.name for v in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info)]
     assert len(names) > 100 and {n: got[n] for n in names} == {n: want[n] for n in names}
     assert set(got.values()) >= {1, 7, 10}  # float32, int64, float16 tensors all present

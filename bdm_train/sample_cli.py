@@ -5,9 +5,9 @@ import click
 import numpy as np
 import torch
 
-from runtime.errors import BdmError
+from runtime.errors import BdmError, run_cli
 
-from .train import int_list, run_cli
+from .train import int_list
 
 
 def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, labels=None, guidance=0.0,
@@ -82,7 +82,7 @@ def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, 
 
 def main(args=None):
     """Console entry point ``bdm-sample``."""
-    run_cli(cli, args)
+    run_cli(cli, args, prog_name="bdm-sample")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import click
 import numpy as np
 import torch
 
-from runtime.errors import BdmError
+from runtime.errors import BdmError, run_cli
 
 from . import checkpoint as ckpt
 from . import data as datalib
@@ -401,24 +401,6 @@ def _train(data, out, path, opts, state, dist, progress):
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def run_cli(command, args=None):
-    """Run a click command; user mistakes become one ``Error: ...`` line and exit code 1 (2 for usage)."""
-    try:
-        command.main(args=args, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Error: aborted", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        click.echo("Error: " + " ".join(e.format_message().split()), err=True)
-        sys.exit(e.exit_code)
-    except (BdmError, ValueError) as e:
-        click.echo("Error: " + " ".join(str(e).split()), err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
-
-
 def _opt(*names, **kw):
     return click.option(*names, default=None, show_default=False, **kw)
 
@@ -466,7 +448,7 @@ def cli(data, out, resume, quiet, **options):
 
 def main(args=None):
     """Console entry point ``bdm-train``."""
-    run_cli(cli, args)
+    run_cli(cli, args, prog_name="bdm-train")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def count_flops(path, batch=1):
                 # every output element costs (Cin / groups) * kh * kw multiply-adds = prod(w[1:])
                 f = 2 * int(np.prod(y)) * int(np.prod(w[1:]))
         elif node.op_type in ("MatMul", "Gemm"):
-            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            a = shapes.get(node.input[0])
             y = shapes.get(node.output[0])
             if a and y and None not in a + y:
                 k = a[-1] if not (node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)) else a[-2]

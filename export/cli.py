@@ -7,11 +7,10 @@ User mistakes print one line ``Error: ...`` on stderr and exit non-zero; every f
 atomically, so nothing is left half-written. torch is imported only on the ``--ckpt`` path.
 """
 import os
-import sys
 
 import click
 
-from runtime.errors import BdmError
+from runtime.errors import BdmError, run_cli
 
 from . import CHECK_TOLERANCES
 
@@ -160,21 +159,8 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, onnx_path, out, batch, w
 
 
 def main(argv=None):
-    """Console entry point: user mistakes become one ``Error: ...`` line and a non-zero exit."""
-    try:
-        cli.main(args=argv, prog_name="bdm-export", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"Error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code or 2)
-    except BdmError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
+    """Console entry point ``bdm-export``."""
+    run_cli(cli, argv, prog_name="bdm-export")
 
 
 if __name__ == "__main__":

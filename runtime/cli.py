@@ -7,12 +7,11 @@ User mistakes print one line ``Error: ...`` on stderr and exit non-zero, before 
 written; every output file is written atomically (an interrupted run leaves none half-written).
 """
 import os
-import sys
 import time
 
 import click
 
-from .errors import BdmError
+from .errors import BdmError, run_cli
 
 
 def _labels(text):
@@ -118,21 +117,8 @@ def _npz_labels(labels, n, num_classes):
 
 
 def main(argv=None):
-    """Console entry point: user mistakes become one ``Error: ...`` line and a non-zero exit."""
-    try:
-        cli.main(args=argv, prog_name="bdm-run", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"Error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code or 2)
-    except BdmError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
+    """Console entry point ``bdm-run``."""
+    run_cli(cli, argv, prog_name="bdm-run")
 
 
 if __name__ == "__main__":

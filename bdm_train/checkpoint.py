@@ -111,8 +111,24 @@ def build(config):
     return UNet(**config["model"]), BlurringDiffusion.from_config(config["process"])
 
 
+def check_device(device):
+    """``device`` as a ``torch.device`` this machine has (cpu, cuda, cuda:N); :class:`BdmError` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BdmError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise BdmError(f"--device {device}, but this torch sees {count} CUDA device(s)")
+    return dev
+
+
 def load(path, ema=True, device="cpu"):
     """``(model, process, config)`` in eval mode; ``ema=True`` takes the EMA weights (for sampling)."""
+    device = check_device(device)  # before reading: a mistyped device costs no I/O
     state = load_state(path)
     config = state["config"]
     try:

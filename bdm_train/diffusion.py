@@ -111,9 +111,15 @@ class BlurringDiffusion(nn.Module):
         alpha, sigma = self.alpha_sigma(t)
         return self.idct(alpha * self.dct(x)) + sigma * eps
 
-    def loss(self, model, x, labels=None):
-        """Unweighted epsilon loss ``E || eps - f(z_t, t) ||^2`` with ``t ~ U(0, 1)`` (B8)."""
-        t = torch.rand(x.shape[0], device=x.device)
-        eps = torch.randn_like(x)
-        z = self.q_sample(x, t, eps)
-        return torch.mean((eps - model(z, t, labels)) ** 2)
+    def loss(self, model, x, labels=None, t=None, eps=None):
+        """Unweighted epsilon loss ``E || eps - f(z_t, t) ||^2`` with ``t ~ U(0, 1)`` (B8).
+
+        ``t`` / ``eps`` are drawn from the global RNG when not given (training passes its own draws).
+        The mean is over this batch: under DDP, the rank's slice.
+        """
+        if t is None:
+            t = torch.rand(x.shape[0], device=x.device)
+        if eps is None:
+            eps = torch.randn_like(x)
+        z = self.q_sample(x, t, eps)  # B5, in float32 (outside any autocast of the model)
+        return torch.mean((eps - model(z, t, labels).float()) ** 2)

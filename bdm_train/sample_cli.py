@@ -1,13 +1,11 @@
 """``bdm-sample``: draw images from a checkpoint with the PyTorch sampler (B10), the reference for the runtime."""
-import os
 
 import click
 import numpy as np
 import torch
 
 from runtime.errors import BdmError, run_cli
-
-from .train import int_list
+from runtime.labels import normalize_labels, parse_labels
 
 
 def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, labels=None, guidance=0.0,
@@ -18,9 +16,7 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise BdmError("--device cuda, but this torch sees no CUDA device")
-    model, process, config = checkpoint.load(ckpt, ema=ema, device=device)
+    model, process, config = checkpoint.load(ckpt, ema=ema, device=device)  # refuses a device we lack
     sampler = config["sampler"]
     steps = sampler["steps"] if steps is None else steps
     eta = sampler["eta"] if eta is None else eta
@@ -30,10 +26,7 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
     if guidance and labels is None:
         raise BdmError("--guidance needs --label (guidance pulls towards a class)")
     if labels is not None:
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.size not in (1, n):
-            raise BdmError(f"--label takes 1 or n={n} labels, got {labels.size}")
-        labels = np.broadcast_to(labels.reshape(-1), (n,)).copy()
+        labels = normalize_labels(labels, n, model.num_classes, BdmError)
     x = sample(model, process, n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
                first_index=first_index, clip_denoised=clip_denoised, batch_size=batch, device=device,
                progress=progress)
@@ -60,17 +53,15 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, out, npz, quiet):
     """Sample a trained Blurring Diffusion Model with PyTorch."""
+    from runtime.cli import _check_outputs
     from runtime.images import save_grid, save_npz, to_uint8
 
-    labels = int_list(label, "label") if label is not None else None
+    _check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
+    labels = parse_labels(label)
     x, labels = sample_checkpoint(ckpt, n=n, steps=steps, eta=eta, seed=seed, first_index=first_index,
-                                  labels=labels or None, guidance=guidance, batch=batch, device=device,
+                                  labels=labels, guidance=guidance, batch=batch, device=device,
                                   ema=not raw, progress=not quiet)
     images = to_uint8(x)
-    for path in (out, npz):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise BdmError(f"output folder {folder} does not exist")
     save_grid(images, out, scale=max(1, 64 // images.shape[1]))
     if npz:
         arrays = dict(images=images, samples=x.astype(np.float32))

@@ -4,10 +4,10 @@
 loop only feeds it tensors. A model is anything callable as ``model(z, t, labels=None)`` returning
 the eps prediction in pixel space.
 """
-import numpy as np
 import torch
 
-from runtime.noise import NoiseStream, time_grid
+from runtime.labels import normalize_labels
+from runtime.noise import NoiseStream, check_positive_int, time_grid
 
 
 def denoised(u_t, u_eps, alpha_t, sigma_t):
@@ -65,20 +65,11 @@ def conditioned(model, labels):
 
 
 def _labels(labels, n, num_classes, device):
-    if num_classes <= 0:
-        if labels is not None:
-            raise ValueError("labels given, but the model is unconditional")
-        return None
-    if labels is None:  # the null label: unconditional sampling
-        return torch.full((n,), num_classes, dtype=torch.long, device=device)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device).reshape(-1)
-    if labels.numel() == 1:
-        labels = labels.expand(n).clone()
-    if labels.numel() != n:
-        raise ValueError(f"need 1 or n={n} labels, got {labels.numel()}")
-    if labels.min() < 0 or labels.max() > num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} is the null label)")
-    return labels
+    """``runtime.labels.normalize_labels`` as a long tensor on ``device`` (``None`` if unconditional)."""
+    if torch.is_tensor(labels):
+        labels = labels.detach().cpu().numpy()
+    labels = normalize_labels(labels, n, num_classes)
+    return None if labels is None else torch.from_numpy(labels).to(device)
 
 
 @torch.no_grad()
@@ -90,8 +81,7 @@ def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, f
     Time grid ``t_i = i / steps``, ``i = steps .. 0``: one network evaluation per step; the last
     step (to ``s = 0``) returns the clipped denoised estimate.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    n = check_positive_int(n, "n")
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     grid = time_grid(steps)

@@ -62,6 +62,16 @@ def int_list(value, name):
     return [int(v) for v in value]
 
 
+def valid_device(opt):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (parsed by torch, so ``cuda:abc`` is refused here)."""
+    if opt == "auto":
+        return True
+    try:
+        return torch.device(opt).type in ("cpu", "cuda")
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
 def normalize(opts):
     """Plain JSON types, checked ranges."""
     o = dict(opts)
@@ -92,8 +102,12 @@ def normalize(opts):
         (o["sample_steps"] >= 1 and 0 <= o["sample_eta"] <= 1, "--sample-steps >= 1, --sample-eta in [0, 1]"),
         (o["image_size"] is None or o["image_size"] >= 1, "--image-size must be positive"),
         (o["fit"] in (None,) + datalib.FITS, f"--fit must be one of {', '.join(datalib.FITS)}"),
-        (o["device"] in ("auto", "cpu", "cuda") or str(o["device"]).startswith("cuda:"),
-         "--device must be auto, cpu or cuda"),
+        (o["log_every"] >= 1, "--log-every must be >= 1"),
+        (o["sample_n"] >= 1, "--sample-n must be >= 1"),
+        (o["ckpt_every"] >= 0, "--ckpt-every must be >= 0 (0 = only at the end)"),
+        (o["sample_every"] >= 0, "--sample-every must be >= 0 (0 = never)"),
+        (o["workers"] >= 0 and o["threads"] >= 0, "--workers and --threads must be >= 0"),
+        (valid_device(o["device"]), f"--device must be auto, cpu, cuda or cuda:N, got {o['device']!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -134,6 +148,8 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = "RANK" in os.environ and self.world > 1
         self.device = self._device(device_opt)
+        if self.device.type == "cuda":  # else every rank's NCCL communicator and barrier use cuda:0
+            torch.cuda.set_device(self.device)
         if self.enabled:
             import torch.distributed as dist
 
@@ -148,6 +164,8 @@ class Dist:
                 raise BdmError("--device cuda, but this torch sees no CUDA device")
             if opt == "cuda":
                 return torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+            if torch.device(opt).index >= torch.cuda.device_count():
+                raise BdmError(f"--device {opt}, but this torch sees {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(opt)
 
     @property
@@ -340,6 +358,12 @@ def _train(data, out, path, opts, state, dist, progress):
 
         bar = tqdm(total=opts["steps"], initial=min(step, opts["steps"]), desc="training", unit="step",
                    dynamic_ncols=True)
+
+    def forward(z, t, y):
+        """The network in bf16 autocast on CUDA; the forward process (B5) stays float32 outside it."""
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return net(z, t, y)
+
     net.train()
     loss_sum = torch.zeros((), device=device)
     loss_count, t0, s0 = 0, time.perf_counter(), step
@@ -353,10 +377,7 @@ def _train(data, out, path, opts, state, dist, progress):
         if nc:
             y = torch.where(drop < opts["p_uncond"], torch.full_like(labels[idx], nc), labels[idx])  # B12
         torch.manual_seed(derived_seed(opts["seed"], 2, step) + dist.rank)  # dropout masks
-        z = process.q_sample(x, t, eps)                                     # B5, in float32
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = net(z, t, y)
-        loss = torch.mean((eps - pred.float()) ** 2)                        # B8, mean over this rank's slice
+        loss = process.loss(forward, x, y, t=t, eps=eps)                    # B8, mean over this rank's slice
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if opts["grad_clip"] > 0:

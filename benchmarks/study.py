@@ -28,7 +28,6 @@ images: a killed run loses at most one chunk; a longer-trained checkpoint gets a
 """
 import glob
 import json
-import math
 import os
 import platform
 import time

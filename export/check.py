@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from runtime import format as fmt
+from runtime.errors import BdmError
 
 from . import CHECK_TOLERANCES
 from .fp16 import half_model
@@ -112,14 +113,38 @@ def check_onnx(onnx_path, model, process, *, plan_path=None, iterations=2, batch
     """Compare torch, ONNX Runtime (and TensorRT if ``plan_path``) on one step graph; True if within tolerance.
 
     ``model`` is the FP32 model the graph was exported from (an FP16 graph is compared with its
-    ``convert_to_fp16()`` copy). Prints max abs / rel error per output and comparison.
+    ``convert_to_fp16()`` copy). Prints max abs / rel error per output and comparison. ``batch``
+    is clamped to the engine's profile. A Polygraphy failure (a runner that cannot load or run)
+    is a ``BdmError`` with its first line.
     """
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        return _check_onnx(onnx_path, model, process, plan_path, iterations, batch, seed, tolerances, log)
+    except PolygraphyException as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BdmError(f"cannot check {onnx_path}: {detail}")
+
+
+def _profile_batch(plan_path, batch):
+    """``batch`` clamped to the ``min..max`` of the engine's profile (from ``X.plan.json``)."""
+    from runtime.sampler import read_side_file
+
+    profile = read_side_file(str(plan_path)).get(fmt.K_PROFILE)
+    if not isinstance(profile, dict):
+        return batch
+    return min(max(batch, int(profile["min"])), int(profile["max"]))
+
+
+def _check_onnx(onnx_path, model, process, plan_path, iterations, batch, seed, tolerances, log):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
     meta = read_metadata(onnx_path)
+    if plan_path is not None:
+        batch = _profile_batch(plan_path, batch)
     precision = meta[fmt.K_PRECISION]
     atol, rtol = (tolerances or TOLERANCES)[precision]
     net = half_model(model) if precision == "fp16" else model

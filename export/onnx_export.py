@@ -10,12 +10,12 @@ optimizer then folds its ``Constant`` nodes and no-op casts, so the graph is as 
 import io
 import warnings
 
-import numpy as np
 import torch
 
 import bdm_train
 from runtime import format as fmt
 from runtime.io import atomic_path
+from runtime.noise import check_positive_int
 
 from .fp16 import half_model
 from .step import StepGraph
@@ -42,16 +42,14 @@ def metadata(process, *, channels, num_classes, guided, clip_denoised, default_s
 
 
 def _check_args(model, channels, num_classes, guidance, default_steps, default_eta):
-    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
-        raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    check_positive_int(channels, "channels")
     if getattr(model, "in_channels", channels) != channels:
         raise ValueError(f"channels={channels} but the model has in_channels={model.in_channels}")
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise ValueError(f"num_classes={num_classes} but the model has num_classes={model.num_classes}")
     if guidance and num_classes <= 0:
         raise ValueError("guidance=True needs a conditional model (num_classes > 0)")
-    if isinstance(default_steps, bool) or not isinstance(default_steps, (int, np.integer)) or default_steps < 1:
-        raise ValueError(f"default_steps must be a positive integer, got {default_steps!r}")
+    check_positive_int(default_steps, "default_steps")
     if not 0.0 <= float(default_eta) <= 1.0:
         raise ValueError(f"default_eta must be in [0, 1], got {default_eta!r}")
 

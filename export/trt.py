@@ -20,6 +20,7 @@ import os
 
 from runtime import format as fmt
 from runtime import onnx_meta
+from runtime.backends.trt import probe_cuda, trt_version
 from runtime.errors import BdmError
 from runtime.io import atomic_path
 
@@ -45,39 +46,20 @@ def parse_batch(spec):
 
 
 def unavailable_reason():
-    """Why no engine can be built here (one line), or ``None`` when TensorRT and a GPU are present."""
+    """Why no engine can be built here (one line), or ``None`` when TensorRT >= 8.5 and a GPU are present."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         return "TensorRT is not installed (JetPack ships it; elsewhere pip install tensorrt)"
+    try:
+        trt_version(tensorrt)
+    except BdmError as e:
+        return str(e)
     try:
         from polygraphy.backend.trt import network_from_onnx_path  # noqa: F401
     except ImportError:
         return "Polygraphy is not installed (pip install polygraphy, or bdm[trt])"
-    if not _gpu_count():
-        return "no CUDA GPU is visible"
-    return None
-
-
-def _gpu_count():
-    """Number of CUDA devices through the driver API (``cuInit``, ``cuDeviceGetCount``); 0 if none."""
-    import ctypes
-
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    return 0
-
-
-def trt_major(trt):
-    """TensorRT's major version, from ``tensorrt.__version__``."""
-    return int(trt.__version__.split(".")[0])
+    return probe_cuda()[1]
 
 
 def read_step_metadata(onnx_path):
@@ -115,16 +97,15 @@ def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, 
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    major = trt_major(trt)
-    if major < 8:
-        raise BdmError(f"TensorRT {trt.__version__} is too old: bdm engines need TensorRT 8.5 or later")
+    major, _ = trt_version(trt)  # >= 8.5, or BdmError
     fp16 = meta[fmt.K_PRECISION] == "fp16"
     weak_fp16 = fp16 and major < 10
     path = os.fspath(onnx_path)
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.WARNING):
         # Polygraphy backend/trt/loader.py NetworkFromOnnxPath: parse with trt.OnnxParser into an
         # explicit-batch network; strongly_typed sets NetworkDefinitionCreationFlag.STRONGLY_TYPED
-        # (TensorRT 10 "Strongly Typed Networks"). TensorRT 11 networks are strongly typed anyway.
+        # (TensorRT 10 "Strongly Typed Networks"; the option came in Polygraphy 0.48.0, hence the
+        # floor in setup.cfg). TensorRT 11 networks are strongly typed anyway.
         try:
             if major == 10:
                 builder, network, parser = network_from_onnx_path(path, strongly_typed=True)
@@ -153,8 +134,6 @@ def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, 
         except PolygraphyException as e:  # raised after TensorRT's own errors are logged
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BdmError(f"TensorRT {trt.__version__} could not build an engine from {path}: {detail}")
-    if engine is None:
-        raise BdmError(f"TensorRT {trt.__version__} could not build an engine from {path} (see its log above)")
     with atomic_path(plan_path) as tmp:
         save_engine(engine, tmp)  # Polygraphy SaveEngine: writes engine.serialize()
     side = dict(meta)

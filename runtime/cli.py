@@ -12,16 +12,18 @@ import time
 import click
 
 from .errors import BdmError, run_cli
+from .labels import normalize_labels, parse_labels
 
 
-def _labels(text):
-    """``"3"`` or ``"0,1,2"`` to a list of ints."""
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise BdmError(f"--label must be an integer or a comma-separated list of integers, got {text!r}")
+def _writable_dir(flag, path):
+    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is one)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
 
 
 def _check_outputs(out, out_dir, npz):
@@ -42,8 +44,8 @@ def _check_outputs(out, out_dir, npz):
         raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
     if npz and not npz.lower().endswith(".npz"):
         raise BdmError(f"--npz {npz}: name it *.npz")
-    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise BdmError(f"--out-dir {out_dir} exists and is not a directory")
+    if out_dir:
+        _writable_dir("--out-dir", out_dir)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +82,7 @@ def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backen
     _check_outputs(out, out_dir, npz)
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
-    labels = _labels(label)
+    labels = parse_labels(label)
     with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph) as sampler:
         start = time.perf_counter()
         x = sampler.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
@@ -93,7 +95,7 @@ def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backen
     if npz:
         arrays = {"images": images}
         if num_classes:
-            arrays["labels"] = _npz_labels(labels, n, num_classes)
+            arrays["labels"] = normalize_labels(labels, n, num_classes, BdmError)  # the labels used
         save_npz(npz, **arrays)
         written.append(npz)
     if out:
@@ -104,16 +106,6 @@ def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backen
         written.append(out_dir.rstrip("/") + "/")
     click.echo(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
                f"backend {used} -> {', '.join(written)}")
-
-
-def _npz_labels(labels, n, num_classes):
-    """The labels used, one per image (``num_classes`` is the null label)."""
-    import numpy as np
-
-    if labels is None:
-        return np.full((n,), num_classes, dtype=np.int64)
-    arr = np.asarray(labels, dtype=np.int64)
-    return np.full((n,), arr[0], dtype=np.int64) if arr.size == 1 else arr
 
 
 def main(argv=None):

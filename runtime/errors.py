@@ -5,11 +5,36 @@ class BdmError(Exception):
     """A user mistake or a refused file; the message says what was wrong and what to do."""
 
 
+# Import names whose pip package is named differently.
+PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)"}
+OWN_PACKAGES = ("bdm_train", "export", "runtime")
+
+
+def describe_import_error(e):
+    """One line for an ``ImportError`` of a third-party module: what is missing and how to get it."""
+    root = (e.name or "").split(".")[0]
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not root:
+        return first
+    pip = PIP_NAMES.get(root, root)
+    if isinstance(e, ModuleNotFoundError):
+        return f"missing dependency {root}: pip install {pip}"
+    return f"{first} (an incompatible version of {root}? pip install -U {pip})"
+
+
+def describe_os_error(e):
+    """One line for an ``OSError``: ``filename: reason``."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
 def run_cli(command, args=None, prog_name=None):
     """Run a click command: user mistakes become one ``Error: ...`` line and a non-zero exit.
 
-    Exit codes: 1 for a refused input (``BdmError``, ``ValueError``), click's own (2) for usage
-    errors, 130 when interrupted.
+    Exit codes: 1 for a refused input (``BdmError``, ``ValueError``), a missing third-party module
+    (``ImportError``) or an unreadable/unwritable file (``OSError``); click's own (2) for usage
+    errors, 130 when interrupted. An ``ImportError`` of bdm's own packages is a bug: it propagates.
     """
     import sys
 
@@ -27,3 +52,9 @@ def run_cli(command, args=None, prog_name=None):
         fail(e.format_message(), e.exit_code)
     except (BdmError, ValueError) as e:
         fail(e, 1)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] in OWN_PACKAGES:
+            raise
+        fail(describe_import_error(e), 1)
+    except OSError as e:
+        fail(describe_os_error(e), 1)

@@ -9,6 +9,13 @@ any batch size or chunking, or split across processes (``first_index``).
 import numpy as np
 
 
+def check_positive_int(v, name, error=ValueError):
+    """``int(v)`` if ``v`` is an integer >= 1 (not a bool), else raise ``error`` naming ``name``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise error(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def check_seed(seed, first_index=0):
     """Raise ``ValueError`` unless ``seed`` and ``first_index`` are non-negative integers."""
     for name, v in (("seed", seed), ("first_index", first_index)):
@@ -35,6 +42,5 @@ class NoiseStream:
 
 def time_grid(steps):
     """``t_i = i / steps`` for ``i = steps .. 0`` as float32: ``steps`` steps ``(t_i, t_{i-1})``."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = check_positive_int(steps, "steps")
     return np.array([i / steps for i in range(steps, -1, -1)], dtype=np.float32)

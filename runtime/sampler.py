@@ -14,7 +14,8 @@ import numpy as np
 
 from . import format as fmt
 from .errors import BdmError
-from .noise import NoiseStream, check_seed, time_grid
+from .labels import normalize_labels
+from .noise import NoiseStream, check_positive_int, check_seed, time_grid
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -156,8 +157,8 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
         raise BdmError(f"{path}: no such file")
     if os.path.isdir(path):
         raise BdmError(f"{path}: is a directory, not a model file")
-    if batch is not None and (not _is_int(batch) or batch < 1):
-        raise BdmError(f"batch must be a positive integer, got {batch!r}")
+    if batch is not None:
+        batch = check_positive_int(batch, "batch", BdmError)
     stream = _stream_handle(cuda_stream)
     if path.lower().endswith(ENGINE_SUFFIXES):
         if backend == "ort":
@@ -185,12 +186,6 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
 
 
 # -- the sampler ----------------------------------------------------------------------------------
-def _positive_int(v, name):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise BdmError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def _finite(v, name):
     try:
         f = float(v)
@@ -273,26 +268,6 @@ class Sampler:
             pass
 
     # -- arguments ----------------------------------------------------------------------------
-    def _labels(self, labels, n):
-        k = self.info.num_classes
-        if k == 0:
-            if labels is not None:
-                raise BdmError("labels given, but the model is unconditional")
-            return None
-        if labels is None:  # the null label: unconditional sampling (B12)
-            return np.full((n,), k, dtype=np.int64)
-        arr = np.asarray(labels)
-        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
-            raise BdmError(f"labels must be integers, got {labels!r}")
-        arr = arr.astype(np.int64).reshape(-1)
-        if arr.size == 1:
-            arr = np.full((n,), int(arr[0]), dtype=np.int64)
-        if arr.size != n:
-            raise BdmError(f"need 1 or n={n} labels, got {arr.size}")
-        if arr.min() < 0 or arr.max() > k:
-            raise BdmError(f"labels must be in 0..{k - 1} ({k} is the null label), got {int(arr.min())}..{int(arr.max())}")
-        return arr
-
     def _guidance(self, guidance):
         if guidance is None:
             return 0.0 if self.info.guided else None
@@ -338,8 +313,8 @@ class Sampler:
         it is returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
         ``progress(done, total)`` called after every step.
         """
-        n = _positive_int(n, "n")
-        steps = self.info.default_steps if steps is None else _positive_int(steps, "steps")
+        n = check_positive_int(n, "n", BdmError)
+        steps = self.info.default_steps if steps is None else check_positive_int(steps, "steps", BdmError)
         eta = self.info.default_eta if eta is None else _finite(eta, "eta")
         if not 0.0 <= eta <= 1.0:
             raise BdmError(f"eta must be in [0, 1], got {eta!r}")
@@ -347,7 +322,7 @@ class Sampler:
             check_seed(seed, first_index)
         except ValueError as e:
             raise BdmError(str(e))
-        all_labels = self._labels(labels, n)
+        all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
         w = self._guidance(guidance)
         grid = time_grid(steps)
         host, device = self._destination(out, n)
@@ -376,7 +351,7 @@ class Sampler:
 
         if out is not None:
             c, h, w = self.image_shape
-            shape = (_positive_int(n, "n"), h, w, c)
+            shape = (check_positive_int(n, "n", BdmError), h, w, c)
             if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
                 raise BdmError(f"out must be a writable uint8 array of shape {shape}")
         x = self.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,

@@ -118,3 +118,10 @@ def test_config_mismatch(saved, tmp_path):
     with pytest.raises(BdmError, match="does not match") as e:
         checkpoint.load(str(tmp_path / "mismatch.pt"))
     assert "mismatch.pt" in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:abc", "cuda:99", "meta"])
+def test_unknown_device(saved, device):
+    with pytest.raises(BdmError, match="device") as e:
+        checkpoint.load(saved[0], device=device)
+    assert "\n" not in str(e.value)

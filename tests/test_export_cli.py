@@ -207,3 +207,13 @@ def test_parse_batch():
     for bad in ("1:2", "3:2:4", "0:1:1", "1:2:x", "", (1, 2)):
         with pytest.raises(BdmError):
             parse_batch(bad)
+
+
+def test_check_batch_follows_the_engine_profile(tmp_path):
+    """--check feeds TensorRT a batch inside the engine's profile (a 4:8:8 engine refuses batch 3)."""
+    from export.check import _profile_batch
+
+    plan = tmp_path / "e.plan"
+    for (lo, hi), want in [((4, 8), 4), ((1, 2), 2), ((1, 64), 3)]:
+        (tmp_path / "e.plan.json").write_text(json.dumps({fmt.K_PROFILE: {"min": lo, "opt": hi, "max": hi}}))
+        assert _profile_batch(plan, 3) == want

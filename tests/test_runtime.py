@@ -316,7 +316,7 @@ def test_bad_labels_and_guidance(cond_onnx, tmp_path):
     k = model.num_classes
     with runtime.load(path) as s:
         assert s.num_classes == k and s.info.guided
-        for labels in ([k + 1], [-1], [0, 1], "x"):
+        for labels in ([k + 1], [-1], [0, 1], "x", 1.5, [0.5, 1, 2]):
             with pytest.raises(BdmError, match="label"):
                 s.sample(3, steps=2, labels=labels)
         # labels=None is the null label k: the same images as asking for it explicitly.
@@ -345,6 +345,111 @@ def test_close_and_context_manager(mixture_onnx):
         s.sample(1, steps=1)
     s.close()  # idempotent
     assert "closed" in repr(s)
+
+
+# -- shared argument rules --------------------------------------------------------------------------
+def test_normalize_labels_is_strict():
+    from runtime.labels import normalize_labels
+
+    assert normalize_labels(None, 3, 0) is None
+    assert normalize_labels(None, 3, 5).tolist() == [5, 5, 5]          # the null label
+    assert normalize_labels(2, 3, 5).tolist() == [2, 2, 2]             # one label for all
+    assert normalize_labels(np.array([1.0, 5.0]), 2, 5).tolist() == [1, 5]  # whole floats are labels
+    out = normalize_labels([0, 4, 1], 3, 5)
+    assert out.dtype == np.int64 and out.tolist() == [0, 4, 1]
+    for labels, n, k, what in [(1.5, 2, 5, "integers"), ([0, 1.5], 2, 5, "integers"), (float("inf"), 1, 5, "integers"),
+                               (["a"], 1, 5, "integers"), ([True], 1, 5, "integers"), ([0, 1], 3, 5, "n=3"),
+                               ([6], 1, 5, "0..4"), ([-1], 1, 5, "0..4"), ([0], 1, 0, "unconditional")]:
+        with pytest.raises(ValueError, match=what):
+            normalize_labels(labels, n, k)
+    with pytest.raises(BdmError):
+        normalize_labels(1.5, 1, 5, BdmError)
+
+
+def test_parse_labels():
+    from runtime.labels import parse_labels
+
+    assert parse_labels(None) is None
+    assert parse_labels("3") == [3] and parse_labels(" 0, 1,2 ") == [0, 1, 2]
+    for bad in ("1.5", "a", "", ",", "1;2"):
+        with pytest.raises(BdmError, match="--label"):
+            parse_labels(bad)
+
+
+def test_check_positive_int():
+    from runtime.noise import check_positive_int
+
+    assert check_positive_int(3, "n") == 3 and check_positive_int(np.int64(2), "n") == 2
+    for bad in (0, -1, 2.0, True, np.bool_(True), "3", None):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            check_positive_int(bad, "n")
+    with pytest.raises(BdmError, match="steps"):
+        check_positive_int(0, "steps", BdmError)
+
+
+def _run_cli_error(exc, capsys):
+    """``(exit status, stderr)`` of ``run_cli`` on a command that raises ``exc``."""
+    import click
+
+    from runtime.errors import run_cli
+
+    @click.command()
+    def cmd():
+        raise exc
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(cmd, [], prog_name="x")
+    return e.value.code, capsys.readouterr().err
+
+
+def test_run_cli_maps_missing_modules_and_os_errors(capsys, tmp_path):
+    import errno
+
+    code, err = _run_cli_error(ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"), capsys)
+    assert code == 1 and err.startswith("Error: missing dependency onnxruntime: pip install onnxruntime")
+    code, err = _run_cli_error(ModuleNotFoundError("No module named 'PIL'", name="PIL"), capsys)
+    assert err.strip() == "Error: missing dependency PIL: pip install Pillow"
+    code, err = _run_cli_error(ImportError("cannot import name 'X' from 'polygraphy.comparator'",
+                                           name="polygraphy.comparator"), capsys)
+    assert code == 1 and "pip install -U polygraphy" in err and len(err.strip().splitlines()) == 1
+    path = str(tmp_path / "x.npz")
+    code, err = _run_cli_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path), capsys)
+    assert code == 1 and err.strip() == f"Error: {path}: {os.strerror(errno.ENOSPC)}"
+    with pytest.raises(ModuleNotFoundError):  # bdm's own modules missing: a bug, with its traceback
+        _run_cli_error(ModuleNotFoundError("No module named 'runtime.nope'", name="runtime.nope"), capsys)
+
+
+# -- TensorRT helpers that need no TensorRT ----------------------------------------------------------
+def test_trt_version_refuses_before_8_5():
+    from types import SimpleNamespace
+
+    from runtime.backends.trt import trt_version
+
+    assert trt_version(SimpleNamespace(__version__="8.5.2.2")) == (8, 5)
+    assert trt_version(SimpleNamespace(__version__="10.13.0.35")) == (10, 13)
+    for old in ("8.4.3.1", "7.2.3", "garbage"):
+        with pytest.raises(BdmError):
+            trt_version(SimpleNamespace(__version__=old))
+
+
+def test_engine_cache_key_includes_the_profile(tmp_path):
+    from runtime.backends.trt import _is_current
+
+    onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
+    onnx_path.write_bytes(b"x")
+    plan.write_bytes(b"y")
+    side = {fmt.K_TRT_VERSION: "10.0.1", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 4}}
+    (tmp_path / "m.plan.json").write_text(json.dumps(side))
+    os.utime(onnx_path, (1, 1))
+    assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8))   # another batch profile
+    assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4))   # another TensorRT
+    os.utime(onnx_path, None)
+    os.utime(plan, (1, 1))
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # older than the .onnx
+    os.utime(plan, None)
+    (tmp_path / "m.plan.json").write_text("{not json")
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # unreadable side file
 
 
 # -- Python 3.8 ------------------------------------------------------------------------------------

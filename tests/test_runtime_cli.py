@@ -104,8 +104,16 @@ def _plain_onnx(folder):
     return path
 
 
+def _file_in(folder):
+    """A plain file in ``folder`` (to name a folder below it)."""
+    path = folder / "file.txt"
+    path.write_text("")
+    return path
+
+
 @pytest.mark.parametrize("case", ["random_plan", "plain_onnx", "missing", "n0", "eta2", "label_range",
-                                  "label_uncond", "no_output", "bad_folder", "unknown_option", "guidance_uncond"])
+                                  "label_float", "label_uncond", "no_output", "bad_folder", "out_dir_under_file",
+                                  "unknown_option", "guidance_uncond"])
 def test_mistakes_are_one_line_and_leave_nothing(case, mixture_onnx, request, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
@@ -119,9 +127,11 @@ def test_mistakes_are_one_line_and_leave_nothing(case, mixture_onnx, request, tm
         "n0": lambda: ["--engine", mixture_onnx, "--n", 0] + outputs,
         "eta2": lambda: ["--engine", mixture_onnx, "--eta", 2] + outputs,
         "label_range": lambda: ["--engine", cond[0], "--label", cond[1] + 1] + outputs,
+        "label_float": lambda: ["--engine", mixture_onnx, "--label", "0,1.5"] + outputs,
         "label_uncond": lambda: ["--engine", mixture_onnx, "--label", 1] + outputs,
         "no_output": lambda: ["--engine", mixture_onnx],
         "bad_folder": lambda: ["--engine", mixture_onnx, "--out", out / "no" / "such" / "grid.png"],
+        "out_dir_under_file": lambda: ["--engine", mixture_onnx, "--out-dir", _file_in(models) / "imgs"],
         "unknown_option": lambda: ["--engine", mixture_onnx, "--colour", "red"] + outputs,
         "guidance_uncond": lambda: ["--engine", mixture_onnx, "--guidance", 2] + outputs,
     }[case]

@@ -180,7 +180,7 @@ def test_invalid_arguments(kwargs):
         sample(model, process, **args)
 
 
-@pytest.mark.parametrize("labels", [3, [0, 5], [0, 1, 0], -1])
+@pytest.mark.parametrize("labels", [3, [0, 5], [0, 1, 0], -1, 1.5, [0, 1.5]])
 def test_invalid_labels(labels):
     process = BlurringDiffusion(8)
     model = ClassMixture(_images(), torch.tensor([0, 0, 1, 1]), process)  # labels 0, 1; null 2

@@ -13,6 +13,7 @@ once per chunk into the caller's array or device memory.
 """
 import ctypes
 import os
+import re
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from . import DeviceOut
 
 _H2D, _D2H, _D2D = "HostToDevice", "DeviceToHost", "DeviceToDevice"  # polygraphy.cuda.MemcpyKind
 _CAPTURE_MODE_GLOBAL = 0                # cudaStreamCaptureModeGlobal
+MIN_TRT = (8, 5)                        # the named-tensor API above (num_io_tensors, execute_async_v3)
 
 
 def import_tensorrt():
@@ -35,60 +37,87 @@ def import_tensorrt():
     return tensorrt
 
 
-def import_cuda():
-    """``polygraphy.cuda`` with a visible GPU, or a ``BdmError``."""
+def trt_version(trt):
+    """``(major, minor)`` of ``tensorrt``; ``BdmError`` below 8.5, whose API bdm engines need."""
+    m = re.match(r"(\d+)\.(\d+)", str(getattr(trt, "__version__", "")))
+    if m is None:
+        raise BdmError(f"cannot read the TensorRT version {getattr(trt, '__version__', None)!r}")
+    version = (int(m.group(1)), int(m.group(2)))
+    if version < MIN_TRT:
+        raise BdmError(f"TensorRT {trt.__version__} is too old: bdm engines need TensorRT "
+                       f"{MIN_TRT[0]}.{MIN_TRT[1]} or later (or run the .onnx with --backend ort)")
+    return version
+
+
+def probe_cuda():
+    """``(polygraphy.cuda, None)`` when the CUDA runtime sees a GPU, else ``(None, why)`` (one line)."""
     try:
         from polygraphy import cuda
     except ImportError:
-        raise BdmError("the TensorRT backend needs Polygraphy for device memory: pip install polygraphy")
+        return None, "Polygraphy is not installed (pip install polygraphy, or bdm[trt])"
     try:
         lib = cuda.wrapper().handle
         count = ctypes.c_int(0)
         status = lib.cudaGetDeviceCount(ctypes.byref(count))
     except Exception as e:  # no libcudart, or Polygraphy's own exception
-        raise BdmError(f"no CUDA runtime for TensorRT ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                       "run the .onnx with --backend ort")
+        return None, f"no CUDA runtime ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     if status != 0 or count.value < 1:
-        raise BdmError("no CUDA GPU visible: run the .onnx with --backend ort")
+        return None, "no CUDA GPU is visible"
+    return cuda, None
+
+
+def import_cuda():
+    """``polygraphy.cuda`` with a visible GPU, or a ``BdmError``."""
+    cuda, why = probe_cuda()
+    if cuda is None:
+        raise BdmError(f"the TensorRT backend cannot run here: {why}; run the .onnx with --backend ort")
     return cuda
 
 
 def cached_engine(onnx_path, info, engine_cache=None, batch=None):
-    """Path of a TensorRT engine for ``onnx_path``, built once per TensorRT version and cached.
+    """Path of a TensorRT engine for ``onnx_path``, built once per TensorRT version and batch profile, and cached.
 
-    The engine ``<stem>.trt<version>.plan`` lives beside the ``.onnx`` (or in ``engine_cache``)
-    and is rebuilt when missing, older than the ``.onnx``, or made by another TensorRT.
+    The engine ``<stem>.trt<version>[.b<batch>].plan`` lives beside the ``.onnx`` (or in
+    ``engine_cache``), with profile ``1:batch:batch`` (export's default without ``batch``). It is
+    rebuilt when missing, older than the ``.onnx``, or when its side file names another TensorRT
+    or another profile.
     """
     trt = import_tensorrt()
+    trt_version(trt)
     import_cuda()
+    try:
+        from export.trt import DEFAULT_BATCH, build_engine  # torch-free by contract (the [trt] extra)
+    except ImportError as e:
+        raise BdmError(f"cannot build a TensorRT engine here ({e}): build one with bdm-export --onnx")
+    profile = tuple(DEFAULT_BATCH) if batch is None else (1, batch, batch)
     stem = os.path.splitext(os.path.basename(onnx_path))[0]
     folder = engine_cache or os.path.dirname(os.path.abspath(onnx_path))
-    plan = os.path.join(folder, f"{stem}.trt{trt.__version__}.plan")
-    side = plan + ".json"
-    if os.path.exists(plan) and os.path.exists(side) and os.path.getmtime(plan) >= os.path.getmtime(onnx_path):
-        try:
-            import json
-
-            with open(side, "r", encoding="utf-8") as f:
-                if json.load(f).get(fmt.K_TRT_VERSION) == trt.__version__:
-                    return plan
-        except (OSError, ValueError):
-            pass
+    tag = "" if batch is None else f".b{batch}"
+    plan = os.path.join(folder, f"{stem}.trt{trt.__version__}{tag}.plan")
+    if _is_current(plan, onnx_path, trt.__version__, profile):
+        return plan
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise BdmError(f"cannot cache a TensorRT engine in {folder}: {e}")
     if not os.access(folder, os.W_OK):
         raise BdmError(f"cannot cache a TensorRT engine in {folder} (not writable): pass engine_cache")
-    try:
-        from export.trt import build_engine  # torch-free by contract (the [trt] extra)
-    except ImportError as e:
-        raise BdmError(f"cannot build a TensorRT engine here ({e}): build one with bdm-export --onnx")
-    kwargs = {}
-    if batch is not None:
-        kwargs["batch"] = (1, batch, batch)
-    build_engine(onnx_path, plan, **kwargs)
+    build_engine(onnx_path, plan, batch=profile)
     return plan
+
+
+def _is_current(plan, onnx_path, version, profile):
+    """Whether ``plan`` is newer than ``onnx_path`` and its side file names ``version`` and ``profile``."""
+    from ..sampler import read_side_file
+
+    if not os.path.exists(plan) or os.path.getmtime(plan) < os.path.getmtime(onnx_path):
+        return False
+    try:
+        raw = read_side_file(plan)
+    except (BdmError, OSError):
+        return False
+    want = {"min": profile[0], "opt": profile[1], "max": profile[2]}
+    return raw.get(fmt.K_TRT_VERSION) == version and raw.get(fmt.K_PROFILE) == want
 
 
 class _Buffer:
@@ -112,16 +141,35 @@ class TrtBackend:
     device = "cuda"
 
     def __init__(self, plan_path, info, raw, batch=None, cuda_stream=None, cuda_graph=False):
+        # Nothing to release yet: close() frees whatever a failure below leaves allocated.
+        self._closed = False
+        self._context = self._engine = self._runtime = None
+        self._own_stream, self.stream = None, None
+        self._buf, self._graphs = {}, {}
         trt = import_tensorrt()
+        trt_version(trt)
         built_by = raw.get(fmt.K_TRT_VERSION)
         if built_by != trt.__version__:
             raise BdmError(f"{plan_path}: engine built by TensorRT {built_by}, this is TensorRT {trt.__version__}: "
                            "rebuild it here (bdm-export --onnx MODEL.onnx --out ENGINE.plan) or run the .onnx "
                            "with --backend ort")
+        if cuda_graph and cuda_stream is not None and int(cuda_stream) == 0:
+            raise BdmError("--cuda-graph needs a non-default CUDA stream")  # capture is refused on stream 0
         self._cuda = cuda = import_cuda()
         self._lib = cuda.wrapper().handle
         self._trt = trt
         self.provider = f"TensorRT {trt.__version__}"
+        self.cuda_graph = bool(cuda_graph)
+        self._shape = None
+        try:
+            self._open(plan_path, info, batch, cuda_stream)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, plan_path, info, batch, cuda_stream):
+        """Deserialize and check the engine, then create the stream and the device buffers."""
+        trt = self._trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with open(plan_path, "rb") as f:
@@ -142,16 +190,13 @@ class TrtBackend:
         if batch is not None:
             self.max_batch = max(self.min_batch, min(self.max_batch, batch))
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BdmError(f"{plan_path}: TensorRT could not create an execution context (out of GPU memory?)")
         if cuda_stream is None:
-            self._own_stream = cuda.Stream()
+            self._own_stream = self._cuda.Stream()
             self.stream = self._own_stream.ptr
         else:
-            self._own_stream, self.stream = None, int(cuda_stream)
-        if cuda_graph and self.stream == 0:  # capture is not allowed on the legacy default stream
-            raise BdmError("--cuda-graph needs a non-default CUDA stream")
-        self.cuda_graph = bool(cuda_graph)
-        self._graphs = {}
-        self._shape = None
+            self.stream = int(cuda_stream)
         self._alloc(info.image_shape)
 
     # -- memory ---------------------------------------------------------------------------------
@@ -284,13 +329,15 @@ class TrtBackend:
         del keep
 
     def close(self):
-        """Destroy graphs, context, engine, buffers and our stream."""
-        if getattr(self, "_context", None) is None:
+        """Destroy graphs, context, engine, buffers and our stream (idempotent)."""
+        if self._closed:
             return
-        try:
-            self._sync()
-        except BdmError:
-            pass
+        self._closed = True
+        if self.stream is not None:
+            try:
+                self._sync()
+            except BdmError:
+                pass
         for graph, exe in (g for g in self._graphs.values() if g is not None):
             self._lib.cudaGraphExecDestroy(ctypes.c_void_p(exe))
             self._lib.cudaGraphDestroy(ctypes.c_void_p(graph))

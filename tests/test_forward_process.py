@@ -1,26 +1,11 @@
 """The forward marginal q(u_t | x) = N(alpha_t u_x, sigma_t^2 I) (B5) and the training loss (B8)."""
 import numpy as np
 import pytest
-import scipy.fft
 import torch
 
 from bdm_train.analytic import MixtureDenoiser
 from bdm_train.diffusion import BlurringDiffusion
-
-
-def ref_alpha_sigma(t, h, w, blur_sigma_max=20.0, d_min=1e-3, logsnr_min=-10.0, logsnr_max=10.0):
-    """B2-B4 in float64 numpy for one scalar t: alpha ``[H, W]``, sigma scalar."""
-    lam = (np.pi * np.arange(h) / h)[:, None] ** 2 + (np.pi * np.arange(w) / w)[None, :] ** 2
-    c0 = np.arctan(np.exp(-logsnr_max / 2))
-    c1 = np.arctan(np.exp(-logsnr_min / 2)) - c0
-    logsnr = -2 * np.log(np.tan(c1 * t + c0))
-    tau = (blur_sigma_max * np.sin(np.pi * t / 2) ** 2) ** 2 / 2
-    d = (1 - d_min) * np.exp(-lam * tau) + d_min
-    return np.sqrt(1 / (1 + np.exp(-logsnr))) * d, np.sqrt(1 / (1 + np.exp(logsnr)))
-
-
-def dctn(x):
-    return scipy.fft.dctn(x, type=2, norm="ortho", axes=(-2, -1))
+from reference import dctn, ref_alpha_sigma
 
 
 def _image(shape, seed=0):

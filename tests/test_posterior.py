@@ -5,34 +5,21 @@ The reference is written from the formulas in numpy with scipy's DCT; the packag
 """
 import numpy as np
 import pytest
-import scipy.fft
 import torch
 
 from bdm_train.diffusion import BlurringDiffusion
 from bdm_train.sampling import ddim_step
+from reference import dctn, idctn
+from reference import ref_alpha_sigma as _ref_alpha_sigma
 
 H, W = 6, 10
 # (t, s) pairs: ordinary, tiny step, the noisy end (alpha_t ~ 7e-6 at high frequencies) and the last step.
 PAIRS = [(0.6, 0.5), (0.31, 0.3), (1.0, 0.95), (0.05, 0.0)]
 
 
-def ref_alpha_sigma(t, h=H, w=W, blur_sigma_max=20.0, d_min=1e-3, logsnr_min=-10.0, logsnr_max=10.0):
-    """B2-B4 in float64 numpy for one scalar t: alpha ``[H, W]``, sigma scalar."""
-    lam = (np.pi * np.arange(h) / h)[:, None] ** 2 + (np.pi * np.arange(w) / w)[None, :] ** 2
-    c0 = np.arctan(np.exp(-logsnr_max / 2))
-    c1 = np.arctan(np.exp(-logsnr_min / 2)) - c0
-    logsnr = -2 * np.log(np.tan(c1 * t + c0))
-    tau = (blur_sigma_max * np.sin(np.pi * t / 2) ** 2) ** 2 / 2
-    d = (1 - d_min) * np.exp(-lam * tau) + d_min
-    return np.sqrt(1 / (1 + np.exp(-logsnr))) * d, np.sqrt(1 / (1 + np.exp(logsnr)))
-
-
-def dctn(x):
-    return scipy.fft.dctn(x, type=2, norm="ortho", axes=(-2, -1))
-
-
-def idctn(u):
-    return scipy.fft.idctn(u, type=2, norm="ortho", axes=(-2, -1))
+def ref_alpha_sigma(t, blur_sigma_max=20.0):
+    """B2-B4 (``tests/reference.py``) at this file's image size."""
+    return _ref_alpha_sigma(t, H, W, blur_sigma_max)
 
 
 def reference(z, eps, t, s, blur):

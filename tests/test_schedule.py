@@ -6,24 +6,9 @@ import pytest
 import torch
 
 from bdm_train.diffusion import BlurringDiffusion
+from reference import ref_alpha_sigma
 
 T_GRID = np.array([0.0, 1e-4, 0.01, 0.1, 0.25, 0.5, 0.7, 0.9, 0.99, 1.0])
-
-
-def ref_alpha_sigma(t, h, w, blur_sigma_max=20.0, d_min=1e-3, logsnr_min=-10.0, logsnr_max=10.0):
-    """B2-B4 written out in float64 numpy: alpha ``[len(t), H, W]``, sigma ``[len(t)]``."""
-    t = np.asarray(t, dtype=np.float64)
-    k, l = np.arange(h), np.arange(w)
-    lam = (np.pi * k / h)[:, None] ** 2 + (np.pi * l / w)[None, :] ** 2            # B2
-    c0 = np.arctan(np.exp(-logsnr_max / 2))                                          # B3
-    c1 = np.arctan(np.exp(-logsnr_min / 2)) - c0
-    logsnr = -2 * np.log(np.tan(c1 * t + c0))
-    a = np.sqrt(1 / (1 + np.exp(-logsnr)))
-    sigma = np.sqrt(1 / (1 + np.exp(logsnr)))
-    sigma_b = blur_sigma_max * np.sin(np.pi * t / 2) ** 2                            # B4
-    tau = sigma_b ** 2 / 2
-    d = (1 - d_min) * np.exp(-lam[None] * tau[:, None, None]) + d_min
-    return a[:, None, None] * d, sigma
 
 
 def _package(process, t, dtype):

@@ -64,6 +64,8 @@ def _check_outputs(out, out_dir, npz):
               "or 64 for ONNX Runtime).")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime CPU threads (default: one per core; 1 suits a busy, shared machine).")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="TensorRT: replay each step as a captured CUDA graph.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG here.")
@@ -73,8 +75,8 @@ def _check_outputs(out, out_dir, npz):
 @click.option("--grid-scale", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Upscale the grid PNG by this factor (nearest).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, cuda_graph, out, out_dir,
-        npz, grid_scale, quiet):
+def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
+        out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
     import runtime
     from .images import save_dir, save_grid, save_npz, to_uint8
@@ -83,7 +85,8 @@ def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backen
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
-    with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph) as sampler:
+    with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
+                      threads=threads) as sampler:
         start = time.perf_counter()
         x = sampler.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
                            first_index=first_index, progress=not quiet)

@@ -140,7 +140,7 @@ def _stream_handle(stream):
 
 
 def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cuda_graph=False,
-         engine_cache=None):
+         engine_cache=None, threads=None):
     """Open a bdm step graph (``.onnx``) or TensorRT engine (``.plan``) as a :class:`Sampler`.
 
     ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"`` or
@@ -148,7 +148,8 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
     ``engine_cache``). ``providers``: ONNX Runtime providers (default CUDA when available, else
     CPU). ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
     ``cuda_stream``: the caller's CUDA stream (handle or stream object). ``cuda_graph``: replay
-    the TensorRT step as a CUDA graph once shapes are fixed.
+    the TensorRT step as a CUDA graph once shapes are fixed. ``threads``: ONNX Runtime's intra-op
+    CPU threads (default: ONNX Runtime's choice, one per core); 1 suits a busy or shared machine.
     """
     path = os.fspath(path)
     if backend not in BACKENDS:
@@ -157,6 +158,8 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
         raise BdmError(f"{path}: no such file")
     if os.path.isdir(path):
         raise BdmError(f"{path}: is a directory, not a model file")
+    if threads is not None:
+        threads = check_positive_int(threads, "threads", BdmError)
     if batch is not None:
         batch = check_positive_int(batch, "batch", BdmError)
     stream = _stream_handle(cuda_stream)
@@ -181,7 +184,7 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
                 raise BdmError("--cuda-graph needs the TensorRT backend")
             from .backends.ort import OrtBackend
 
-            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream)
+            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads)
     return Sampler(be, info, batch=batch)
 
 

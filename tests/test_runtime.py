@@ -269,6 +269,19 @@ def test_determinism_and_chunking(mixture_onnx):
     np.testing.assert_allclose(np.concatenate([head, tail]), a, rtol=0, atol=1e-6)
 
 
+def test_threads_reach_the_session(mixture_onnx):
+    """``threads`` sets ONNX Runtime's intra-op threads; the images do not depend on it."""
+    path = mixture_onnx[0]
+    with runtime.load(path, threads=1) as one, runtime.load(path, threads=2) as two:
+        assert one._backend.session.get_session_options().intra_op_num_threads == 1
+        assert two._backend.session.get_session_options().intra_op_num_threads == 2
+        # one thread vs two only reorders float32 sums inside kernels (~1 ulp)
+        np.testing.assert_allclose(one.sample(3, seed=1, steps=4), two.sample(3, seed=1, steps=4), atol=1e-6)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BdmError, match="threads"):
+            runtime.load(path, threads=bad)
+
+
 def test_defaults_come_from_the_metadata(mixture_onnx):
     with runtime.load(mixture_onnx[0]) as s:
         assert s.info.default_steps == 12 and s.info.default_eta == 1.0

@@ -113,7 +113,7 @@ def _file_in(folder):
 
 @pytest.mark.parametrize("case", ["random_plan", "plain_onnx", "missing", "n0", "eta2", "label_range",
                                   "label_float", "label_uncond", "no_output", "bad_folder", "out_dir_under_file",
-                                  "unknown_option", "guidance_uncond"])
+                                  "unknown_option", "guidance_uncond", "threads0"])
 def test_mistakes_are_one_line_and_leave_nothing(case, mixture_onnx, request, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
@@ -134,6 +134,7 @@ def test_mistakes_are_one_line_and_leave_nothing(case, mixture_onnx, request, tm
         "out_dir_under_file": lambda: ["--engine", mixture_onnx, "--out-dir", _file_in(models) / "imgs"],
         "unknown_option": lambda: ["--engine", mixture_onnx, "--colour", "red"] + outputs,
         "guidance_uncond": lambda: ["--engine", mixture_onnx, "--guidance", 2] + outputs,
+        "threads0": lambda: ["--engine", mixture_onnx, "--threads", 0] + outputs,
     }[case]
     cond = request.getfixturevalue("cond_onnx") if case == "label_range" else None
     args = args()

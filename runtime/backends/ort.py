@@ -38,11 +38,13 @@ class OrtBackend:
 
     name = "ort"
 
-    def __init__(self, path, info, providers=None, batch=None, cuda_stream=None):
+    def __init__(self, path, info, providers=None, batch=None, cuda_stream=None, threads=None):
         ort = _import_ort()
         self._ort = ort
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3  # errors only: the CLI prints one line, not ORT's warnings
         if providers is None:
             providers = default_providers(ort, cuda_stream)

@@ -6,7 +6,9 @@ class BdmError(Exception):
 
 
 # Import names whose pip package is named differently.
-PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)"}
+PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
+             # an unpinned torch pulls a multi-GB CUDA build: name the CPU build
+             "torch": "torch==2.13.0 (the CPU build; any torch >= 2.1 with CUDA on a GPU machine)"}
 OWN_PACKAGES = ("bdm_train", "export", "runtime")
 
 

@@ -78,3 +78,24 @@ def test_bdm_run_through_onnx_runtime_without_torch(mixture_onnx, tmp_path):
     assert "onnx" not in top  # metadata came from runtime.onnx_meta, not the onnx package
     assert "onnxruntime" in top  # it really ran through ONNX Runtime
     assert (tmp_path / "g.png").exists() and (tmp_path / "s.npz").exists() and len(os.listdir(tmp_path / "imgs")) == 4
+
+
+TORCH_BLOCKER = '''
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):  # as if torch were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+@pytest.mark.parametrize("entry", ["train", "sample"])
+def test_training_commands_without_torch_fail_in_one_line(entry):
+    """A deployment install (no torch) that runs bdm-train or bdm-sample gets one line naming the fix."""
+    proc = _python(TORCH_BLOCKER + f"import sys; sys.argv = ['bdm-{entry}', '--help']\n"
+                   f"from bdm_train.entry import {entry}; {entry}()")
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: missing dependency torch"), proc.stderr
+    assert "torch==2.13.0" in proc.stderr  # the CPU build, never an unpinned (multi-GB CUDA) torch

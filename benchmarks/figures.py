@@ -53,8 +53,6 @@ def forward_rows(x, times=TIMES, blur_sigma_max=20.0, seed=0):
 
 def forward_process(out=FORWARD_PNG, index=0, times=TIMES, blur_sigma_max=20.0, seed=0):
     """One Fashion-MNIST test image through the three processes, rows side by side; writes ``out``."""
-    from runtime.io import atomic_path
-
     from . import fmnist
 
     images, labels = fmnist.load("test")
@@ -80,6 +78,15 @@ def forward_process(out=FORWARD_PNG, index=0, times=TIMES, blur_sigma_max=20.0, 
                 ax.set_xlabel(rf"$\sigma_B(t) = {sigma_b[c]:.1f}$", fontsize=8)
     fig.suptitle(f"Forward processes on a Fashion-MNIST test image ({fmnist.CLASSES[labels[index]]}, "
                  f"32x32); same noise in rows 1 and 3", fontsize=10)
+    return _save(fig, out)
+
+
+def _save(fig, out):
+    """Write ``fig`` as a PNG atomically, close it, return ``out``."""
+    from runtime.io import atomic_path
+
+    plt = _pyplot()
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic_path(out) as tmp:
@@ -95,8 +102,6 @@ def plot_study(study_json, out=STUDY_PNG):
     ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe,
     fd, kid, kid_std; optional ``reference.fd_train_<n>``: the score of real images).
     """
-    from runtime.io import atomic_path
-
     study = study_json
     if not isinstance(study, dict):
         with open(study_json) as f:
@@ -142,12 +147,7 @@ def plot_study(study_json, out=STUDY_PNG):
     ax_fd.legend(fontsize=8, handlelength=3.5)
     fig.suptitle(f"Fashion-MNIST 32x32: sample quality vs steps ({n} samples per point; "
                  f"own feature network, not Inception)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 # -- CLI ----------------------------------------------------------------------------------------

@@ -64,3 +64,4 @@ def tiny_checkpoint(tmp_path_factory, tiny_data):
 def tiny_cond_checkpoint(tmp_path_factory, tiny_data):
     """Path of the same, class-conditional with ``num_classes=3`` (null label 3)."""
     return _train_tiny(tmp_path_factory, tiny_data, "tiny_cond_ckpt", num_classes=3)
+

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import export_mixture
 import torch
 
 import runtime
@@ -51,17 +52,8 @@ def _export_checkpoint(ckpt, path, **kw):
 
 @pytest.fixture(scope="module")
 def mixture_onnx(tmp_path_factory):
-    """The exact denoiser of a 4-image mixture (8x8, 1 channel) exported as a step graph: fast."""
-    from bdm_train.analytic import MixtureDenoiser
-    from bdm_train.diffusion import BlurringDiffusion
-    from export import export_onnx
-
-    process = BlurringDiffusion(8)
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()
-    model = MixtureDenoiser(images, process)
-    path = str(tmp_path_factory.mktemp("mix") / "mix.onnx")
-    export_onnx(model, process, path, channels=1, default_steps=12, default_eta=1.0)
-    return path, model, process
+    """The exact mixture denoiser as a step graph: ``(path, model, process)``."""
+    return export_mixture(tmp_path_factory.mktemp("mix"), default_steps=12)
 
 
 @pytest.fixture(scope="module")

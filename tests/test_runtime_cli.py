@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import export_mixture
 import torch
 
 import runtime
@@ -23,17 +24,9 @@ def bdm_run(*args):
 
 @pytest.fixture(scope="module")
 def mixture_onnx(tmp_path_factory):
-    """The exact denoiser of a 4-image mixture (8x8, 1 channel) as a step graph (exports in ~1 s)."""
-    from bdm_train.analytic import MixtureDenoiser
-    from bdm_train.diffusion import BlurringDiffusion
-    from export import export_onnx
-
+    """The exact mixture denoiser as a step graph (its path)."""
     torch.set_num_threads(1)
-    process = BlurringDiffusion(8)
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()
-    path = str(tmp_path_factory.mktemp("mix") / "mix.onnx")
-    export_onnx(MixtureDenoiser(images, process), process, path, channels=1, default_steps=8, default_eta=1.0)
-    return path
+    return export_mixture(tmp_path_factory.mktemp("mix"), default_steps=8)[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from helpers import export_mixture
 import torch
 
 pytest.importorskip("onnxruntime")
@@ -47,16 +47,8 @@ def test_import_runtime_imports_nothing_heavy():
 
 @pytest.fixture(scope="module")
 def mixture_onnx(tmp_path_factory):
-    from bdm_train.analytic import MixtureDenoiser
-    from bdm_train.diffusion import BlurringDiffusion
-    from export import export_onnx
-
     torch.set_num_threads(1)
-    process = BlurringDiffusion(8)
-    images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()
-    path = str(tmp_path_factory.mktemp("mix") / "mix.onnx")
-    export_onnx(MixtureDenoiser(images, process), process, path, channels=1, default_steps=6, default_eta=1.0)
-    return path
+    return export_mixture(tmp_path_factory.mktemp("mix"), default_steps=6)[0]
 
 
 def test_bdm_run_through_onnx_runtime_without_torch(mixture_onnx, tmp_path):

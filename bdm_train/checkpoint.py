@@ -80,9 +80,14 @@ def load_state(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BdmError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise BdmError(f"cannot read checkpoint {path}: not a torch checkpoint (truncated, or another kind of file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
+    except pickle.UnpicklingError:
+        raise BdmError(f"cannot read checkpoint {path}: it holds pickled Python objects, which bdm never loads "
+                       "(a bdm checkpoint has only tensors and plain types)") from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
             KeyError, AttributeError, IndexError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BdmError(f"cannot read checkpoint {path} (truncated or not a torch file): {first[:200]}") from None

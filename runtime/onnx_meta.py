@@ -177,7 +177,7 @@ def read(path):
     except PermissionError:
         raise BdmError(f"{path}: permission denied")
     except ValueError as e:
-        raise BdmError(f"{path}: {e}")
+        raise BdmError(f"{path}: {e}: give a step graph .onnx from bdm-export, or a TensorRT .plan")
 
 
 def read_metadata(path):

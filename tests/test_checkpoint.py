@@ -94,9 +94,9 @@ def _corrupt(kind, path, good):
         torch.save({"format": "bdm.checkpoint", "x": random.Random(0)}, path)
 
 
-@pytest.mark.parametrize("kind,match", [("random", "cannot read"), ("truncated", "cannot read"),
-                                        ("empty", "cannot read"), ("foreign", "not a bdm checkpoint"),
-                                        ("newer", "newer"), ("pickle", "cannot read")])
+@pytest.mark.parametrize("kind,match", [("random", "not a torch checkpoint"), ("truncated", "not a torch checkpoint"),
+                                        ("empty", "not a torch checkpoint"), ("foreign", "not a bdm checkpoint"),
+                                        ("newer", "newer"), ("pickle", "pickled Python objects")])
 def test_refuses_bad_files(saved, tmp_path, kind, match):
     bad = tmp_path / f"bad_{kind}.pt"
     _corrupt(kind, bad, saved[0])

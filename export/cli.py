@@ -19,16 +19,9 @@ _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES
 
 def _out_dir(out_dir, ckpt):
     """The output folder (default: the checkpoint's), created if missing; ``BdmError`` if unusable."""
-    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise BdmError(f"--out-dir {out_dir} exists and is not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise BdmError(f"cannot create --out-dir {out_dir}: {e.strerror or e}")
-    if not os.access(out_dir, os.W_OK):
-        raise BdmError(f"--out-dir {out_dir} is not writable")
-    return out_dir
+    from runtime.io import writable_folder
+
+    return writable_folder(out_dir or os.path.dirname(os.path.abspath(ckpt)), "--out-dir")
 
 
 def _describe(meta):

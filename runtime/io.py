@@ -28,3 +28,18 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def writable_folder(folder, what):
+    """Create ``folder`` if missing and check it is a writable folder; ``BdmError`` naming ``what`` if not."""
+    from .errors import BdmError
+
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BdmError(f"{what} {folder} exists and is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise BdmError(f"cannot create {what} {folder}: {e.strerror or e}")
+    if not os.access(folder, os.W_OK):
+        raise BdmError(f"{what} {folder} is not writable")
+    return folder

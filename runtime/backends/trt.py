@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
+from ..io import writable_folder
 from . import DeviceOut
 
 _H2D, _D2H, _D2D = "HostToDevice", "DeviceToHost", "DeviceToDevice"  # polygraphy.cuda.MemcpyKind
@@ -96,12 +97,7 @@ def cached_engine(onnx_path, info, engine_cache=None, batch=None):
     plan = os.path.join(folder, f"{stem}.trt{trt.__version__}{tag}.plan")
     if _is_current(plan, onnx_path, trt.__version__, profile):
         return plan
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise BdmError(f"cannot cache a TensorRT engine in {folder}: {e}")
-    if not os.access(folder, os.W_OK):
-        raise BdmError(f"cannot cache a TensorRT engine in {folder} (not writable): pass engine_cache")
+    writable_folder(folder, "the TensorRT engine cache (pass engine_cache to choose another)")
     build_engine(onnx_path, plan, batch=profile)
     return plan
 

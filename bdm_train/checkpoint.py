@@ -70,6 +70,22 @@ def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=Non
     return path
 
 
+def release(src, dst, sampler=None):
+    """A sampling-only copy of checkpoint ``src`` at ``dst``: EMA weights, no optimizer or RNG state.
+
+    ``sampler`` updates ``config["sampler"]`` (``steps``, ``eta``): the defaults ``bdm-export`` stores
+    in the graph. The copy loads everywhere a checkpoint does but cannot be resumed.
+    """
+    state = load_state(src)
+    config = dict(state["config"], sampler=dict(state["config"]["sampler"], **(sampler or {})))
+    out = {"format": FORMAT, "version": VERSION, "config": config, "model": state["ema"], "ema": state["ema"],
+           "optimizer": None, "scheduler": None, "rng": None, "step": int(state["step"]), "release": True}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    with atomic_path(dst) as tmp:
+        torch.save(out, tmp)
+    return dst
+
+
 def _cpu(state_dict):
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 

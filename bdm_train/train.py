@@ -274,6 +274,9 @@ def train(data, out, resume=False, progress=True, **options):
     out = os.fspath(out)
     path = os.path.join(out, "model.pt")
     state = ckpt.load_state(path) if resume else None
+    if state is not None and state.get("optimizer") is None:
+        raise BdmError(f"{path} is a release checkpoint (EMA weights only, no optimizer state): it samples and "
+                       "exports, but cannot be resumed")
     opts = resolve_options(options, state["config"]["train"] if state else None)
     if data is None:
         if state is None:

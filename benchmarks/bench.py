@@ -47,11 +47,11 @@ TARGET_NET, TARGET_BATCH = "demo-8x8", 16
 # (ONNX Runtime's CPU provider has no FP16 convolutions: it inserts casts and computes in FP32, so
 # the FP16 graph is recorded, not expected to be faster); ``steps`` x ``repeats`` per pair.
 NETWORKS = (
-    dict(name="demo-8x8", about="the `make demo` network (8x8 digits)", blur_sigma_max=5.0,
+    dict(name="demo-8x8", about="the `make demo-train` network (8x8 digits)", blur_sigma_max=5.0,
          unet=dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                    dropout=0.0),
          steps=20, repeats=5, batches=(1, 16, 64), fp16=(1, 16, 64), rss_batch=64),
-    dict(name="study-32x32", about="the Fashion-MNIST study network (32x32)", blur_sigma_max=20.0,
+    dict(name="study-32x32", about="a 32x32 Fashion-MNIST network (ch 32; the study now uses ch 16)", blur_sigma_max=20.0,
          unet=dict(in_channels=1, image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
                    dropout=0.0),
          steps=5, repeats=3, batches=(1, 16, 64), fp16=(1, 16, 64), rss_batch=64),

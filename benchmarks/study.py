@@ -41,18 +41,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(ROOT, "runs", "study")
+SHIPPED = os.path.join(ROOT, "models", "fmnist32")   # the model `make demo` uses
 
 MODELS = {"bdm": 20.0, "ddpm": 0.0}                            # name -> blur_sigma_max (B4)
 POINTS = ((0.0, 10), (0.0, 20), (0.0, 50), (1.0, 50), (1.0, 100))  # (eta, steps)
 SAMPLE_SEED = 1            # the same initial noise for both models: paired samples
-# Network and optimiser, the same for both models. Sized for 2 CPU cores (1.1M parameters, no
-# attention, ~15 ms per image per network evaluation on one busy core): bdm-train's default
-# (ch 64, 2 blocks, attention at 16; 6.5M) costs ~6x more per step and per sample, which on CPU
-# would make the 460,000 network evaluations of the sampling stage alone take ~12 hours.
-# On a GPU use --ch 64 --num-res-blocks 2 --attn 16 --batch-size 128 --steps 30000.
-NET = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn=(), dropout=0.1)
-OPT = dict(batch_size=64, lr=2e-4, warmup=500, ema_decay=0.9995, grad_clip=1.0, seed=0)
-STEPS = 10000
+# Network and optimiser, the same for both models. Sized so that the whole study fits one ~2.5 h
+# sitting on 2 CPU cores: 0.27M parameters, no attention, no dropout (a few epochs underfit, they
+# do not overfit), lr 1e-3. Measured on one core with PyTorch: 111 training images/s and 251
+# images/s per network evaluation, against 35 and 79 for ch 32; bdm-train's default (ch 64,
+# 2 blocks, attention at 16; 6.5M) costs ~20x more per step and per sample than this one.
+# On a GPU use --ch 64 --num-res-blocks 2 --attn 16 --batch-size 128 --lr 2e-4 --steps 30000.
+NET = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn=(), dropout=0.0)
+OPT = dict(batch_size=64, lr=1e-3, warmup=500, ema_decay=0.9995, grad_clip=1.0, seed=0)
+STEPS = 8000
 SMOKE = dict(net=dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0),
              steps=4, n=16, chunk=8, points=((0.0, 2), (1.0, 3)))
 
@@ -246,7 +248,7 @@ class Study:
                 ck, n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, first_index=first, device=self.device)[0])
         import runtime
 
-        s = runtime.load(self.onnx(model), batch=self.chunk)
+        s = runtime.load(self.onnx(model), batch=self.chunk, threads=self.threads)
         f = lambda n, steps, eta, first: to_uint8(s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta,  # noqa: E731
                                                            first_index=first))
         f.close = s.close
@@ -350,6 +352,31 @@ class Study:
         _log(f"wrote {self.results}/study.json, study.md" + (f" and {self.plot}" if study["points"] else ""))
         return study
 
+    # -- stage 6: ship the better model -----------------------------------------------------------
+    def ship(self, folder=SHIPPED):
+        """The recommended model's EMA weights, config and model card into ``folder`` (what ``make demo`` uses).
+
+        The sampler defaults stored with it (and so in every graph ``bdm-export`` makes of it) are the
+        study's recommended point.
+        """
+        from bdm_train import checkpoint
+
+        study = self.collect()
+        rec = study["recommended"]
+        if rec is None:
+            raise BdmError("nothing evaluated yet: run the sample and eval stages before ship")
+        model = rec["model"]
+        dst = os.path.join(folder, "model.pt")
+        checkpoint.release(self.ckpt(model), dst, sampler=dict(steps=int(rec["steps"]), eta=float(rec["eta"])))
+        state = checkpoint.load_state(dst)
+        _write_json(os.path.join(folder, "config.json"), dict(state["config"], step=int(state["step"])))
+        from runtime.io import atomic_path
+
+        with atomic_path(os.path.join(folder, "MODEL_CARD.md")) as tmp, open(tmp, "w") as f:
+            f.write(model_card(study, state, dst))
+        _log(f"shipped {model} (step {state['step']}, eta={rec['eta']:g}, {rec['steps']} steps) to {folder}")
+        return dst
+
     def _grids(self, study):
         """An 8x8 grid of the first 64 samples of each model at the recommended sampler settings."""
         from runtime.images import save_grid
@@ -375,6 +402,59 @@ def recommend(points, tolerance=1.10):
     pick = min((p for p in own if p["fd"] <= tolerance * best), key=lambda p: (p["nfe"], p["fd"]))
     return dict(model=best_model, eta=pick["eta"], steps=pick["steps"], fd=pick["fd"], kid=pick["kid"],
                 rule=f"fewest steps with FD <= {tolerance:g} x the best FD of the better model")
+
+
+def model_card(study, state, path):
+    """The shipped model's card: data, network, budget, default sampler and its measured quality."""
+    import hashlib
+
+    rec = study["recommended"]
+    name, info = rec["model"], study["models"][rec["model"]]
+    cfg = state["config"]
+    point = next(p for p in study["points"] if p["model"] == name and (p["eta"], p["steps"]) == (rec["eta"],
+                                                                                              rec["steps"]))
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    params = sum(v.numel() for v in state["ema"].values())
+    n = study["n_samples"]
+    floor = study.get("reference", {}).get(f"fd_train_{n}")
+    sampler = "deterministic (eta = 0, B10)" if rec["eta"] == 0 else f"eta = {rec['eta']:g} (B10; 1 = ancestral B9)"
+    lines = [
+        f"# Model card: `{os.path.basename(os.path.dirname(os.path.abspath(path)))}`",
+        "",
+        f"- **What**: an unconditional {'blurring diffusion' if info['blur_sigma_max'] else 'DDPM'} model "
+        f"(`blur_sigma_max = {info['blur_sigma_max']:g}`) of Fashion-MNIST at 32x32x1 (28x28 centre-padded with "
+        "black), the better of the two models of the quality study (`benchmarks/study.py`, "
+        "`benchmarks/results/study.md`).",
+        "- **Data**: the 60,000 Fashion-MNIST training images (Debian's `dataset-fashion-mnist`), no labels, "
+        "no augmentation.",
+        f"- **Network**: eps-prediction UNet, `ch {cfg['model']['ch']}`, multipliers "
+        f"`{','.join(map(str, cfg['model']['ch_mult']))}`, {cfg['model']['num_res_blocks']} residual block(s) per "
+        f"level, attention at {list(cfg['model']['attn_resolutions']) or 'none'}, {params / 1e6:.2f} M parameters; "
+        f"EMA weights (decay {cfg['train']['ema_decay']:g}) only: no optimizer state, so it samples and exports "
+        "but cannot be resumed.",
+        f"- **Training**: {info['trained_steps']} steps of batch {cfg['train']['batch_size']} "
+        f"({info['trained_steps'] * cfg['train']['batch_size'] / 60000:.1f} epochs), AdamW lr "
+        f"{cfg['train']['lr']:g} (warm-up {cfg['train']['warmup']}), seed {cfg['train']['seed']}; "
+        f"{info['train_seconds'] / 3600:.2f} h on {', '.join(info['devices'])}.",
+        f"- **Default sampler** (stored here and in every graph `bdm-export` makes of it): {sampler}, "
+        f"{rec['steps']} steps; {rec['rule']}.",
+        f"- **Measured at the default** ({point['n']} samples through the runtime on the exported FP32 ONNX, "
+        f"ONNX Runtime CPU): FD-FMNIST {point['fd']:.2f}, KID {point['kid']:.4f} +- {point['kid_std']:.4f}"
+        + (f" (real training images: FD {floor:.2f} at the same count)" if floor is not None else "") + ". "
+        "FD-FMNIST is the Frechet distance on the project's own Fashion-MNIST classifier "
+        "(`benchmarks/feature_net.py`): comparable within this project, not with Inception FIDs.",
+        f"- **Class histogram** of those samples (classifier's labels, T-shirt .. ankle boot): {point['hist']} "
+        f"(total variation from the test set's {point['hist_tv']:.3f}).",
+        f"- **File**: `model.pt`, sha256 `{sha}`; `config.json` is its config in readable form.",
+        "- **Use**: `bdm-export --ckpt models/fmnist32/model.pt --out-dir out && "
+        "bdm-run --engine out/bdm.onnx --n 64 --out grid.png` (what `make demo` does).",
+        "- **Limits**: a small network trained for a CPU budget: samples are recognisable garments with "
+        "artefacts, not state of the art. Regenerate with `python -m benchmarks.study run` then "
+        "`python -m benchmarks.study run --stages ship`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(study):
@@ -413,7 +493,7 @@ def markdown(study):
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-STAGES = ("train", "export", "sample", "parity", "eval", "report")
+STAGES = ("train", "export", "sample", "parity", "eval", "report", "ship")
 
 
 @click.group()
@@ -422,13 +502,18 @@ def cli():
 
 
 @cli.command("run")
-@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated subset of stages.")
+@click.option("--stages", default=",".join(STAGES[:-1]), show_default=True,
+              help=f"Comma-separated subset of {', '.join(STAGES)} (ship replaces models/fmnist32: ask for it).")
 @click.option("--hours", type=float, default=None, help="Stop starting training chunks after this long (per sitting).")
 @click.option("--steps", type=click.IntRange(1), default=STEPS, show_default=True, help="Training steps per model.")
 @click.option("--blur-sigma-max", type=float, default=MODELS["bdm"], show_default=True, help="BDM's sigma_B_max.")
+@click.option("--models", "only", default=",".join(MODELS), show_default=True,
+              help="Comma-separated subset of the models, e.g. to train them in two processes at once.")
 @click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True, help="Samples per point.")
 @click.option("--chunk", type=click.IntRange(1), default=250, show_default=True, help="Images per sample file.")
 @click.option("--ch", type=click.IntRange(1), default=NET["ch"], show_default=True, help="UNet base channels.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=NET["dropout"], show_default=True,
+              help="UNet dropout.")
 @click.option("--ch-mult", default=",".join(map(str, NET["ch_mult"])), show_default=True)
 @click.option("--num-res-blocks", type=click.IntRange(1), default=NET["num_res_blocks"], show_default=True)
 @click.option("--attn", default=",".join(map(str, NET["attn"])) or "none", show_default=True,
@@ -443,7 +528,7 @@ def cli():
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [all].")
 @click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
 @click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
-def run_cmd(stages, hours, steps, blur_sigma_max, n, chunk, ch, ch_mult, num_res_blocks, attn, batch_size, lr,
+def run_cmd(stages, hours, steps, blur_sigma_max, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn, batch_size, lr,
             runs, results, device, backend, threads, allow_partial, smoke):
     """Run (or resume) the study's stages in order."""
     import torch
@@ -455,10 +540,14 @@ def run_cmd(stages, hours, steps, blur_sigma_max, n, chunk, ch, ch_mult, num_res
     if threads:
         torch.set_num_threads(threads)
     models = {"bdm": blur_sigma_max, "ddpm": 0.0}
+    names = [m.strip() for m in only.split(",") if m.strip()]
+    if not names or any(m not in models for m in names):
+        raise BdmError(f"--models {only!r}: choose from {', '.join(models)}")
+    models = {m: models[m] for m in names}
     from bdm_train.train import int_list
 
     net = dict(ch=ch, ch_mult=tuple(int_list(ch_mult, "ch-mult")), num_res_blocks=num_res_blocks,
-               attn=tuple(int_list(attn, "attn")))
+               attn=tuple(int_list(attn, "attn")), dropout=dropout)
     kw = dict(runs=runs, results=results, models=models, steps=steps, n=n, chunk=chunk, net=net,
               opt=dict(batch_size=batch_size, lr=lr), device=device, backend=backend,
               threads=threads or torch.get_num_threads())
@@ -481,6 +570,8 @@ def run_cmd(stages, hours, steps, blur_sigma_max, n, chunk, ch, ch_mult, num_res
         study.evaluate(allow)
     if "report" in chosen:
         study.report()
+    if "ship" in chosen and not smoke:
+        study.ship()
 
 
 @cli.command("info")

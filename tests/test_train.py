@@ -86,6 +86,23 @@ def test_resume_refuses_architecture_change(tmp_path, small_data):
         train(small_data, tmp_path, resume=True, progress=False, steps=2, ch=16)
 
 
+def test_release_keeps_ema_and_sampler_defaults_and_refuses_resume(tmp_path, tiny_checkpoint):
+    """The shipped-model format: EMA weights only, smaller, new sampler defaults, not resumable."""
+    dst = tmp_path / "rel" / "model.pt"
+    checkpoint.release(tiny_checkpoint, dst, sampler=dict(steps=20, eta=1.0))
+    full, rel = checkpoint.load_state(tiny_checkpoint), checkpoint.load_state(dst)
+    assert rel["config"]["sampler"] == dict(full["config"]["sampler"], steps=20, eta=1.0)
+    assert rel["step"] == full["step"] and rel["optimizer"] is None
+    for name, value in full["ema"].items():
+        assert torch.equal(rel["ema"][name], value) and torch.equal(rel["model"][name], value), name
+    assert any(not torch.equal(full["model"][k], full["ema"][k]) for k in full["ema"])  # EMA != raw weights
+    assert os.path.getsize(dst) < 0.5 * os.path.getsize(tiny_checkpoint)  # one copy of weights, no Adam moments
+    model, _, _ = checkpoint.load(dst, ema=False)  # even --no-ema gets the EMA weights
+    assert all(torch.equal(p, full["ema"][k]) for k, p in model.state_dict().items())
+    with pytest.raises(Exception, match="release checkpoint"):
+        train(None, dst.parent, resume=True, progress=False, steps=40)
+
+
 # -- the CLI boundary: one line, non-zero exit --------------------------------------------------
 def _cli_error(entry, args, capsys):
     with pytest.raises(SystemExit) as e:

@@ -525,11 +525,11 @@ def cli():
 @click.option("--device", default="auto", show_default=True, help="Training (and torch sampling) device.")
 @click.option("--backend", type=click.Choice(["runtime", "torch"]), default="runtime", show_default=True,
               help="Sample through the runtime on the exported ONNX, or with the PyTorch reference sampler.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [all].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads of torch and ONNX Runtime [all].")
 @click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
 @click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
-def run_cmd(stages, hours, steps, blur_sigma_max, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn, batch_size, lr,
-            runs, results, device, backend, threads, allow_partial, smoke):
+def run_cmd(stages, hours, steps, blur_sigma_max, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn,
+            batch_size, lr, runs, results, device, backend, threads, allow_partial, smoke):
     """Run (or resume) the study's stages in order."""
     import torch
 

@@ -18,7 +18,11 @@ Every stage is resumable and skippable, so the study can span several sittings:
 
     python -m benchmarks.study run --hours 3          # train (resumes), export, sample, check, evaluate, report
     python -m benchmarks.study run --stages report    # only rebuild study.json / study.md / the plot
+    python -m benchmarks.study run --stages ship      # the better model -> models/fmnist32 (make demo's)
     python -m benchmarks.study run --smoke            # a tiny end-to-end check of the wiring (minutes)
+
+On 2 cores, ``make study`` trains the two models at once, one core each (``--models bdm --threads 1``
+and ``--models ddpm --threads 1``): small networks use one core each better than two cores in turn.
 
 Layout: ``RUNS/<model>/model.pt`` (bdm-train checkpoint), ``budget.json`` (training seconds summed
 over sittings), ``model.onnx``, ``samples/step<S>/eta<e>_steps<k>/<first>.npz`` (chunks of uint8
@@ -54,7 +58,7 @@ SAMPLE_SEED = 1            # the same initial noise for both models: paired samp
 # On a GPU use --ch 64 --num-res-blocks 2 --attn 16 --batch-size 128 --lr 2e-4 --steps 30000.
 NET = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn=(), dropout=0.0)
 OPT = dict(batch_size=64, lr=1e-3, warmup=500, ema_decay=0.9995, grad_clip=1.0, seed=0)
-STEPS = 8000
+STEPS = 6000
 SMOKE = dict(net=dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0),
              steps=4, n=16, chunk=8, points=((0.0, 2), (1.0, 3)))
 

@@ -1,0 +1,44 @@
+"""The study's bookkeeping: which point is recommended, the table, CLI refusals (no data or training needed)."""
+import pytest
+
+from benchmarks import study
+
+
+def _point(model, eta, steps, fd):
+    return dict(model=model, eta=eta, steps=steps, nfe=steps, fd=fd, kid=fd / 100, kid_std=0.001, n=1000)
+
+
+POINTS = [_point("bdm", 0.0, 10, 30.0), _point("bdm", 0.0, 20, 20.5), _point("bdm", 0.0, 50, 19.0),
+          _point("bdm", 1.0, 50, 25.0), _point("bdm", 1.0, 100, 18.8),
+          _point("ddpm", 0.0, 10, 28.0), _point("ddpm", 0.0, 20, 21.0), _point("ddpm", 0.0, 50, 20.0),
+          _point("ddpm", 1.0, 50, 22.0), _point("ddpm", 1.0, 100, 19.5)]
+
+
+def test_recommend_takes_the_better_model_and_its_cheapest_point_within_tolerance():
+    rec = study.recommend(POINTS)
+    # bdm's best is 18.8; 1.1 x 18.8 = 20.68 admits bdm 20 steps (20.5) but not 10 steps (30.0).
+    assert (rec["model"], rec["eta"], rec["steps"], rec["fd"]) == ("bdm", 0.0, 20, 20.5)
+    tight = study.recommend(POINTS, tolerance=1.0)
+    assert (tight["model"], tight["eta"], tight["steps"]) == ("bdm", 1.0, 100)
+    flipped = [dict(p, fd=p["fd"] - 5 if p["model"] == "ddpm" else p["fd"]) for p in POINTS]
+    assert study.recommend(flipped)["model"] == "ddpm"
+    assert study.recommend([]) is None
+
+
+def test_markdown_has_one_row_per_model_and_marks_missing_points():
+    models = {m: dict(blur_sigma_max=b, trained_steps=6000, train_seconds=3600.0, devices=["cpu"])
+              for m, b in (("bdm", 20.0), ("ddpm", 0.0))}
+    text = study.markdown(dict(n_samples=1000, models=models, points=POINTS[:-1], reference={"fd_train_1000": 1.2},
+                               recommended=study.recommend(POINTS[:-1]), parity=None))
+    rows = [line for line in text.splitlines() if line.startswith("| bdm") or line.startswith("| ddpm")]
+    assert len(rows) == 2 and rows[0].count("|") == rows[1].count("|") == 4 + 5
+    assert "30.00 / 0.300" in rows[0] and rows[1].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
+    assert "FD 1.20" in text and "Recommended default: bdm" in text
+
+
+def test_cli_refuses_unknown_models_and_stages(capsys):
+    for args in (["run", "--models", "bdm,gan", "--stages", "report"], ["run", "--stages", "train,deploy"]):
+        with pytest.raises(SystemExit) as e:
+            study.main(args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code not in (0, None) and err.startswith("Error: ") and "\n" not in err, err

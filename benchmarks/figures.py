@@ -100,7 +100,7 @@ def plot_study(study_json, out=STUDY_PNG):
     """FD-FMNIST and KID vs network evaluations, one line per model and sampler; writes ``out``.
 
     ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe,
-    fd, kid, kid_std; optional ``reference.fd_train_<n>``: the score of real images).
+    fd, kid, kid_std, optional clip; optional ``reference.fd_train_<n>``: the score of real images).
     """
     study = study_json
     if not isinstance(study, dict):
@@ -108,16 +108,21 @@ def plot_study(study_json, out=STUDY_PNG):
             study = json.load(f)
     points = [p for p in study["points"] if p.get("fd") is not None]
     plt = _pyplot()
-    fig, (ax_fd, ax_kid) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_fd, ax_kid) = plt.subplots(1, 2, figsize=(11, 4.5))
     styles = {0.0: "-", 1.0: "--"}
     colors = {}
-    for key in sorted({(p["model"], float(p["eta"])) for p in points}):
-        model, eta = key
-        color = colors.setdefault(model, "C%d" % len(colors))
-        pts = sorted((p for p in points if (p["model"], float(p["eta"])) == key), key=lambda p: p["nfe"])
+    clipped = {bool(p.get("clip", True)) for p in points}
+
+    def key_of(p):
+        return p["model"], not p.get("clip", True), float(p["eta"])
+
+    for key in sorted({key_of(p) for p in points}):
+        model, noclip, eta = key
+        color = colors.setdefault((model, noclip), "C%d" % len(colors))
+        pts = sorted((p for p in points if key_of(p) == key), key=lambda p: p["nfe"])
         nfe = [p["nfe"] for p in pts]
         sampler = "deterministic (η=0)" if eta == 0 else "ancestral (η=1)" if eta == 1 else f"η={eta:g}"
-        label = f"{model}, {sampler}"
+        label = f"{model}, {sampler}" + (("" if not noclip else ", x̂ not clipped") if len(clipped) > 1 else "")
         kw = dict(color=color, linestyle=styles.get(eta, ":"), marker="o", label=label)
         ax_fd.plot(nfe, [p["fd"] for p in pts], **kw)
         ax_kid.errorbar(nfe, [p["kid"] for p in pts], yerr=[p["kid_std"] for p in pts], capsize=3, **kw)

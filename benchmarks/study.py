@@ -49,6 +49,12 @@ SHIPPED = os.path.join(ROOT, "models", "fmnist32")   # the model `make demo` use
 
 MODELS = {"bdm": 20.0, "ddpm": 0.0}                            # name -> blur_sigma_max (B4)
 POINTS = ((0.0, 10), (0.0, 20), (0.0, 50), (1.0, 50), (1.0, 100))  # (eta, steps)
+# Clipping the denoised estimate x_hat to [-1, 1] at every step (B10's option) is measured as a
+# factor, not assumed: with blur, x_hat = V (u_t - sigma_t u_eps) / alpha_t divides the network's
+# eps error at high frequencies by alpha_t ~ d_min a_t (1e-3 of the signal), so at large t x_hat is
+# dominated by amplified error, and a pixel-space clip of it also corrupts the low frequencies
+# the step should keep. Without the clip those errors are multiplied back by alpha_s ~ alpha_t.
+CLIPS = (True, False)
 SAMPLE_SEED = 1            # the same initial noise for both models: paired samples
 # Network and optimiser, the same for both models. Sized so that the whole study fits one ~2.5 h
 # sitting on 2 CPU cores: 0.27M parameters, no attention, no dropout (a few epochs underfit, they
@@ -118,11 +124,12 @@ def _log(msg):
 class Study:
     """Paths and settings of one study (``runs`` folder, models, points, budget)."""
 
-    def __init__(self, runs=RUNS, results=RESULTS, models=None, points=POINTS, steps=STEPS, n=1000, chunk=250,
-                 net=None, opt=None, device="auto", backend="runtime", threads=1, plot=None):
+    def __init__(self, runs=RUNS, results=RESULTS, models=None, points=POINTS, clips=CLIPS, steps=STEPS, n=1000,
+                 chunk=250, net=None, opt=None, device="auto", backend="runtime", threads=1, plot=None):
         self.runs, self.results = runs, results
         self.models = dict(models or MODELS)
         self.points = tuple((float(e), int(k)) for e, k in points)
+        self.clips = tuple(bool(c) for c in clips)
         self.steps, self.n, self.chunk = int(steps), int(n), int(chunk)
         self.net = dict(NET, **(net or {}))
         self.opt = dict(OPT, **(opt or {}))
@@ -135,11 +142,16 @@ class Study:
     def ckpt(self, model):
         return os.path.join(self.folder(model), "model.pt")
 
-    def onnx(self, model):
-        return os.path.join(self.folder(model), "model.onnx")
+    def onnx(self, model, clip=True):
+        return os.path.join(self.folder(model), "model.onnx" if clip else "model_noclip.onnx")
 
-    def point_dir(self, model, step, eta, steps):
-        return os.path.join(self.folder(model), "samples", f"step{step}", f"eta{eta:g}_steps{steps}")
+    def point_dir(self, model, step, eta, steps, clip=True):
+        return os.path.join(self.folder(model), "samples", f"step{step}",
+                            f"eta{eta:g}_steps{steps}" + ("" if clip else "_noclip"))
+
+    def settings(self):
+        """Every sampler setting of the study: ``(eta, steps, clip)``."""
+        return [(eta, steps, clip) for clip in self.clips for eta, steps in self.points]
 
     # -- stage 1: training (resumable, time-bounded per sitting) --------------------------------
     def train(self, hours=None, chunk_steps=1000):
@@ -196,34 +208,36 @@ class Study:
 
     # -- stage 2: export ------------------------------------------------------------------------
     def export(self, allow_partial=False):
-        """The EMA weights of each model as an ONNX step graph (skipped when newer than the checkpoint)."""
+        """The EMA weights of each model as ONNX step graphs, with and without the clip (skipped when up to date)."""
         from bdm_train import checkpoint
         from export import export_onnx
 
         for model in self.models:
             self._trained(model, allow_partial)
-            ck, onnx = self.ckpt(model), self.onnx(model)
-            if os.path.isfile(onnx) and os.path.getmtime(onnx) >= os.path.getmtime(ck):
-                continue
-            _log(f"exporting {model} -> {onnx}")
-            net, process, config = checkpoint.load(ck, ema=True)
-            export_onnx(net, process, onnx, channels=net.in_channels, num_classes=net.num_classes,
-                        clip_denoised=config["sampler"]["clip_denoised"], default_steps=50, default_eta=0.0)
+            for clip in self.clips:
+                ck, onnx = self.ckpt(model), self.onnx(model, clip)
+                if os.path.isfile(onnx) and os.path.getmtime(onnx) >= os.path.getmtime(ck):
+                    continue
+                _log(f"exporting {model} -> {onnx}")
+                net, process, _ = checkpoint.load(ck, ema=True)
+                export_onnx(net, process, onnx, channels=net.in_channels, num_classes=net.num_classes,
+                            clip_denoised=clip, default_steps=50, default_eta=0.0)
 
     # -- stage 3: sampling (chunked, resumable) -------------------------------------------------
     def sample(self, allow_partial=False):
         """``n`` images per model and point, in chunks of ``chunk`` (seed protocol: any chunking, same images)."""
         for model in self.models:
             step = self._trained(model, allow_partial)
-            sampler = None
-            for eta, steps in self.points:
-                folder = self.point_dir(model, step, eta, steps)
+            samplers = {}
+            for eta, steps, clip in self.settings():
+                folder = self.point_dir(model, step, eta, steps, clip)
                 for first in range(0, self.n, self.chunk):
                     path = os.path.join(folder, f"{first:06d}.npz")
                     if os.path.isfile(path):
                         continue
-                    if sampler is None:
-                        sampler = self._sampler(model)
+                    if clip not in samplers:
+                        samplers[clip] = self._sampler(model, clip)
+                    sampler = samplers[clip]
                     b = min(self.chunk, self.n - first)
                     start = time.perf_counter()
                     images = sampler(b, steps, eta, first)
@@ -232,12 +246,13 @@ class Study:
 
                     os.makedirs(folder, exist_ok=True)
                     save_npz(path, images=images, seconds=np.float64(seconds))
-                    _log(f"{model} eta={eta:g} steps={steps}: images {first}..{first + b - 1} "
+                    _log(f"{model} eta={eta:g} steps={steps} clip={clip}: images {first}..{first + b - 1} "
                          f"({b / seconds:.1f} images/s)")
-            if sampler is not None and hasattr(sampler, "close"):
-                sampler.close()
+            for sampler in samplers.values():
+                if hasattr(sampler, "close"):
+                    sampler.close()
 
-    def _sampler(self, model):
+    def _sampler(self, model, clip=True):
         """``f(n, steps, eta, first_index) -> uint8 [n, H, W, C]`` through the runtime or PyTorch."""
         from runtime.images import to_uint8
 
@@ -249,18 +264,19 @@ class Study:
             torch.set_num_threads(self.threads)
             ck = self.ckpt(model)
             return lambda n, steps, eta, first: to_uint8(sample_checkpoint(
-                ck, n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, first_index=first, device=self.device)[0])
+                ck, n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, first_index=first, device=self.device,
+                clip_denoised=clip)[0])
         import runtime
 
-        s = runtime.load(self.onnx(model), batch=self.chunk, threads=self.threads)
+        s = runtime.load(self.onnx(model, clip), batch=self.chunk, threads=self.threads)
         f = lambda n, steps, eta, first: to_uint8(s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta,  # noqa: E731
                                                            first_index=first))
         f.close = s.close
         return f
 
-    def images(self, model, step, eta, steps):
+    def images(self, model, step, eta, steps, clip=True):
         """All sampled images of one point, uint8 ``[n, H, W, C]``, and the sampling seconds."""
-        folder = self.point_dir(model, step, eta, steps)
+        folder = self.point_dir(model, step, eta, steps, clip)
         files = sorted(glob.glob(os.path.join(folder, "[0-9]*.npz")))
         parts, seconds = [], 0.0
         for path in files:
@@ -278,21 +294,22 @@ class Study:
         ref = None
         for model in self.models:
             step = self._trained(model, allow_partial)
-            for eta, steps in self.points:
-                folder = self.point_dir(model, step, eta, steps)
+            for eta, steps, clip in self.settings():
+                folder = self.point_dir(model, step, eta, steps, clip)
                 cache = os.path.join(folder, "eval.json")
                 old = _read_json(cache)
                 if old is not None and old.get("n") == self.n:
                     continue
-                images, seconds = self.images(model, step, eta, steps)
+                images, seconds = self.images(model, step, eta, steps, clip)
                 if len(images) < self.n:
-                    _log(f"{model} eta={eta:g} steps={steps}: only {len(images)} of {self.n} images; skipped")
+                    _log(f"{model} eta={eta:g} steps={steps} clip={clip}: only {len(images)} of {self.n} images; "
+                         "skipped")
                     continue
                 ref = ref if ref is not None else metrics.reference_stats()
                 res = metrics.evaluate(images, ref)
                 res.update(sample_seconds=round(seconds, 2))
                 _write_json(cache, res)
-                _log(f"{model} eta={eta:g} steps={steps}: FD {res['fd']:.3f} KID {res['kid']:.5f}")
+                _log(f"{model} eta={eta:g} steps={steps} clip={clip}: FD {res['fd']:.3f} KID {res['kid']:.5f}")
 
     # -- spot check: the runtime on the ONNX equals the PyTorch reference ------------------------
     def parity(self, n=16, steps=10, eta=1.0, allow_partial=False):
@@ -324,11 +341,12 @@ class Study:
             models[model] = dict(blur_sigma_max=blur, trained_steps=step,
                                  train_seconds=round(budget.get("seconds", 0), 1),
                                  devices=sorted({s["device"] for s in budget.get("chunks", [])}))
-            for eta, steps in self.points:
-                res = _read_json(os.path.join(self.point_dir(model, step, eta, steps), "eval.json"))
+            for eta, steps, clip in self.settings():
+                res = _read_json(os.path.join(self.point_dir(model, step, eta, steps, clip), "eval.json"))
                 if res is None:
                     continue
-                points.append(dict(model=model, blur_sigma_max=blur, eta=eta, steps=steps, nfe=steps, **res))
+                points.append(dict(model=model, blur_sigma_max=blur, eta=eta, steps=steps, clip=clip, nfe=steps,
+                                   **res))
         ref = {}
         try:
             r = metrics.reference_stats()
@@ -371,14 +389,16 @@ class Study:
             raise BdmError("nothing evaluated yet: run the sample and eval stages before ship")
         model = rec["model"]
         dst = os.path.join(folder, "model.pt")
-        checkpoint.release(self.ckpt(model), dst, sampler=dict(steps=int(rec["steps"]), eta=float(rec["eta"])))
+        checkpoint.release(self.ckpt(model), dst, sampler=dict(steps=int(rec["steps"]), eta=float(rec["eta"]),
+                                                               clip_denoised=bool(rec["clip"])))
         state = checkpoint.load_state(dst)
         _write_json(os.path.join(folder, "config.json"), dict(state["config"], step=int(state["step"])))
         from runtime.io import atomic_path
 
         with atomic_path(os.path.join(folder, "MODEL_CARD.md")) as tmp, open(tmp, "w") as f:
             f.write(model_card(study, state, dst))
-        _log(f"shipped {model} (step {state['step']}, eta={rec['eta']:g}, {rec['steps']} steps) to {folder}")
+        _log(f"shipped {model} (step {state['step']}, eta={rec['eta']:g}, {rec['steps']} steps, clip={rec['clip']}) "
+             f"to {folder}")
         return dst
 
     def _grids(self, study):
@@ -390,10 +410,10 @@ class Study:
             return
         for model in self.models:
             step = study["models"][model]["trained_steps"]
-            images, _ = self.images(model, step, rec["eta"], rec["steps"])
+            images, _ = self.images(model, step, rec["eta"], rec["steps"], rec["clip"])
             if len(images) >= 64:
-                save_grid(images[:64], os.path.join(self.results, f"samples_{model}_eta{rec['eta']:g}_steps"
-                                                    f"{rec['steps']}.png"), ncols=8, scale=2)
+                name = f"samples_{model}_eta{rec['eta']:g}_steps{rec['steps']}" + ("" if rec["clip"] else "_noclip")
+                save_grid(images[:64], os.path.join(self.results, name + ".png"), ncols=8, scale=2)
 
 
 def recommend(points, tolerance=1.10):
@@ -404,8 +424,8 @@ def recommend(points, tolerance=1.10):
     own = [p for p in points if p["model"] == best_model]
     best = min(p["fd"] for p in own)
     pick = min((p for p in own if p["fd"] <= tolerance * best), key=lambda p: (p["nfe"], p["fd"]))
-    return dict(model=best_model, eta=pick["eta"], steps=pick["steps"], fd=pick["fd"], kid=pick["kid"],
-                rule=f"fewest steps with FD <= {tolerance:g} x the best FD of the better model")
+    return dict(model=best_model, eta=pick["eta"], steps=pick["steps"], clip=pick.get("clip", True), fd=pick["fd"],
+                kid=pick["kid"], rule=f"fewest steps with FD <= {tolerance:g} x the best FD of the better model")
 
 
 def model_card(study, state, path):
@@ -416,7 +436,7 @@ def model_card(study, state, path):
     name, info = rec["model"], study["models"][rec["model"]]
     cfg = state["config"]
     point = next(p for p in study["points"] if p["model"] == name and (p["eta"], p["steps"]) == (rec["eta"],
-                                                                                              rec["steps"]))
+                 rec["steps"]) and p.get("clip", True) == rec["clip"])
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     params = sum(v.numel() for v in state["ema"].values())
@@ -442,7 +462,8 @@ def model_card(study, state, path):
         f"{cfg['train']['lr']:g} (warm-up {cfg['train']['warmup']}), seed {cfg['train']['seed']}; "
         f"{info['train_seconds'] / 3600:.2f} h on {', '.join(info['devices'])}.",
         f"- **Default sampler** (stored here and in every graph `bdm-export` makes of it): {sampler}, "
-        f"{rec['steps']} steps; {rec['rule']}.",
+        f"{rec['steps']} steps, x_hat {'clipped to [-1, 1] at every step' if rec['clip'] else 'not clipped'}; "
+        f"{rec['rule']}.",
         f"- **Measured at the default** ({point['n']} samples through the runtime on the exported FP32 ONNX, "
         f"ONNX Runtime CPU): FD-FMNIST {point['fd']:.2f}, KID {point['kid']:.4f} +- {point['kid_std']:.4f}"
         + (f" (real training images: FD {floor:.2f} at the same count)" if floor is not None else "") + ". "
@@ -467,15 +488,19 @@ def markdown(study):
     cols = sorted({(p["eta"], p["steps"]) for p in points})
     lines = [f"Fashion-MNIST 32x32, {study['n_samples']} samples per point, FD-FMNIST / KID "
              f"(own feature network: comparable within this table, not with Inception FIDs).", ""]
-    head = "| model | blur_sigma_max | trained steps | " + " | ".join(
+    head = "| model | blur_sigma_max | trained steps | x_hat clipped | " + " | ".join(
         f"{'ancestral' if e == 1 else 'deterministic' if e == 0 else f'eta={e:g}'} {k}" for e, k in cols) + " |"
-    lines += [head, "|" + "---|" * (3 + len(cols))]
+    lines += [head, "|" + "---|" * (4 + len(cols))]
+    clips = sorted({p.get("clip", True) for p in points}, reverse=True) or [True]
     for model, info in study["models"].items():
-        cells = []
-        for e, k in cols:
-            p = next((p for p in points if p["model"] == model and (p["eta"], p["steps"]) == (e, k)), None)
-            cells.append("-" if p is None else f"{p['fd']:.2f} / {p['kid']:.3f}")
-        lines.append(f"| {model} | {info['blur_sigma_max']:g} | {info['trained_steps']} | " + " | ".join(cells) + " |")
+        for clip in clips:
+            cells = []
+            for e, k in cols:
+                p = next((p for p in points if p["model"] == model and (p["eta"], p["steps"]) == (e, k)
+                          and p.get("clip", True) == clip), None)
+                cells.append("-" if p is None else f"{p['fd']:.2f} / {p['kid']:.3f}")
+            lines.append(f"| {model} | {info['blur_sigma_max']:g} | {info['trained_steps']} | "
+                         f"{'yes' if clip else 'no'} | " + " | ".join(cells) + " |")
     ref = study.get("reference", {})
     n = study["n_samples"]
     if f"fd_train_{n}" in ref:
@@ -487,8 +512,8 @@ def markdown(study):
                      f"{', '.join(info['devices']) or 'unknown'}.")
     if study.get("recommended"):
         r = study["recommended"]
-        lines.append(f"- Recommended default: {r['model']}, eta={r['eta']:g}, {r['steps']} steps "
-                     f"(FD {r['fd']:.2f}; {r['rule']}).")
+        lines.append(f"- Recommended default: {r['model']}, eta={r['eta']:g}, {r['steps']} steps, x_hat "
+                     f"{'clipped' if r.get('clip', True) else 'not clipped'} (FD {r['fd']:.2f}; {r['rule']}).")
     for model, p in (study.get("parity") or {}).items():
         lines.append(f"- Runtime (ONNX) vs PyTorch sampler, {model}: max |difference| {p['max_abs_diff']:.1e} "
                      f"over {p['n']} images ({p['steps']} steps, eta={p['eta']:g}).")

@@ -4,8 +4,8 @@ import pytest
 from benchmarks import study
 
 
-def _point(model, eta, steps, fd):
-    return dict(model=model, eta=eta, steps=steps, nfe=steps, fd=fd, kid=fd / 100, kid_std=0.001, n=1000)
+def _point(model, eta, steps, fd, clip=True):
+    return dict(model=model, eta=eta, steps=steps, nfe=steps, fd=fd, kid=fd / 100, kid_std=0.001, n=1000, clip=clip)
 
 
 POINTS = [_point("bdm", 0.0, 10, 30.0), _point("bdm", 0.0, 20, 20.5), _point("bdm", 0.0, 50, 19.0),
@@ -23,17 +23,22 @@ def test_recommend_takes_the_better_model_and_its_cheapest_point_within_toleranc
     flipped = [dict(p, fd=p["fd"] - 5 if p["model"] == "ddpm" else p["fd"]) for p in POINTS]
     assert study.recommend(flipped)["model"] == "ddpm"
     assert study.recommend([]) is None
+    unclipped = POINTS + [_point("bdm", 0.0, 50, 12.0, clip=False), _point("bdm", 1.0, 100, 13.0, clip=False)]
+    rec = study.recommend(unclipped)  # 1.1 x 12 = 13.2 admits only those two; 50 steps is cheaper
+    assert (rec["model"], rec["eta"], rec["steps"], rec["clip"]) == ("bdm", 0.0, 50, False)
 
 
 def test_markdown_has_one_row_per_model_and_marks_missing_points():
     models = {m: dict(blur_sigma_max=b, trained_steps=6000, train_seconds=3600.0, devices=["cpu"])
               for m, b in (("bdm", 20.0), ("ddpm", 0.0))}
-    text = study.markdown(dict(n_samples=1000, models=models, points=POINTS[:-1], reference={"fd_train_1000": 1.2},
-                               recommended=study.recommend(POINTS[:-1]), parity=None))
+    points = POINTS[:-1] + [_point("bdm", 0.0, 10, 40.0, clip=False)]
+    text = study.markdown(dict(n_samples=1000, models=models, points=points, reference={"fd_train_1000": 1.2},
+                               recommended=study.recommend(points), parity=None))
     rows = [line for line in text.splitlines() if line.startswith("| bdm") or line.startswith("| ddpm")]
-    assert len(rows) == 2 and rows[0].count("|") == rows[1].count("|") == 4 + 5
-    assert "30.00 / 0.300" in rows[0] and rows[1].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
-    assert "FD 1.20" in text and "Recommended default: bdm" in text
+    assert len(rows) == 4 and all(r.count("|") == 5 + 5 for r in rows)  # model x clip, 5 sampler columns
+    assert "| yes | 30.00 / 0.300" in rows[0] and "| no | 40.00 / 0.400 | - |" in rows[1]
+    assert rows[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
+    assert "FD 1.20" in text and "Recommended default: bdm" in text and "clipped" in text
 
 
 def test_cli_refuses_unknown_models_and_stages(capsys):

@@ -1,4 +1,5 @@
 """The study's bookkeeping: which point is recommended, the table, CLI refusals (no data or training needed)."""
+import numpy as np
 import pytest
 
 from benchmarks import study
@@ -39,6 +40,16 @@ def test_markdown_has_one_row_per_model_and_marks_missing_points():
     assert "| yes | 30.00 / 0.300" in rows[0] and "| no | 40.00 / 0.400 | - |" in rows[1]
     assert rows[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
     assert "FD 1.20" in text and "Recommended default: bdm" in text and "clipped" in text
+
+
+def test_noisy_fraction_flags_noise_not_smooth_images():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    smooth = np.stack([np.uint8(255 * ((xx - 16) ** 2 + (yy - 16) ** 2 < r * r)) for r in range(4, 14)])[:, None]
+    noise = rng.integers(0, 256, (10, 32, 32, 1), dtype=np.uint8)
+    mixed = np.concatenate([smooth.transpose(0, 2, 3, 1)[:7], noise[:3]])   # NHWC, like the runtime's output
+    assert study.noisy_fraction(mixed, smooth, quantile=1.0) == 0.3
+    assert study.noisy_fraction(smooth, smooth, quantile=1.0) == 0.0
 
 
 def test_cli_refuses_unknown_models_and_stages(capsys):

@@ -95,6 +95,35 @@ def information(blur_values=(0, 5, 10, 15, 20, 30), times=(0.1, 0.3, 0.5, 0.7, 0
     return dict(times=list(times), nats=rows, dc_fraction=float(power[0, 0] / power.sum()))
 
 
+# -- why few steps are hard with blur: the step's gain on the network's error -----------------------
+def error_gain(blur_values=(0.0, 20.0), step_counts=(10, 20, 50, 100), eta=0.0, late=0.5):
+    """Largest gain ``|d u_s / d u_eps|`` of one B10 step over frequencies and steps with ``t <= late``.
+
+    B10 is ``u_s = alpha_s (u_t - sigma_t u_eps) / alpha_t + sqrt(sigma_s^2 - c^2) u_eps + c xi``, so an
+    error in the network's ``u_eps`` reaches ``u_s`` times ``sqrt(sigma_s^2 - c^2) - alpha_s sigma_t / alpha_t``.
+    Per frequency ``alpha_s / alpha_t`` is large exactly when that frequency is being un-blurred.
+    """
+    import torch
+
+    from bdm_train.diffusion import BlurringDiffusion
+
+    rows = {}
+    for b in blur_values:
+        process = BlurringDiffusion(32, float(b)).double()
+        row = []
+        for n in step_counts:
+            grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
+            t, s = grid[:-2], grid[1:-1]              # the last step returns x_hat: no u_s
+            (alpha_t, sigma_t), (alpha_s, sigma_s) = process.alpha_sigma(t), process.alpha_sigma(s)
+            a_ts = alpha_t / alpha_s                                                   # B6
+            sigma_ts2 = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2                        # B6
+            c = eta * torch.sqrt(1 / (1 / sigma_s ** 2 + a_ts ** 2 / sigma_ts2))       # B7, B10
+            gain = (torch.sqrt(sigma_s ** 2 - c ** 2) - alpha_s * sigma_t / alpha_t).abs()
+            row.append(float(gain[t <= late].max()))
+        rows[b] = row
+    return dict(step_counts=list(step_counts), eta=eta, late=late, gain=rows)
+
+
 # -- diverged samples ---------------------------------------------------------------------------
 def roughness(images):
     """Mean |difference| of neighbouring pixels per grey image, in [0, 1] (uint8 NHWC or NCHW, one channel)."""
@@ -636,13 +665,19 @@ def run_cmd(stages, hours, steps, blur_sigma_max, only, n, chunk, ch, dropout, c
 
 @cli.command("info")
 def info_cmd():
-    """Remaining information (nats/image) along t for several blur_sigma_max: the argument for the choice."""
+    """Information left along t for several blur_sigma_max, and how much a step amplifies the network's error."""
     res = information()
     click.echo(f"Gaussian-channel information left in z_t (nats per image; DC holds "
                f"{100 * res['dc_fraction']:.0f}% of the variance)")
     click.echo("blur_sigma_max " + " ".join(f"t={t:<8g}" for t in res["times"]))
     for b, row in res["nats"].items():
         click.echo(f"{b:>14g} " + " ".join(f"{v:<10.2f}" for v in row))
+    for eta in (0.0, 1.0):
+        g = error_gain(eta=eta)
+        click.echo(f"\nlargest gain of a step on the network's eps error, eta={eta:g}, steps with t <= {g['late']:g}")
+        click.echo("blur_sigma_max " + " ".join(f"{n:>5d} steps" for n in g["step_counts"]))
+        for b, row in g["gain"].items():
+            click.echo(f"{b:>14g} " + " ".join(f"{v:>11.2f}" for v in row))
 
 
 def main(args=None):

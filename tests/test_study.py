@@ -58,3 +58,17 @@ def test_cli_refuses_unknown_models_and_stages(capsys):
             study.main(args)
         err = capsys.readouterr().err.strip()
         assert e.value.code not in (0, None) and err.startswith("Error: ") and "\n" not in err, err
+
+
+def test_error_gain_without_blur_is_the_closed_form():
+    """DDPM (d = 1): the deterministic step's gain on eps error is |sigma_s - a_s sigma_t / a_t| (B3, B10)."""
+    c0 = np.arctan(np.exp(-5.0))
+    c1 = np.arctan(np.exp(5.0)) - c0
+    a = lambda t: np.sqrt(1 / (1 + np.tan(c1 * t + c0) ** 2))   # noqa: E731  sigmoid(logsnr) = cos^2
+    sig = lambda t: np.sqrt(1 - a(t) ** 2)                      # noqa: E731
+    grid = np.linspace(1, 0, 21)
+    t, s = grid[:-2], grid[1:-1]
+    want = np.abs(sig(s) - a(s) * sig(t) / a(t))[t <= 0.5].max()
+    got = study.error_gain(blur_values=(0.0, 20.0), step_counts=(20,), eta=0.0)["gain"]
+    assert abs(got[0.0][0] - want) < 1e-9
+    assert got[20.0][0] > 100 * got[0.0][0]  # blur: frequencies un-blurred within one step amplify the error

@@ -124,6 +124,36 @@ def error_gain(blur_values=(0.0, 20.0), step_counts=(10, 20, 50, 100), eta=0.0, 
     return dict(step_counts=list(step_counts), eta=eta, late=late, gain=rows)
 
 
+def denoising_error(ckpt, times=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), n=256, seed=0):
+    """Mean squared error of the model's ``x_hat`` (B8) on test images along ``t``: ``{t: (raw, clipped)}``.
+
+    ``raw`` is measured on the 4x4 lowest DCT frequencies (what the image's layout is made of),
+    ``clipped`` in pixels after clipping ``x_hat`` to ``[-1, 1]``, as B10's option does.
+    """
+    import torch
+
+    from bdm_train import checkpoint
+
+    from . import fmnist
+
+    model, process, _ = checkpoint.load(ckpt)
+    x = torch.from_numpy(fmnist.load("test")[0][:n].astype(np.float32) / 127.5 - 1.0)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t0 in times:
+        t = torch.full((n,), float(t0))
+        eps = torch.randn(x.shape, generator=g)
+        z = process.q_sample(x, t, eps)                                              # B5
+        with torch.no_grad():
+            u_eps = process.dct(model(z, t))
+        alpha, sigma = process.alpha_sigma(t)
+        u_x = (process.dct(z) - sigma * u_eps) / alpha                               # B8
+        low = float(((u_x - process.dct(x))[..., :4, :4] ** 2).mean())
+        clipped = float(((process.idct(u_x).clamp(-1, 1) - x) ** 2).mean())
+        out[t0] = (low, clipped)
+    return out
+
+
 # -- diverged samples ---------------------------------------------------------------------------
 def roughness(images):
     """Mean |difference| of neighbouring pixels per grey image, in [0, 1] (uint8 NHWC or NCHW, one channel)."""
@@ -448,7 +478,7 @@ class Study:
         return dst
 
     def _grids(self, study):
-        """An 8x8 grid of the first 64 samples of each model at the recommended sampler settings."""
+        """8x8 grids of the first 64 samples of each model at the recommended settings and at its own best."""
         from runtime.images import save_grid
 
         rec = study["recommended"]
@@ -456,10 +486,16 @@ class Study:
             return
         for model in self.models:
             step = study["models"][model]["trained_steps"]
-            images, _ = self.images(model, step, rec["eta"], rec["steps"], rec["clip"])
-            if len(images) >= 64:
-                name = f"samples_{model}_eta{rec['eta']:g}_steps{rec['steps']}" + ("" if rec["clip"] else "_noclip")
-                save_grid(images[:64], os.path.join(self.results, name + ".png"), ncols=8, scale=2)
+            own = [p for p in study["points"] if p["model"] == model]
+            picks = {(rec["eta"], rec["steps"], rec["clip"])}
+            if own:
+                best = min(own, key=lambda p: p["fd"])
+                picks.add((best["eta"], best["steps"], best.get("clip", True)))
+            for eta, steps, clip in sorted(picks):
+                images, _ = self.images(model, step, eta, steps, clip)
+                if len(images) >= 64:
+                    name = f"samples_{model}_eta{eta:g}_steps{steps}" + ("" if clip else "_noclip")
+                    save_grid(images[:64], os.path.join(self.results, name + ".png"), ncols=8, scale=2)
 
 
 def recommend(points, tolerance=1.10):
@@ -548,8 +584,8 @@ def markdown(study):
             lines.append(f"| {model} | {info['blur_sigma_max']:g} | {info['trained_steps']} | "
                          f"{'yes' if clip else 'no'} | " + " | ".join(cells) + " |")
     if any("noisy" in p for p in points):
-        lines += ["", "Share of samples that ended as noise (rougher than 99.9% of the test images; 10,000 real training "
-                  "images: 0.07%):", "", "| model | x_hat clipped | " + " | ".join(
+        lines += ["", "Share of samples that ended as noise (rougher than 99.9% of the test images; "
+                  "10,000 real training images: 0.07%):", "", "| model | x_hat clipped | " + " | ".join(
                       f"{'ancestral' if e == 1 else 'deterministic' if e == 0 else f'eta={e:g}'} {k}"
                       for e, k in cols) + " |", "|" + "---|" * (2 + len(cols))]
         for model in study["models"]:
@@ -678,6 +714,20 @@ def info_cmd():
         click.echo("blur_sigma_max " + " ".join(f"{n:>5d} steps" for n in g["step_counts"]))
         for b, row in g["gain"].items():
             click.echo(f"{b:>14g} " + " ".join(f"{v:>11.2f}" for v in row))
+
+
+@cli.command("diagnose")
+@click.option("--runs", default=RUNS, show_default=True, type=click.Path(file_okay=False))
+def diagnose_cmd(runs):
+    """How well each trained model's x_hat recovers test images along t (low frequencies; pixels after clipping)."""
+    study = Study(runs=runs)
+    for model in study.models:
+        if not os.path.isfile(study.ckpt(model)):
+            raise BdmError(f"{study.ckpt(model)} does not exist: train the models first")
+        click.echo(f"{model} (step {_ckpt_step(study.ckpt(model))}): t, MSE of x_hat on the 4x4 lowest DCT "
+                   "frequencies, MSE of the clipped x_hat in pixels")
+        for t, (low, clipped) in denoising_error(study.ckpt(model)).items():
+            click.echo(f"  t={t:<5g} {low:10.4f} {clipped:10.4f}")
 
 
 def main(args=None):

@@ -73,8 +73,8 @@ def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=Non
 def release(src, dst, sampler=None):
     """A sampling-only copy of checkpoint ``src`` at ``dst``: EMA weights, no optimizer or RNG state.
 
-    ``sampler`` updates ``config["sampler"]`` (``steps``, ``eta``): the defaults ``bdm-export`` stores
-    in the graph. The copy loads everywhere a checkpoint does but cannot be resumed.
+    ``sampler`` updates ``config["sampler"]`` (``steps``, ``eta``, ``clip_denoised``): the defaults
+    ``bdm-export`` stores in the graph. The copy loads everywhere a checkpoint does but cannot be resumed.
     """
     state = load_state(src)
     config = dict(state["config"], sampler=dict(state["config"]["sampler"], **(sampler or {})))

@@ -46,12 +46,14 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 @click.option("--batch", default=None, type=click.IntRange(min=1), help="Images per network batch [n].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--raw", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--clip/--no-clip", default=None,
+              help="Clip x_hat to [-1, 1] at every step [checkpoint's]; --no-clip suits blurring models.")
 @click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False),
               help="Grid of all images (PNG).")
 @click.option("--npz", default=None, type=click.Path(dir_okay=False),
               help="Also write images (uint8 [n,H,W,C]), samples (float32 [n,C,H,W]) and labels.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, out, npz, quiet):
+def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, clip, out, npz, quiet):
     """Sample a trained Blurring Diffusion Model with PyTorch."""
     from runtime.cli import _check_outputs
     from runtime.images import save_grid, save_npz, to_uint8
@@ -60,7 +62,7 @@ def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, 
     labels = parse_labels(label)
     x, labels = sample_checkpoint(ckpt, n=n, steps=steps, eta=eta, seed=seed, first_index=first_index,
                                   labels=labels, guidance=guidance, batch=batch, device=device,
-                                  ema=not raw, progress=not quiet)
+                                  ema=not raw, clip_denoised=clip, progress=not quiet)
     images = to_uint8(x)
     save_grid(images, out, scale=max(1, 64 // images.shape[1]))
     if npz:

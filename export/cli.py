@@ -46,7 +46,7 @@ def _engine(onnx_path, plan, batch, workspace, timing_cache):
 
 
 def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
-                      engine):
+                      engine, clip=None):
     """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status."""
     from bdm_train import checkpoint
 
@@ -70,7 +70,8 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
     for path, half in graphs:
         try:
             meta = export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
-                               fp16=half, guidance=guidance, clip_denoised=sampler["clip_denoised"],
+                               fp16=half, guidance=guidance,
+                               clip_denoised=sampler["clip_denoised"] if clip is None else clip,
                                default_steps=steps, default_eta=eta)
         except OSError as e:
             raise BdmError(f"cannot write {path}: {e.strerror or e}")
@@ -111,6 +112,8 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 @click.option("--steps", type=int, default=None, help="Default sampler steps stored in the graph "
               "(default: the checkpoint's sampler config).")
 @click.option("--eta", type=float, default=None, help="Default eta stored in the graph (default: the checkpoint's).")
+@click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
+              "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
               help="Build a TensorRT engine from this step graph only (no torch needed); with --out.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Engine path for --onnx (X.plan; "
@@ -126,8 +129,8 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
               help="Compare torch, ONNX Runtime (and TensorRT if built) on random realistic inputs with "
                    "Polygraphy's Comparator; print max abs/rel error per output; exit non-zero when an element "
                    f"differs by more than both tolerances ({_TOL}).")
-def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, onnx_path, out, batch, workspace, timing_cache, engine,
-        check):
+def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, batch, workspace, timing_cache,
+        engine, check):
     """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
     from .trt import parse_batch
 
@@ -137,8 +140,9 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, onnx_path, out, batch, w
     if onnx_path is not None:
         if out is None:
             raise BdmError("--onnx needs --out ENGINE.plan")
-        if check or fp16 or out_dir or steps is not None or eta is not None or guidance is not None:
-            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --steps, --eta and "
+        if check or fp16 or out_dir or steps is not None or eta is not None or guidance is not None \
+                or clip is not None:
+            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --steps, --eta, --clip and "
                            "--guidance need --ckpt")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -148,7 +152,7 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, onnx_path, out, batch, w
     if out is not None:
         raise BdmError("--out is for --onnx; with --ckpt use --out-dir")
     return export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache,
-                             check, engine)
+                             check, engine, clip)
 
 
 def main(argv=None):

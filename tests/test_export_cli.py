@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -217,3 +218,35 @@ def test_check_batch_follows_the_engine_profile(tmp_path):
     for (lo, hi), want in [((4, 8), 4), ((1, 2), 2), ((1, 64), 3)]:
         (tmp_path / "e.plan.json").write_text(json.dumps({fmt.K_PROFILE: {"min": lo, "opt": hi, "max": hi}}))
         assert _profile_batch(plan, 3) == want
+
+
+def test_no_clip_is_stored_in_the_graph_and_changes_it(tiny_checkpoint, tmp_path, capsys):
+    """--no-clip overrides the checkpoint's clip_denoised: x_hat at t = 1 is then far outside [-1, 1]."""
+
+    assert checkpoint.load(tiny_checkpoint)[2]["sampler"]["clip_denoised"] is True
+    for flag, folder in (("--clip", tmp_path / "clip"), ("--no-clip", tmp_path / "noclip")):
+        code, _, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", folder, flag, "--no-engine"], capsys)
+        assert code == 0, err
+        assert read_metadata(folder / "bdm.onnx")[fmt.K_CLIP_DENOISED] is (flag == "--clip")
+    # From t = 1, x_hat = (z - sigma eps_hat) / alpha_1 (alpha_1 ~ 7e-3) is far outside [-1, 1]: clipping it
+    # changes the update. Each graph's z_next must match the PyTorch step with the same setting.
+    import onnxruntime as ort
+
+    from bdm_train.sampling import ddim_step
+
+    model, process, _ = checkpoint.load(tiny_checkpoint)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 1, 16, 16), dtype=np.float32)
+    feed = {fmt.Z: z, fmt.T: np.ones(2, np.float32), fmt.S: np.full(2, 0.9, np.float32),
+            fmt.ETA: np.zeros(1, np.float32), fmt.NOISE: np.zeros_like(z)}
+    z_next = {}
+    for clip, name in ((True, "clip"), (False, "noclip")):
+        session = ort.InferenceSession(str(tmp_path / name / "bdm.onnx"), providers=["CPUExecutionProvider"])
+        z_next[clip] = session.run([fmt.Z_NEXT], feed)[0]
+        with torch.no_grad():
+            want = ddim_step(model, process, torch.from_numpy(z), torch.ones(2), torch.full((2,), 0.9), 0.0,
+                             torch.zeros(2, 1, 16, 16), clip_denoised=clip)[0].numpy()
+        # 1e-3 relative: the unclipped update multiplies float32 rounding of x_hat by alpha_s / alpha_t (~20x
+        # here), so the two float32 implementations differ by ~1e-4 of the scale; a wrong clip setting is >10%.
+        assert np.abs(z_next[clip] - want).max() < 1e-3 * np.abs(want).max(), clip
+    assert np.abs(z_next[True] - z_next[False]).max() > 0.1 * np.abs(z_next[False]).max()

@@ -276,7 +276,8 @@ def train(data, out, resume=False, progress=True, **options):
     state = ckpt.load_state(path) if resume else None
     if state is not None and state.get("optimizer") is None:
         raise BdmError(f"{path} is a release checkpoint (EMA weights only, no optimizer state): it samples and "
-                       "exports, but cannot be resumed")
+                       "exports but cannot be resumed; resume the training checkpoint it was made from, or train "
+                       "anew into another --out")
     opts = resolve_options(options, state["config"]["train"] if state else None)
     if data is None:
         if state is None:

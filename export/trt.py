@@ -67,7 +67,7 @@ def _polygraphy_reason():
 
 
 def unavailable_reason():
-    """Why no engine can be built here (one line), or ``None`` when TensorRT >= 8.5, Polygraphy >= 0.50 and a GPU are present."""
+    """Why no engine can be built here (one line); ``None`` with TensorRT >= 8.5, Polygraphy >= 0.50 and a GPU."""
     try:
         import tensorrt
     except ImportError:

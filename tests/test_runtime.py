@@ -450,7 +450,8 @@ def test_engine_cache_key_includes_the_profile_and_the_gpu(tmp_path):
     assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)
     assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8), orin)   # another batch profile
     assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4), orin)   # another TensorRT
-    for other in ({"name": "NVIDIA Orin", "compute_capability": [8, 6]}, {"name": "Orin (nvgpu)", "compute_capability": [8, 7]}):
+    for other in ({"name": "NVIDIA Orin", "compute_capability": [8, 6]},
+                  {"name": "Orin (nvgpu)", "compute_capability": [8, 7]}):
         assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), other)  # another GPU
     os.utime(onnx_path, None)
     os.utime(plan, (1, 1))

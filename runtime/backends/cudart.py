@@ -112,7 +112,7 @@ class Cudart:
         self.check(self.lib.cudaEventDestroy(_VP(event)), "cudaEventDestroy")
 
     def wait(self, stream, other, event):
-        """Make ``stream`` wait for the work enqueued so far on ``other`` (through ``event``), without blocking the host."""
+        """Make ``stream`` wait for the work enqueued so far on ``other`` (through ``event``); the host goes on."""
         self.check(self.lib.cudaEventRecord(_VP(event), _VP(other)), "cudaEventRecord")
         self.check(self.lib.cudaStreamWaitEvent(_VP(stream), _VP(event), ctypes.c_uint(0)), "cudaStreamWaitEvent")
 

@@ -7,7 +7,7 @@ def _main(module):
     try:
         import torch  # noqa: F401  (every bdm_train command needs it)
     except ImportError as e:
-        from runtime.errors import describe_import_error
+        from bdm_runtime.errors import describe_import_error
 
         print("Error: " + describe_import_error(e), file=sys.stderr)
         sys.exit(1)

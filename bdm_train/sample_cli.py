@@ -4,8 +4,8 @@ import click
 import numpy as np
 import torch
 
-from runtime.errors import BdmError, run_cli
-from runtime.labels import normalize_labels, parse_labels
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.labels import normalize_labels, parse_labels
 
 
 def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, labels=None, guidance=0.0,
@@ -55,10 +55,10 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, clip, out, npz, quiet):
     """Sample a trained Blurring Diffusion Model with PyTorch."""
-    from runtime.cli import _check_outputs
-    from runtime.images import save_grid, save_npz, to_uint8
+    from bdm_runtime.images import save_grid, save_npz, to_uint8
+    from bdm_runtime.io import check_outputs
 
-    _check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
+    check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
     labels = parse_labels(label)
     x, labels = sample_checkpoint(ckpt, n=n, steps=steps, eta=eta, seed=seed, first_index=first_index,
                                   labels=labels, guidance=guidance, batch=batch, device=device,

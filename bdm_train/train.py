@@ -21,7 +21,7 @@ import click
 import numpy as np
 import torch
 
-from runtime.errors import BdmError, run_cli
+from bdm_runtime.errors import BdmError, run_cli
 
 from . import checkpoint as ckpt
 from . import data as datalib
@@ -253,7 +253,7 @@ def ema_update(ema, model, decay, step):
 
 def write_samples(path, ema, process, opts, device):
     """A grid of EMA samples (seed 0, the checkpoint's sampler settings)."""
-    from runtime.images import save_grid, to_uint8
+    from bdm_runtime.images import save_grid, to_uint8
 
     from .sampling import sample
 

@@ -8,7 +8,7 @@ seed and batch.
 
 Method. Networks get random weights (every parameter re-drawn: the UNet zero-initialises its
 output convolutions, which would make eps = 0), are exported as FP32 and FP16 step graphs, and
-sampled through ``runtime.load(...).sample`` and ``bdm_train.sampling.sample``. The backends of
+sampled through ``bdm_runtime.load(...).sample`` and ``bdm_train.sampling.sample``. The backends of
 one (network, batch) are interleaved repeat by repeat (their order rotated), so each repeat gives
 one runtime/PyTorch pair measured under the same machine conditions; ratios are the median of the
 per-pair ratios, times the medians. Loop overhead comes from the same timed calls: the ONNX
@@ -16,7 +16,7 @@ Runtime session's ``run_with_iobinding`` is wrapped with a timer from here (the 
 timing hook), and overhead = (sampling time - sum of step times) / sum of step times. Thread
 settings are pinned: ``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``,
 injected from here into the runtime's own ``SessionOptions`` (``ort_options``). Cold start, peak
-RSS and ``import runtime`` are measured in fresh subprocesses (the runtime ones check that torch
+RSS and ``import bdm_runtime`` are measured in fresh subprocesses (the runtime ones check that torch
 never enters ``sys.modules``). FLOPs per network evaluation come from the exported graph's
 shapes (``benchmarks.flops``), the peak from a float32 matmul with the same thread count.
 """
@@ -249,7 +249,7 @@ def eps_std(model, net):
 
 def export_graphs(model, process, net, folder):
     """Write ``<name>.onnx`` (FP32) and ``<name>_fp16.onnx``; returns their paths and export times."""
-    from export.onnx_export import export_onnx
+    from bdm_export.onnx_export import export_onnx
 
     paths, times = {}, {}
     for precision, fp16 in (("fp32", False), ("fp16", True)):
@@ -306,7 +306,7 @@ def _options_class(ort, settings):
 
 @contextlib.contextmanager
 def ort_options(settings):
-    """While open, ``onnxruntime.SessionOptions()`` (as made by ``runtime.load``) carries ``settings``."""
+    """While open, ``onnxruntime.SessionOptions()`` (as made by ``bdm_runtime.load``) carries ``settings``."""
     import onnxruntime as ort
 
     base = ort.SessionOptions
@@ -337,11 +337,11 @@ class StepTimer:
 
 
 def load_timed(path, settings):
-    """``(sampler, StepTimer)``: ``runtime.load(path)`` on the CPU provider with ``settings``, step-timed."""
-    import runtime
+    """``(sampler, StepTimer)``: ``bdm_runtime.load(path)`` on the CPU provider with ``settings``, step-timed."""
+    import bdm_runtime
 
     with ort_options(settings):
-        sampler = runtime.load(path, backend="ort", providers=["CPUExecutionProvider"])
+        sampler = bdm_runtime.load(path, backend="ort", providers=["CPUExecutionProvider"])
     backend = sampler._backend  # the runtime offers no timing hook: wrap its session from here
     timer = StepTimer(backend.session)
     backend.session = timer
@@ -512,10 +512,10 @@ _PEAK = "max(int(l.split()[1]) for l in open('/proc/self/status') if l.startswit
 _RUNTIME_CHILD = r'''
 import json, sys, time
 t0 = time.perf_counter()
-import runtime
+import bdm_runtime
 t1 = time.perf_counter()
 torch_at_import = "torch" in sys.modules
-s = runtime.load({path!r}, backend="ort", providers=["CPUExecutionProvider"])
+s = bdm_runtime.load({path!r}, backend="ort", providers=["CPUExecutionProvider"])
 t2 = time.perf_counter()
 s.sample(1, seed=0, steps={steps}, eta={eta})
 t3 = time.perf_counter()
@@ -554,17 +554,17 @@ print(json.dumps({{"peak_rss_mib": {peak}}}))
 _IMPORT_CHILD = r'''
 import json, sys, time
 t = time.perf_counter()
-import runtime
+import bdm_runtime
 d = time.perf_counter() - t
 t = time.perf_counter()
-import runtime.sampler
+import bdm_runtime.sampler
 d2 = time.perf_counter() - t
 print(json.dumps({"import_runtime_s": d, "import_runtime_sampler_s": d2, "torch_in_sys_modules": "torch" in sys.modules}))
 '''
 
 
 def import_times(repeats):
-    """``import runtime`` in fresh interpreters: median seconds, and whether torch was ever loaded."""
+    """``import bdm_runtime`` in fresh interpreters: median seconds, and whether torch was ever loaded."""
     runs = [_python(_IMPORT_CHILD) for _ in range(repeats)]
     bad = [r["error"] for r in runs if "error" in r]
     if bad:
@@ -665,18 +665,18 @@ def _gpu_backend(kind, net, model, process, paths):
     import torch
 
     from bdm_train.sampling import conditioned, ddim_step, sample
-    from runtime.noise import NoiseStream, time_grid
+    from bdm_runtime.noise import NoiseStream, time_grid
 
     dev = torch.device("cuda")
     c, size = net["unet"]["in_channels"], net["unet"]["image_size"]
     shape = (c, size, size)
     extra = {}
     if kind.startswith("trt"):
-        import runtime
+        import bdm_runtime
 
         folder = tempfile.mkdtemp(prefix="bdm-trt-")
         t = time.perf_counter()
-        sampler = runtime.load(paths[kind.split("-")[1]], backend="trt", engine_cache=folder)
+        sampler = bdm_runtime.load(paths[kind.split("-")[1]], backend="trt", engine_cache=folder)
         extra["engine_build_and_load_s"] = round(time.perf_counter() - t, 2)
         plans = [f for f in os.listdir(folder) if f.endswith(".plan")]
         extra["engine_mib"] = round(os.path.getsize(os.path.join(folder, plans[0])) / 2 ** 20, 2) if plans else None
@@ -754,7 +754,7 @@ def targets(result):
     imp = result.get("import_runtime", {})
     if "median_s" in imp:
         ok = imp["median_s"] < TARGET_IMPORT_S and not imp["torch_in_sys_modules"]
-        out.append({"target": f"`import runtime` < {TARGET_IMPORT_S} s, no torch in sys.modules",
+        out.append({"target": f"`import bdm_runtime` < {TARGET_IMPORT_S} s, no torch in sys.modules",
                     "value": imp["median_s"], "threshold": TARGET_IMPORT_S, "met": ok})
     return out
 
@@ -792,7 +792,7 @@ def markdown(res):
          f"{pk['threads']} threads): torch {pk['torch_gflops']} GFLOP/s, numpy {pk['numpy_gflops']} GFLOP/s.",
          "",
          f"Sampler: eta = {res['run']['eta']} (ancestral, noise drawn every step), seed {SEED}, clip_denoised; "
-         "PyTorch = `bdm_train.sampling.sample` (eager, no_grad); ort = `runtime.load(...).sample` (I/O binding). "
+         "PyTorch = `bdm_train.sampling.sample` (eager, no_grad); ort = `bdm_runtime.load(...).sample` (I/O binding). "
          "x PyTorch = median over repeats of the pairwise ratio of images/s (each pair measured back to back). "
          "Loop overhead = (sampling time - sum of the session's own step times) / sum of step times. "
          "% peak = achieved GFLOP/s (Conv/Gemm/MatMul FLOPs of the graph x images x steps / time) over the "
@@ -835,8 +835,8 @@ def markdown(res):
         L.append("")
     imp = res["import_runtime"]
     if "median_s" in imp:
-        L += [f"`import runtime` (fresh interpreter, median of {imp['repeats']}): {imp['median_s'] * 1000:.1f} ms; "
-              f"then `import runtime.sampler` (numpy): {imp['then_runtime_sampler_median_s'] * 1000:.1f} ms; "
+        L += [f"`import bdm_runtime` (fresh interpreter, median of {imp['repeats']}): {imp['median_s'] * 1000:.1f} ms; "
+              f"then `import bdm_runtime.sampler` (numpy): {imp['then_runtime_sampler_median_s'] * 1000:.1f} ms; "
               f"torch in sys.modules: {imp['torch_in_sys_modules']}.", ""]
     sw = res.get("ort_sweep")
     if sw:
@@ -887,7 +887,7 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print):
            "machine": machine_info(),
            "threads": {"torch_num_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
                        "ort_intra_op_num_threads": threads, "ort_graph_optimization_level": "ORT_ENABLE_ALL",
-                       "how": "ORT settings injected into runtime.load's SessionOptions by benchmarks.bench.ort_options"}}
+                       "how": "ORT settings injected into bdm_runtime.load's SessionOptions by benchmarks.bench.ort_options"}}
     log(f"machine: {res['machine'].get('cpu_model')}, load {res['run']['load_before']}, threads {threads}")
     res["matmul_peak"] = pk = matmul_peak(threads, 512 if quick else 2048, 3 if quick else 5)
     log(f"matmul peak: {pk['peak_gflops']} GFLOP/s")
@@ -935,7 +935,7 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print):
 
 def write(res, out):
     """``out.json`` and ``out.md`` (atomically)."""
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic_path(out + ".json") as tmp:

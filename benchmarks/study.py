@@ -39,7 +39,7 @@ import time
 import click
 import numpy as np
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -169,7 +169,7 @@ def noisy_fraction(images, reference, quantile=0.999):
 
 # -- small helpers ------------------------------------------------------------------------------
 def _write_json(path, obj):
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -282,7 +282,7 @@ class Study:
     def export(self, allow_partial=False):
         """The EMA weights of each model as ONNX step graphs, with and without the clip (skipped when up to date)."""
         from bdm_train import checkpoint
-        from export import export_onnx
+        from bdm_export import export_onnx
 
         for model in self.models:
             self._trained(model, allow_partial)
@@ -314,7 +314,7 @@ class Study:
                     start = time.perf_counter()
                     images = sampler(b, steps, eta, first)
                     seconds = time.perf_counter() - start
-                    from runtime.images import save_npz
+                    from bdm_runtime.images import save_npz
 
                     os.makedirs(folder, exist_ok=True)
                     save_npz(path, images=images, seconds=np.float64(seconds))
@@ -326,7 +326,7 @@ class Study:
 
     def _sampler(self, model, clip=True):
         """``f(n, steps, eta, first_index) -> uint8 [n, H, W, C]`` through the runtime or PyTorch."""
-        from runtime.images import to_uint8
+        from bdm_runtime.images import to_uint8
 
         if self.backend == "torch":
             from bdm_train.sample_cli import sample_checkpoint
@@ -338,9 +338,9 @@ class Study:
             return lambda n, steps, eta, first: to_uint8(sample_checkpoint(
                 ck, n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, first_index=first, device=self.device,
                 clip_denoised=clip)[0])
-        import runtime
+        import bdm_runtime
 
-        s = runtime.load(self.onnx(model, clip), batch=self.chunk, threads=self.threads)
+        s = bdm_runtime.load(self.onnx(model, clip), batch=self.chunk, threads=self.threads)
         f = lambda n, steps, eta, first: to_uint8(s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta,  # noqa: E731
                                                            first_index=first))
         f.close = s.close
@@ -390,13 +390,13 @@ class Study:
     # -- spot check: the runtime on the ONNX equals the PyTorch reference ------------------------
     def parity(self, n=16, steps=10, eta=1.0, allow_partial=False):
         """Max |runtime - PyTorch| over ``n`` images per model (same seed protocol); writes ``parity.json``."""
-        import runtime
+        import bdm_runtime
         from bdm_train.sample_cli import sample_checkpoint
 
         out = {}
         for model in self.models:
             self._trained(model, allow_partial)
-            with runtime.load(self.onnx(model)) as s:
+            with bdm_runtime.load(self.onnx(model)) as s:
                 a = s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta)
             b = sample_checkpoint(self.ckpt(model), n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, device="cpu")[0]
             out[model] = dict(n=n, steps=steps, eta=eta, max_abs_diff=float(np.abs(a - b).max()))
@@ -440,7 +440,7 @@ class Study:
 
         study = self.collect()
         _write_json(os.path.join(self.results, "study.json"), study)
-        from runtime.io import atomic_path
+        from bdm_runtime.io import atomic_path
 
         with atomic_path(os.path.join(self.results, "study.md")) as tmp, open(tmp, "w") as f:
             f.write(markdown(study))
@@ -469,7 +469,7 @@ class Study:
                                                                clip_denoised=bool(rec["clip"])))
         state = checkpoint.load_state(dst)
         _write_json(os.path.join(folder, "config.json"), dict(state["config"], step=int(state["step"])))
-        from runtime.io import atomic_path
+        from bdm_runtime.io import atomic_path
 
         with atomic_path(os.path.join(folder, "MODEL_CARD.md")) as tmp, open(tmp, "w") as f:
             f.write(model_card(study, state, dst))
@@ -479,7 +479,7 @@ class Study:
 
     def _grids(self, study):
         """8x8 grids of the first 64 samples of each model at the recommended settings and at its own best."""
-        from runtime.images import save_grid
+        from bdm_runtime.images import save_grid
 
         rec = study["recommended"]
         if not rec:
@@ -731,7 +731,7 @@ def diagnose_cmd(runs):
 
 
 def main(args=None):
-    from bdm_train.train import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)
 

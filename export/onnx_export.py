@@ -1,4 +1,4 @@
-"""Export one whole sampler step (``export.step.StepGraph``) as an ONNX graph, format version 1.
+"""Export one whole sampler step (``bdm_export.step.StepGraph``) as an ONNX graph, format version 1.
 
 Exporter: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) at opset 17. The
 dynamo exporter (torch 2.13) emits opset 18 and converts down; on the FP16 UNet that conversion
@@ -13,9 +13,9 @@ import warnings
 import torch
 
 import bdm_train
-from runtime import format as fmt
-from runtime.io import atomic_path
-from runtime.noise import check_positive_int
+from bdm_runtime import format as fmt
+from bdm_runtime.io import atomic_path
+from bdm_runtime.noise import check_positive_int
 
 from .fp16 import half_model
 from .step import StepGraph
@@ -25,7 +25,7 @@ BATCH = "batch"
 
 
 def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision):
-    """The ``bdm.*`` metadata of a step graph (``runtime.format``), as plain values."""
+    """The ``bdm.*`` metadata of a step graph (``bdm_runtime.format``), as plain values."""
     h, w = process.image_size
     return {
         fmt.K_FORMAT_VERSION: fmt.FORMAT_VERSION,

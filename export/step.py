@@ -3,13 +3,13 @@
 It only wires ``bdm_train.sampling`` together (one source of truth): the schedule (B3, B4), the
 DCTs (B1) and the DDIM-eta update (B10) are the very functions the torch sampler runs, computed
 inside the graph from the scalar times ``t`` and ``s``. Its forward takes the inputs of
-``runtime.format`` in their order and returns ``(z_next, x0)``.
+``bdm_runtime.format`` in their order and returns ``(z_next, x0)``.
 """
 import torch
 from torch import nn
 
 from bdm_train.sampling import conditioned, ddim_step, guided
-from runtime import format as fmt
+from bdm_runtime import format as fmt
 
 
 class StepGraph(nn.Module):
@@ -31,7 +31,7 @@ class StepGraph(nn.Module):
 
     @property
     def input_names(self):
-        """Graph input names in forward order (``runtime.format``)."""
+        """Graph input names in forward order (``bdm_runtime.format``)."""
         names = list(fmt.INPUTS)
         if self.num_classes > 0:
             names.append(fmt.LABEL)

@@ -6,46 +6,13 @@
 User mistakes print one line ``Error: ...`` on stderr and exit non-zero, before anything is
 written; every output file is written atomically (an interrupted run leaves none half-written).
 """
-import os
 import time
 
 import click
 
 from .errors import BdmError, run_cli
+from .io import check_outputs
 from .labels import normalize_labels, parse_labels
-
-
-def _writable_dir(flag, path):
-    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is one)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
-
-
-def _check_outputs(out, out_dir, npz):
-    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing)."""
-    if not (out or out_dir or npz):
-        raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
-    for flag, path in (("--out", out), ("--npz", npz)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise BdmError(f"{flag} {path} is a directory")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise BdmError(f"{flag} {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise BdmError(f"{flag} {path}: folder {folder} is not writable")
-    if out and not out.lower().endswith(".png"):
-        raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
-    if npz and not npz.lower().endswith(".npz"):
-        raise BdmError(f"--npz {npz}: name it *.npz")
-    if out_dir:
-        _writable_dir("--out-dir", out_dir)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,14 +45,14 @@ def _check_outputs(out, out_dir, npz):
 def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
         out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
-    import runtime
+    import bdm_runtime
     from .images import save_dir, save_grid, save_npz, to_uint8
 
-    _check_outputs(out, out_dir, npz)
+    check_outputs(out, out_dir, npz)
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
-    with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
+    with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
                       threads=threads) as sampler:
         start = time.perf_counter()
         x = sampler.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,

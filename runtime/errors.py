@@ -9,7 +9,7 @@ class BdmError(Exception):
 PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
              # an unpinned torch pulls a multi-GB CUDA build: name the CPU build
              "torch": "torch==2.13.0 (the CPU build; any torch >= 2.1 with CUDA on a GPU machine)"}
-OWN_PACKAGES = ("bdm_train", "export", "runtime")
+OWN_PACKAGES = ("bdm_train", "bdm_export", "bdm_runtime")
 
 
 def describe_import_error(e):

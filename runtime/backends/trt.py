@@ -12,7 +12,6 @@ per step only ``t``, ``s`` and, for ``eta > 0``, the noise are copied up, and ``
 once per chunk into the caller's array or device memory.
 """
 import ctypes
-import os
 import re
 import warnings
 
@@ -20,7 +19,6 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
-from ..io import writable_folder
 from . import DeviceOut
 
 _H2D, _D2H, _D2D = "HostToDevice", "DeviceToHost", "DeviceToDevice"  # polygraphy.cuda.MemcpyKind
@@ -73,47 +71,6 @@ def import_cuda():
     if cuda is None:
         raise BdmError(f"the TensorRT backend cannot run here: {why}; run the .onnx with --backend ort")
     return cuda
-
-
-def cached_engine(onnx_path, info, engine_cache=None, batch=None):
-    """Path of a TensorRT engine for ``onnx_path``, built once per TensorRT version and batch profile, and cached.
-
-    The engine ``<stem>.trt<version>[.b<batch>].plan`` lives beside the ``.onnx`` (or in
-    ``engine_cache``), with profile ``1:batch:batch`` (export's default without ``batch``). It is
-    rebuilt when missing, older than the ``.onnx``, or when its side file names another TensorRT
-    or another profile.
-    """
-    trt = import_tensorrt()
-    trt_version(trt)
-    import_cuda()
-    try:
-        from export.trt import DEFAULT_BATCH, build_engine  # torch-free by contract (the [trt] extra)
-    except ImportError as e:
-        raise BdmError(f"cannot build a TensorRT engine here ({e}): build one with bdm-export --onnx")
-    profile = tuple(DEFAULT_BATCH) if batch is None else (1, batch, batch)
-    stem = os.path.splitext(os.path.basename(onnx_path))[0]
-    folder = engine_cache or os.path.dirname(os.path.abspath(onnx_path))
-    tag = "" if batch is None else f".b{batch}"
-    plan = os.path.join(folder, f"{stem}.trt{trt.__version__}{tag}.plan")
-    if _is_current(plan, onnx_path, trt.__version__, profile):
-        return plan
-    writable_folder(folder, "the TensorRT engine cache (pass engine_cache to choose another)")
-    build_engine(onnx_path, plan, batch=profile)
-    return plan
-
-
-def _is_current(plan, onnx_path, version, profile):
-    """Whether ``plan`` is newer than ``onnx_path`` and its side file names ``version`` and ``profile``."""
-    from ..sampler import read_side_file
-
-    if not os.path.exists(plan) or os.path.getmtime(plan) < os.path.getmtime(onnx_path):
-        return False
-    try:
-        raw = read_side_file(plan)
-    except (BdmError, OSError):
-        return False
-    want = {"min": profile[0], "opt": profile[1], "max": profile[2]}
-    return raw.get(fmt.K_TRT_VERSION) == version and raw.get(fmt.K_PROFILE) == want
 
 
 class _Buffer:

@@ -3,7 +3,7 @@
 Every frequency has its own ``alpha_t`` (cosine noise schedule times heat dissipation); all share
 one ``sigma_t``. With ``blur_sigma_max = 0`` the blur is the identity and this is the DDPM/VDM
 baseline with the same cosine schedule, through the same code.
-Equation labels refer to ``shared/reference/bdm-math.md``.
+Equation labels refer to ``docs/maths.md``.
 """
 import math
 

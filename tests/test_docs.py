@@ -5,7 +5,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = (".py", ".md", ".cfg", ".toml", ".txt")
-LABEL = re.compile(r"\bB(1[0-5]|[1-9])\b")
+LABEL = re.compile(r"\bB(\d{1,2})\b")
 
 
 def _files():

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from bdm_runtime.errors import BdmError
+
 from .dct import dct2, dct_matrix, idct2
 
 
@@ -38,9 +40,9 @@ class BlurringDiffusion(nn.Module):
         super().__init__()
         h, w = _hw(image_size)
         if h < 1 or w < 1:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
+            raise BdmError(f"image_size must be positive, got {image_size!r}")
         if blur_sigma_max < 0 or not 0 < min_scale <= 1 or not logsnr_min < logsnr_max:
-            raise ValueError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
+            raise BdmError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
         self.image_size = (h, w)
         self.blur_sigma_max = float(blur_sigma_max)
         self.min_scale = float(min_scale)

@@ -6,6 +6,7 @@ the eps prediction in pixel space.
 """
 import torch
 
+from bdm_runtime.errors import BdmError
 from bdm_runtime.labels import normalize_labels
 from bdm_runtime.noise import NoiseStream, check_positive_int, time_grid
 
@@ -83,7 +84,7 @@ def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, f
     """
     n = check_positive_int(n, "n")
     if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        raise BdmError(f"eta must be in [0, 1], got {eta!r}")
     grid = time_grid(steps)
     channels = channels if channels is not None else getattr(model, "in_channels", None)
     if channels is None:

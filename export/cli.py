@@ -108,9 +108,10 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
-@click.option("--steps", type=int, default=None, help="Default sampler steps stored in the graph "
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampler steps stored in the graph "
               "(default: the checkpoint's sampler config).")
-@click.option("--eta", type=float, default=None, help="Default eta stored in the graph (default: the checkpoint's).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="Default eta stored in the graph (default: the checkpoint's).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
               "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,

@@ -10,6 +10,7 @@ from torch import nn
 
 from bdm_train.sampling import conditioned, ddim_step, guided
 from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 
 class StepGraph(nn.Module):
@@ -22,7 +23,7 @@ class StepGraph(nn.Module):
     def __init__(self, model, process, num_classes=0, guided=False, clip_denoised=True):
         super().__init__()
         if guided and num_classes <= 0:
-            raise ValueError("guidance needs a conditional model (num_classes > 0)")
+            raise BdmError("guidance needs a conditional model (num_classes > 0)")
         self.model = model
         self.process = process
         self.num_classes = int(num_classes)

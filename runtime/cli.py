@@ -18,20 +18,22 @@ from .labels import normalize_labels, parse_labels
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
               help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise protocol.")
-@click.option("--first-index", type=int, default=0, show_default=True,
+@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
+@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the first image in the seed's sequence (to split a run across processes).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (default: the model's own).")
-@click.option("--eta", type=float, default=None, help="0 deterministic .. 1 ancestral (default: the model's own).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps (default: the model's own).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="0 deterministic .. 1 ancestral (default: the model's own).")
 @click.option("--label", default=None, help="Class label for conditional models: one id, or one per image "
               "(comma-separated). Default: the null label (unconditional).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance weight w (needs a guided graph).")
-@click.option("--batch", type=int, default=None, help="Images per chunk (default: the engine's profile maximum, "
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance weight w of B12 (needs a guided graph).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
               "or 64 for ONNX Runtime).")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime CPU threads (default: one per core; 1 suits a busy, shared machine).")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="TensorRT: replay each step as a captured CUDA graph.")
@@ -49,8 +51,6 @@ def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backen
     from .images import save_dir, save_grid, save_npz, to_uint8
 
     check_outputs(out, out_dir, npz)
-    if n < 1:
-        raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
     with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
                       threads=threads) as sampler:

@@ -61,11 +61,20 @@ def test_wheel_installs_only_bdm_names_and_every_module(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == set(FOLDERS), top  # bdm_runtime, bdm_export, bdm_train: nothing named runtime or export
     # Every module of the folders is in it (a subpackage missing from setup.cfg's list would not be).
     assert {n for n in names if n.endswith(".py")} == set(_sources())
     scripts = dict(line.split(" = ") for line in entry_points.splitlines() if " = " in line)
+    # The CPU and CUDA builds of ONNX Runtime install the same module: one extra each, none has both.
+    extras = {}
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" in line:
+            req, extra = line[len("Requires-Dist:"):].split(";")
+            extras.setdefault(extra.split("==")[1].strip().strip("'\""), set()).add(req.split(">")[0].strip())
+    assert "onnxruntime" in extras["ort"] and "onnxruntime-gpu" in extras["ort-gpu"], extras
+    assert not any({"onnxruntime", "onnxruntime-gpu"} <= reqs for reqs in extras.values()), extras
     assert set(scripts) == {"bdm-train", "bdm-sample", "bdm-export", "bdm-run"}
     assert all(target.split(".")[0] in FOLDERS for target in scripts.values()), scripts
 

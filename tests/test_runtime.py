@@ -424,6 +424,17 @@ def test_run_cli_maps_missing_modules_and_os_errors(capsys, tmp_path):
         _run_cli_error(ModuleNotFoundError("No module named 'bdm_runtime.nope'", name="bdm_runtime.nope"), capsys)
 
 
+def test_run_cli_turns_only_user_errors_into_one_line(capsys):
+    """``BdmError`` (a ``ValueError``) is one line; any other ``ValueError`` is a bug and keeps its traceback."""
+    assert issubclass(BdmError, ValueError)
+    code, err = _run_cli_error(BdmError("x.onnx: not a bdm step graph"), capsys)
+    assert code == 1 and err == "Error: x.onnx: not a bdm step graph\n"
+    for bug in (ValueError("operands could not be broadcast together"), TypeError("'NoneType' object"),
+                KeyError("bdm.image_shape")):
+        with pytest.raises(type(bug)):
+            _run_cli_error(bug, capsys)
+
+
 # -- TensorRT helpers that need no TensorRT ----------------------------------------------------------
 def test_trt_version_refuses_before_8_5():
     from types import SimpleNamespace

@@ -149,6 +149,10 @@ def test_help():
     for flag in ("--engine", "--n", "--seed", "--first-index", "--steps", "--eta", "--label", "--guidance",
                  "--batch", "--backend", "--cuda-graph", "--out", "--out-dir", "--npz"):
         assert flag in proc.stdout
+    # Numeric options say their range and default (click's IntRange/FloatRange, show_default).
+    text = " ".join(proc.stdout.split())
+    for shown in ("[default: 16; x>=1]", "[default: 0; x>=0]", "[0<=x<=1]"):
+        assert shown in text, shown
 
 
 def test_embedding_example(mixture_onnx, tmp_path):

@@ -91,3 +91,14 @@ def test_training_commands_without_torch_fail_in_one_line(entry):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: missing dependency torch"), proc.stderr
     assert "torch==2.13.0" in proc.stderr  # the CPU build, never an unpinned (multi-GB CUDA) torch
+
+
+@pytest.mark.parametrize("entry", ["train", "sample"])
+def test_training_commands_help_without_importing_torch(entry):
+    """``bdm-train --help`` and ``bdm-sample --help`` answer without loading torch (it costs seconds)."""
+    proc = _python(f"import sys; sys.argv = ['bdm-{entry}', '--help']\n"
+                   f"from bdm_train.entry import {entry}\n"
+                   f"try:\n    {entry}()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+                   "print('torch' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: bdm-" + entry in proc.stdout and proc.stdout.strip().endswith("False"), proc.stdout

@@ -11,7 +11,6 @@ import threading
 
 import numpy as np
 
-from . import format as fmt
 from .errors import BdmError
 from .labels import normalize_labels
 from .noise import NoiseStream, check_positive_int, check_seed, time_grid

@@ -17,6 +17,7 @@ from bdm_runtime import format as fmt
 from bdm_runtime.errors import BdmError
 from bdm_runtime.io import atomic_path
 from bdm_runtime.noise import check_positive_int
+from bdm_train.diffusion import param_of
 
 from .fp16 import half_model
 from .step import StepGraph
@@ -25,7 +26,8 @@ OPSET = 17
 BATCH = "batch"
 
 
-def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision):
+def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision,
+             param="eps"):
     """The ``bdm.*`` metadata of a step graph (``bdm_runtime.format``), as plain values."""
     h, w = process.image_size
     return {
@@ -39,6 +41,7 @@ def metadata(process, *, channels, num_classes, guided, clip_denoised, default_s
         fmt.K_DEFAULT_ETA: float(default_eta),
         fmt.K_PRECISION: precision,
         fmt.K_VERSION: bdm_train.__version__,
+        fmt.K_PARAM: param,
     }
 
 
@@ -86,7 +89,7 @@ def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = metadata(process, channels=channels, num_classes=num_classes, guided=guided,
                     clip_denoised=clip_denoised, default_steps=default_steps, default_eta=default_eta,
-                    precision="fp16" if fp16 else "fp32")
+                    precision="fp16" if fp16 else "fp32", param=param_of(model))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, fmt.encode(meta))
     proto.producer_name = "bdm"

@@ -49,7 +49,9 @@ class StepGraph(nn.Module):
             eps_model = guided(self.model, label, guidance, self.num_classes)   # B12
         else:
             eps_model = conditioned(self.model, label if self.num_classes > 0 else None)
-        return ddim_step(eps_model, self.process, z, t, s, eta, noise, self.clip_denoised)  # B10
+        # B8 / B14: the model's parameterisation (and its data statistics, as constants) is read
+        # by the same function as in the torch sampler; the graph's interface does not change.
+        return ddim_step(eps_model, self.process, z, t, s, eta, noise, self.clip_denoised, spec=self.model)  # B10
 
     def example_inputs(self, channels, batch=2, seed=0):
         """Realistic example inputs (a latent at ``t = 0.5``, adjacent ``s``), as a tuple in input order."""

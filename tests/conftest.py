@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 # The architecture of the tiny checkpoints: 16x16 -> 8x8 with attention at 8 (and in the middle).
 TINY_MODEL = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn=(8,))
-TINY_TRAIN = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, blur_sigma_max=3.0, dropout=0.0, seed=0,
+TINY_TRAIN = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, blur_sigma_max=3.0, dropout=0.0, seed=0, param="eps",
                   log_every=10, ckpt_every=0)
 
 

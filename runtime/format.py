@@ -43,6 +43,7 @@ REQUIRED_KEYS = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GU
 # Engine side files only.
 K_TRT_VERSION = "bdm.tensorrt_version"
 K_PROFILE = "bdm.profile"                # {"min": b, "opt": b, "max": b}, in images
+K_TRT_DEVICE = "bdm.tensorrt_device"     # {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
 
 
 def encode(meta):

@@ -16,8 +16,8 @@ import zipfile
 import numpy as np
 import torch
 
-from runtime.errors import BdmError
-from runtime.io import atomic_path
+from bdm_runtime.errors import BdmError
+from bdm_runtime.io import atomic_path
 
 FORMAT = "bdm.checkpoint"
 VERSION = 1

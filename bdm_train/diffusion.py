@@ -10,14 +10,15 @@ or ``"spectral"`` (B14: EDM's preconditioning per frequency, with the model's bu
 ``data_mean`` and ``data_std``, ``[C, H, W]`` in DCT space). ``read_output`` is the one place that
 turns an output into ``(u_x_hat, u_eps)`` and ``target`` the one place that says what it is
 trained to be; the loss, the torch samplers and the exported step graph all go through them.
-Equation labels refer to ``shared/reference/bdm-math.md``.
+Equation labels refer to ``docs/maths.md``.
 """
 import math
 
 import torch
 from torch import nn
 
-from runtime.format import PARAMS
+from bdm_runtime.errors import BdmError
+from bdm_runtime.format import PARAMS
 
 from .dct import dct2, dct_matrix, idct2
 
@@ -71,9 +72,9 @@ class BlurringDiffusion(nn.Module):
         super().__init__()
         h, w = _hw(image_size)
         if h < 1 or w < 1:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
+            raise BdmError(f"image_size must be positive, got {image_size!r}")
         if blur_sigma_max < 0 or not 0 < min_scale <= 1 or not logsnr_min < logsnr_max:
-            raise ValueError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
+            raise BdmError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
         self.image_size = (h, w)
         self.blur_sigma_max = float(blur_sigma_max)
         self.min_scale = float(min_scale)

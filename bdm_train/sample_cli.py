@@ -2,15 +2,16 @@
 
 import click
 import numpy as np
-import torch
 
-from runtime.errors import BdmError, run_cli
-from runtime.labels import normalize_labels, parse_labels
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.labels import normalize_labels, parse_labels
 
 
 def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, labels=None, guidance=0.0,
                       batch=None, device="auto", ema=True, clip_denoised=None, progress=False):
     """float ``[n, C, H, W]`` in ``[-1, 1]`` and the labels used (or None)."""
+    import torch
+
     from . import checkpoint
     from .sampling import sample
 
@@ -42,7 +43,8 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 @click.option("--first-index", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first image in the seed's stream (split work across calls).")
 @click.option("--label", default=None, help="Class label for all images, or one per image (comma-separated).")
-@click.option("--guidance", default=0.0, show_default=True, type=float, help="Classifier-free guidance w (B12).")
+@click.option("--guidance", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Classifier-free guidance w (B12).")
 @click.option("--batch", default=None, type=click.IntRange(min=1), help="Images per network batch [n].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--raw", is_flag=True, help="Use the raw weights instead of the EMA weights.")
@@ -55,10 +57,10 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, clip, out, npz, quiet):
     """Sample a trained Blurring Diffusion Model with PyTorch."""
-    from runtime.cli import _check_outputs
-    from runtime.images import save_grid, save_npz, to_uint8
+    from bdm_runtime.images import save_grid, save_npz, to_uint8
+    from bdm_runtime.io import check_outputs
 
-    _check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
+    check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
     labels = parse_labels(label)
     x, labels = sample_checkpoint(ckpt, n=n, steps=steps, eta=eta, seed=seed, first_index=first_index,
                                   labels=labels, guidance=guidance, batch=batch, device=device,

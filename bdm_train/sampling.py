@@ -7,8 +7,9 @@ default; ``spectral``, B14, with ``data_mean``/``data_std``), applied by ``denoi
 """
 import torch
 
-from runtime.labels import normalize_labels
-from runtime.noise import NoiseStream, check_positive_int, time_grid
+from bdm_runtime.errors import BdmError
+from bdm_runtime.labels import normalize_labels
+from bdm_runtime.noise import NoiseStream, check_positive_int, time_grid
 
 
 def denoise(model_fn, process, z, t, spec=None):
@@ -73,7 +74,7 @@ def conditioned(model, labels):
 
 
 def _labels(labels, n, num_classes, device):
-    """``runtime.labels.normalize_labels`` as a long tensor on ``device`` (``None`` if unconditional)."""
+    """``bdm_runtime.labels.normalize_labels`` as a long tensor on ``device`` (``None`` if unconditional)."""
     if torch.is_tensor(labels):
         labels = labels.detach().cpu().numpy()
     labels = normalize_labels(labels, n, num_classes)
@@ -84,14 +85,14 @@ def _labels(labels, n, num_classes, device):
 def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, first_index=0,
            clip_denoised=True, batch_size=None, channels=None, num_classes=None, device=None,
            progress=False):
-    """Draw ``n`` images with the noise protocol of ``runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
+    """Draw ``n`` images with the noise protocol of ``bdm_runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
 
     Time grid ``t_i = i / steps``, ``i = steps .. 0``: one network evaluation per step; the last
     step (to ``s = 0``) returns the clipped denoised estimate.
     """
     n = check_positive_int(n, "n")
     if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        raise BdmError(f"eta must be in [0, 1], got {eta!r}")
     grid = time_grid(steps)
     channels = channels if channels is not None else getattr(model, "in_channels", None)
     if channels is None:

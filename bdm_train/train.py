@@ -21,12 +21,10 @@ import time
 
 import click
 import numpy as np
-import torch
 
-from runtime.errors import BdmError, run_cli
-from runtime.format import PARAMS
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.format import PARAMS
 
-from . import checkpoint as ckpt
 from . import data as datalib
 
 DEFAULTS = dict(
@@ -69,6 +67,8 @@ def int_list(value, name):
 
 def valid_device(opt):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (parsed by torch, so ``cuda:abc`` is refused here)."""
+    import torch
+
     if opt == "auto":
         return True
     try:
@@ -149,6 +149,8 @@ class Dist:
     """Rank and world size; initialises torch.distributed when launched by ``torchrun``."""
 
     def __init__(self, device_opt):
+        import torch
+
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -163,6 +165,8 @@ class Dist:
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     def _device(self, opt):
+        import torch
+
         if opt == "auto":
             opt = "cuda" if torch.cuda.is_available() else "cpu"
         if opt.startswith("cuda"):
@@ -202,11 +206,15 @@ def derived_seed(seed, stream, k):
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed, epoch, n):
     """The data order of one epoch."""
+    import torch
+
     return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, 0, epoch)))
 
 
 def batch_indices(seed, step, n, batch_size):
     """Global batch ``step``: positions ``[step*B, (step+1)*B)`` of the chained epoch permutations."""
+    import torch
+
     parts, pos, end = [], step * batch_size, (step + 1) * batch_size
     while pos < end:
         epoch, off = divmod(pos, n)
@@ -218,6 +226,8 @@ def batch_indices(seed, step, n, batch_size):
 
 def batch_noise(seed, step, batch_size, shape):
     """``t``, ``eps``, flip mask and label-drop draw of the global batch ``step``."""
+    import torch
+
     g = torch.Generator().manual_seed(derived_seed(seed, 1, step))
     t = torch.rand(batch_size, generator=g)
     eps = torch.randn((batch_size,) + tuple(shape), generator=g)
@@ -251,6 +261,8 @@ def spectral_statistics(images, image_size, seed, limit=STATS_IMAGES):
     The subset is drawn with numpy from ``seed`` (the torch RNG, which draws the initial weights,
     is untouched), so the statistics, like the rest of a run, follow from the options alone.
     """
+    import torch
+
     from .diffusion import BlurringDiffusion, data_statistics
 
     n = len(images)
@@ -270,6 +282,8 @@ def make_config(model, process, opts, ds, data_path):
 
 def ema_update(ema, model, decay, step):
     """``ema <- d ema + (1 - d) theta`` with ``d = min(decay, (1 + step) / (10 + step))`` (warm-up)."""
+    import torch
+
     d = min(decay, (1.0 + step) / (10.0 + step))
     with torch.no_grad():
         e = list(ema.parameters())
@@ -278,7 +292,7 @@ def ema_update(ema, model, decay, step):
 
 def write_samples(path, ema, process, opts, device):
     """A grid of EMA samples (seed 0, the checkpoint's sampler settings)."""
-    from runtime.images import save_grid, to_uint8
+    from bdm_runtime.images import save_grid, to_uint8
 
     from .sampling import sample
 
@@ -296,6 +310,10 @@ def train(data, out, resume=False, progress=True, **options):
     Options are those of ``bdm-train`` with underscores (``batch_size=64``, ``ch_mult=(1, 2, 2)``, ...);
     ``resume=True`` continues ``out/model.pt`` up to ``steps`` total steps (``data=None``: the stored path).
     """
+    import torch
+
+    from . import checkpoint as ckpt
+
     out = os.fspath(out)
     path = os.path.join(out, "model.pt")
     state = ckpt.load_state(path) if resume else None
@@ -319,6 +337,10 @@ def train(data, out, resume=False, progress=True, **options):
 
 
 def _train(data, out, path, opts, state, dist, progress):
+    import torch
+
+    from . import checkpoint as ckpt
+
     device = dist.device
     ds = datalib.load(data, opts["image_size"], opts["fit"], opts["workers"])
     opts["image_size"] = ds.size[0]

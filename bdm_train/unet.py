@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.format import PARAMS
+from bdm_runtime.format import PARAMS
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)  # DDPM++ "skip_rescale": keeps the residual sum at unit variance
 

@@ -83,7 +83,7 @@ def forward_process(out=FORWARD_PNG, index=0, times=TIMES, blur_sigma_max=20.0, 
 
 def _save(fig, out):
     """Write ``fig`` as a PNG atomically, close it, return ``out``."""
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     plt = _pyplot()
 
@@ -178,7 +178,7 @@ def study_cmd(study_json, out):
 
 
 def main(args=None):
-    from bdm_train.train import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)
 

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from runtime.errors import BdmError, run_cli
+from bdm_runtime.errors import BdmError, run_cli
 
 from . import CHECK_TOLERANCES
 
@@ -19,13 +19,13 @@ _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES
 
 def _out_dir(out_dir, ckpt):
     """The output folder (default: the checkpoint's), created if missing; ``BdmError`` if unusable."""
-    from runtime.io import writable_folder
+    from bdm_runtime.io import writable_folder
 
     return writable_folder(out_dir or os.path.dirname(os.path.abspath(ckpt)), "--out-dir")
 
 
 def _describe(meta):
-    from runtime import format as fmt
+    from bdm_runtime import format as fmt
 
     c, h, w = meta[fmt.K_IMAGE_SHAPE]
     k = meta[fmt.K_NUM_CLASSES]
@@ -35,9 +35,8 @@ def _describe(meta):
 
 
 def _engine(onnx_path, plan, batch, workspace, timing_cache):
-    from runtime import format as fmt
-
-    from .trt import build_engine
+    from bdm_runtime import format as fmt
+    from bdm_runtime.trt_build import build_engine
 
     side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
     p = side[fmt.K_PROFILE]
@@ -48,10 +47,10 @@ def _engine(onnx_path, plan, batch, workspace, timing_cache):
 def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
                       engine, clip=None):
     """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status."""
+    from bdm_runtime.trt_build import unavailable_reason
     from bdm_train import checkpoint
 
     from .onnx_export import export_onnx
-    from .trt import unavailable_reason
 
     out_dir = _out_dir(out_dir, ckpt)
     model, process, config = checkpoint.load(ckpt, ema=ema)
@@ -109,9 +108,10 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
-@click.option("--steps", type=int, default=None, help="Default sampler steps stored in the graph "
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampler steps stored in the graph "
               "(default: the checkpoint's sampler config).")
-@click.option("--eta", type=float, default=None, help="Default eta stored in the graph (default: the checkpoint's).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="Default eta stored in the graph (default: the checkpoint's).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
               "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
@@ -132,7 +132,7 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, batch, workspace, timing_cache,
         engine, check):
     """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
-    from .trt import parse_batch
+    from bdm_runtime.trt_build import parse_batch
 
     if (ckpt is None) == (onnx_path is None):
         raise BdmError("give either --ckpt CHECKPOINT (export) or --onnx GRAPH.onnx --out ENGINE.plan (engine only)")

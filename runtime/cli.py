@@ -6,65 +6,34 @@
 User mistakes print one line ``Error: ...`` on stderr and exit non-zero, before anything is
 written; every output file is written atomically (an interrupted run leaves none half-written).
 """
-import os
 import time
 
 import click
 
 from .errors import BdmError, run_cli
+from .io import check_outputs
 from .labels import normalize_labels, parse_labels
-
-
-def _writable_dir(flag, path):
-    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is one)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
-
-
-def _check_outputs(out, out_dir, npz):
-    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing)."""
-    if not (out or out_dir or npz):
-        raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
-    for flag, path in (("--out", out), ("--npz", npz)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise BdmError(f"{flag} {path} is a directory")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise BdmError(f"{flag} {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise BdmError(f"{flag} {path}: folder {folder} is not writable")
-    if out and not out.lower().endswith(".png"):
-        raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
-    if npz and not npz.lower().endswith(".npz"):
-        raise BdmError(f"--npz {npz}: name it *.npz")
-    if out_dir:
-        _writable_dir("--out-dir", out_dir)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
               help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise protocol.")
-@click.option("--first-index", type=int, default=0, show_default=True,
+@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
+@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the first image in the seed's sequence (to split a run across processes).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (default: the model's own).")
-@click.option("--eta", type=float, default=None, help="0 deterministic .. 1 ancestral (default: the model's own).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps (default: the model's own).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="0 deterministic .. 1 ancestral (default: the model's own).")
 @click.option("--label", default=None, help="Class label for conditional models: one id, or one per image "
               "(comma-separated). Default: the null label (unconditional).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance weight w (needs a guided graph).")
-@click.option("--batch", type=int, default=None, help="Images per chunk (default: the engine's profile maximum, "
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance weight w of B12 (needs a guided graph).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
               "or 64 for ONNX Runtime).")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime CPU threads (default: one per core; 1 suits a busy, shared machine).")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="TensorRT: replay each step as a captured CUDA graph.")
@@ -78,14 +47,12 @@ def _check_outputs(out, out_dir, npz):
 def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
         out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
-    import runtime
+    import bdm_runtime
     from .images import save_dir, save_grid, save_npz, to_uint8
 
-    _check_outputs(out, out_dir, npz)
-    if n < 1:
-        raise BdmError(f"--n must be at least 1, got {n}")
+    check_outputs(out, out_dir, npz)
     labels = parse_labels(label)
-    with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
+    with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
                       threads=threads) as sampler:
         start = time.perf_counter()
         x = sampler.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,

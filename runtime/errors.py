@@ -1,15 +1,19 @@
 """User-facing errors: one clear line, never a traceback, from every CLI."""
 
 
-class BdmError(Exception):
-    """A user mistake or a refused file; the message says what was wrong and what to do."""
+class BdmError(ValueError):
+    """A user mistake or a refused file; the message says what was wrong and what to do.
+
+    A ``ValueError``, so that library callers who catch bad values catch it too; the CLIs turn only
+    this (not every ``ValueError``) into one line, so a bug keeps its traceback.
+    """
 
 
 # Import names whose pip package is named differently.
 PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
              # an unpinned torch pulls a multi-GB CUDA build: name the CPU build
              "torch": "torch==2.13.0 (the CPU build; any torch >= 2.1 with CUDA on a GPU machine)"}
-OWN_PACKAGES = ("bdm_train", "export", "runtime")
+OWN_PACKAGES = ("bdm_train", "bdm_export", "bdm_runtime")
 
 
 def describe_import_error(e):
@@ -34,9 +38,10 @@ def describe_os_error(e):
 def run_cli(command, args=None, prog_name=None):
     """Run a click command: user mistakes become one ``Error: ...`` line and a non-zero exit.
 
-    Exit codes: 1 for a refused input (``BdmError``, ``ValueError``), a missing third-party module
-    (``ImportError``) or an unreadable/unwritable file (``OSError``); click's own (2) for usage
-    errors, 130 when interrupted. An ``ImportError`` of bdm's own packages is a bug: it propagates.
+    Exit codes: 1 for a refused input (``BdmError``), a missing third-party module (``ImportError``)
+    or an unreadable/unwritable file (``OSError``): the user's environment, not our code; click's own
+    (2) for usage errors, 130 when interrupted. Anything else is a bug and keeps its traceback: a
+    plain ``ValueError``, ``TypeError``, ..., and an ``ImportError`` of bdm's own packages.
     """
     import sys
 
@@ -52,7 +57,7 @@ def run_cli(command, args=None, prog_name=None):
         fail("interrupted", 130)
     except click.ClickException as e:
         fail(e.format_message(), e.exit_code)
-    except (BdmError, ValueError) as e:
+    except BdmError as e:
         fail(e, 1)
     except ImportError as e:
         if (e.name or "").split(".")[0] in OWN_PACKAGES:

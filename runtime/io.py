@@ -1,10 +1,13 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
+"""Output files: atomic writes (a temporary file beside the target, then a rename) and the checks
+made before any work, so that a mistake costs no compute and writes nothing.
 
 An interrupted run leaves either the old file or the new one, never half of one.
 """
 import contextlib
 import os
 import tempfile
+
+from .errors import BdmError
 
 
 @contextlib.contextmanager
@@ -32,8 +35,6 @@ def atomic_path(path):
 
 def writable_folder(folder, what):
     """Create ``folder`` if missing and check it is a writable folder; ``BdmError`` naming ``what`` if not."""
-    from .errors import BdmError
-
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise BdmError(f"{what} {folder} exists and is not a folder")
     try:
@@ -43,3 +44,41 @@ def writable_folder(folder, what):
     if not os.access(folder, os.W_OK):
         raise BdmError(f"{what} {folder} is not writable")
     return folder
+
+
+def check_writable_dir(flag, path):
+    """``BdmError`` (naming ``flag``) unless ``path`` is a writable folder or can be created (its
+    nearest existing ancestor is one)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
+
+
+def check_outputs(out, out_dir, npz):
+    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing).
+
+    ``out`` a grid ``*.png``, ``out_dir`` a folder for one PNG per image, ``npz`` a ``*.npz`` (each
+    may be ``None``, not all); the checks of ``bdm-run`` and ``bdm-sample``.
+    """
+    if not (out or out_dir or npz):
+        raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
+    for flag, path in (("--out", out), ("--npz", npz)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise BdmError(f"{flag} {path} is a directory")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise BdmError(f"{flag} {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise BdmError(f"{flag} {path}: folder {folder} is not writable")
+    if out and not out.lower().endswith(".png"):
+        raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
+    if npz and not npz.lower().endswith(".npz"):
+        raise BdmError(f"--npz {npz}: name it *.npz")
+    if out_dir:
+        check_writable_dir("--out-dir", out_dir)

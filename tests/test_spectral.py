@@ -271,7 +271,7 @@ def test_resume_keeps_the_statistics(tiny_data, tmp_path):
 
 
 def test_resume_cannot_change_the_parameterisation(tiny_data, tmp_path):
-    from runtime.errors import BdmError
+    from bdm_runtime.errors import BdmError
 
     opts = dict(TINY_MODEL, **dict(TINY_TRAIN, steps=1, param="spectral"))
     train(tiny_data, tmp_path, progress=False, **opts)

@@ -4,7 +4,7 @@
 8.6.1, 10.0.1, 10.3.0, 10.16, 11.1): an absent name raises ``AttributeError`` as it would on that
 TensorRT, so every test here also checks that only that version's names are used. Below it sits
 a fake ``libcudart`` (``fake_trt.cudart``) where Polygraphy's CUDA library handle would be. What
-runs is the real code: ``runtime.backends.trt``, ``runtime.backends.cudart``, ``export.trt`` and
+runs is the real code: ``bdm_runtime.backends.trt``, ``bdm_runtime.backends.cudart``, ``bdm_runtime.trt_build`` and
 Polygraphy's ``network_from_onnx_path``, ``get_trt_logger`` and ``EngineFromBytes``; only
 Polygraphy's ``CreateConfig`` (kept, its arguments recorded) and ``engine_bytes_from_network``
 (which would call TensorRT's builder) are stood in for, after checking the arguments against the
@@ -20,9 +20,9 @@ import types
 import numpy as np
 import pytest
 
-import runtime
-from runtime import format as fmt
-from runtime.errors import BdmError
+import bdm_runtime
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 import fake_trt
 from fake_trt.cudart import D2D, H2D, FakeCudart
@@ -110,7 +110,7 @@ def graphs(tmp_path_factory):
 
 
 def _build(env, onnx_path, folder, name="m", **kw):
-    from export.trt import build_engine
+    from bdm_runtime.trt_build import build_engine
 
     plan = str(folder / f"{name}.plan")
     side = build_engine(onnx_path, plan, batch=PROFILE, **kw)
@@ -118,7 +118,7 @@ def _build(env, onnx_path, folder, name="m", **kw):
 
 
 def _reference(onnx_path, n, **kw):
-    with runtime.load(onnx_path, backend="ort", providers=["CPUExecutionProvider"], threads=1) as s:
+    with bdm_runtime.load(onnx_path, backend="ort", providers=["CPUExecutionProvider"], threads=1) as s:
         return s.sample(n, **kw)
 
 
@@ -197,7 +197,7 @@ def test_engine_loads_in_a_fresh_process(key, graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, key)
     plan, _ = _build(env, graphs["fp32"], tmp_path)
     env.process()                       # the builder's process registered the plugins; this one has not
-    with runtime.load(plan) as s:
+    with bdm_runtime.load(plan) as s:
         assert s.provider == f"TensorRT {env.trt.__version__}"
         names = env.fake.names("")
         assert names.index("init_libnvinfer_plugins") < names.index("Runtime.deserialize_cuda_engine")
@@ -224,7 +224,7 @@ def test_sampling_matches_onnx_runtime_with_alternating_chunks(key, cuda_graph, 
     # Chunks 8, 3, 8, 3 (profile max 8): every step after a shape change must start plainly, then
     # graphs of both shapes are captured and replayed. One image (padded to the minimum 2) last.
     want = _reference(graphs["fp32"], 11, seed=5, steps=5, eta=1.0)
-    with runtime.load(plan, cuda_graph=cuda_graph) as s:
+    with bdm_runtime.load(plan, cuda_graph=cuda_graph) as s:
         got = [s.sample(11, seed=5, steps=5, eta=1.0) for _ in range(2)]
         one = s.sample(1, seed=5, steps=5, eta=1.0, first_index=10)
         det = s.sample(3, seed=2, steps=4, eta=0.0)
@@ -256,7 +256,7 @@ def test_sampling_matches_onnx_runtime_with_alternating_chunks(key, cuda_graph, 
 
 def test_the_shape_change_check_bites(graphs, tmp_path, monkeypatch):
     """The defect of issue 14 item 3 (replay an existing graph before the plain step after a shape change) is caught."""
-    from runtime.backends.trt import TrtBackend
+    from bdm_runtime.backends.trt import TrtBackend
 
     env = Env(monkeypatch, "10.3")
     plan, _ = _build(env, graphs["fp32"], tmp_path)
@@ -271,7 +271,7 @@ def test_the_shape_change_check_bites(graphs, tmp_path, monkeypatch):
         self._cuda.launch(graph[1], self.stream)
 
     monkeypatch.setattr(TrtBackend, "_execute", replay_first)
-    with runtime.load(plan, cuda_graph=True) as s:
+    with bdm_runtime.load(plan, cuda_graph=True) as s:
         s.sample(11, seed=5, steps=5)   # chunks 8, 3: graphs of (8, 1), (8, 0), (3, 1), (3, 0)
         s.sample(11, seed=5, steps=5)   # back to 8: step 0 replays (8, 0) right after set_input_shape
     # Every step of both chunks of the second call replays onto a context no plain enqueue has updated.
@@ -283,7 +283,7 @@ def test_labels_and_guidance_reach_the_engine(key, graphs, tmp_path, monkeypatch
     env = Env(monkeypatch, key)
     plan, _ = _build(env, graphs["cond"], tmp_path)
     kw = dict(seed=3, steps=4, labels=[0, 1, 2, 1, 0], guidance=1.5)
-    with runtime.load(plan) as s:
+    with bdm_runtime.load(plan) as s:
         got = s.sample(5, **kw)
     np.testing.assert_allclose(got, _reference(graphs["cond"], 5, **kw), rtol=0, atol=1e-6)
     label = "INT32" if MAJOR[key] == 8 else "INT64"   # TensorRT 8 turns int64 inputs into int32
@@ -314,7 +314,7 @@ def test_caller_streams_are_waited_for(graphs, tmp_path, monkeypatch):
     plan, _ = _build(env, graphs["fp32"], tmp_path)
     caller, producer = env.cudart.user_stream(), env.cudart.user_stream()
     out = DeviceArray(env.cudart, (3, 1, 4, 4), stream=producer)
-    with runtime.load(plan, cuda_stream=caller) as s:
+    with bdm_runtime.load(plan, cuda_stream=caller) as s:
         assert s.sample(3, seed=4, steps=4, out=out) is out
     np.testing.assert_allclose(out.numpy(), _reference(graphs["fp32"], 3, seed=4, steps=4), rtol=0, atol=1e-6)
     calls = env.cudart.calls
@@ -332,7 +332,7 @@ def test_caller_streams_are_waited_for(graphs, tmp_path, monkeypatch):
 def test_cuda_array_interface_mask_and_stream_zero_are_refused(graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, "10.0")
     plan, _ = _build(env, graphs["fp32"], tmp_path)
-    with runtime.load(plan) as s:
+    with bdm_runtime.load(plan) as s:
         with pytest.raises(BdmError, match="mask"):
             s.sample(2, out=DeviceArray(env.cudart, (2, 1, 4, 4), mask=DeviceArray(env.cudart, (2, 1, 4, 4))))
         with pytest.raises(BdmError, match="stream 0"):
@@ -343,7 +343,7 @@ def test_cuda_array_interface_mask_and_stream_zero_are_refused(graphs, tmp_path,
 def test_close_frees_every_buffer_even_if_one_free_fails(graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, "8.6")
     plan, _ = _build(env, graphs["fp32"], tmp_path)
-    s = runtime.load(plan, cuda_graph=True)
+    s = bdm_runtime.load(plan, cuda_graph=True)
     s.sample(3, seed=1, steps=3)
     backend_memory = set(env.cudart.live)
     stuck = sorted(backend_memory)[1]
@@ -359,7 +359,7 @@ def test_refused_tensor_address_is_an_error(graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, "11.x")
     plan, _ = _build(env, graphs["fp32"], tmp_path)
     env.trt.IExecutionContext._fake_refuse = (fmt.Z,)
-    with runtime.load(plan) as s, pytest.raises(BdmError, match="address of tensor 'z'"):
+    with bdm_runtime.load(plan) as s, pytest.raises(BdmError, match="address of tensor 'z'"):
         s.sample(2)
 
 
@@ -369,7 +369,7 @@ def test_device_out_of_memory_is_one_line(memory, graphs, tmp_path, monkeypatch)
     plan, _ = _build(env, graphs["fp32"], tmp_path)
     env.cudart.memory = memory  # 600 B: the first buffers fail; 3000 B: a later one (the time grid)
     with pytest.raises(BdmError) as e:
-        with runtime.load(plan) as s:
+        with bdm_runtime.load(plan) as s:
             s.sample(8, steps=50)
     assert "\n" not in str(e.value) and str(e.value).startswith("out of GPU memory in cudaMalloc")
     assert env.cudart.live == {} and not env.cudart.streams and not env.cudart.events  # nothing left behind
@@ -379,20 +379,20 @@ def test_device_out_of_memory_is_one_line(memory, graphs, tmp_path, monkeypatch)
 def test_engine_cache_follows_the_gpu(graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, "10.3")
     cache = tmp_path / "cache"
-    with runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
+    with bdm_runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
         a = s.sample(2, seed=0, steps=3)
     (orin,) = [f for f in os.listdir(cache) if f.endswith(".plan")]
     assert orin == f"fp32.trt{env.trt.__version__}.nvidia-orin-sm87.b4.plan"
     side = json.loads((cache / (orin + ".json")).read_text())
     assert side[fmt.K_TRT_DEVICE] == {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
-    with runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
+    with bdm_runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
         assert np.array_equal(s.sample(2, seed=0, steps=3), a)
     assert len(env.builds) == 1                                     # reused
     env.cudart.name, env.cudart.cc = "NVIDIA H200", (9, 0)          # the same folder on another GPU
-    with runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
+    with bdm_runtime.load(graphs["fp32"], backend="trt", engine_cache=str(cache), batch=4) as s:
         s.sample(2, seed=0, steps=3)
     assert len(env.builds) == 2
     assert sorted(f for f in os.listdir(cache) if f.endswith(".plan")) == [
         f"fp32.trt{env.trt.__version__}.nvidia-h200-sm90.b4.plan", orin]
     with pytest.raises(BdmError, match=r"compute capability 8\.7.*NVIDIA H200 \(9\.0\)"):
-        runtime.load(str(cache / orin))                             # an engine of another GPU: refused
+        bdm_runtime.load(str(cache / orin))                             # an engine of another GPU: refused

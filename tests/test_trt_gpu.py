@@ -1,4 +1,4 @@
-"""TensorRT engines from step graphs (export.trt): run where TensorRT and an NVIDIA GPU exist.
+"""TensorRT engines from step graphs (bdm_runtime.trt_build): run where TensorRT and an NVIDIA GPU exist.
 
 Per TensorRT major version the builder takes a different path (8/9: FP16 flag + "prefer"
 precision constraints pinned from the graph's types; 10: STRONGLY_TYPED; 11: always strongly
@@ -19,19 +19,19 @@ pytestmark = pytest.mark.gpu
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU machines with TensorRT only)")
 
-from export.trt import build_engine, unavailable_reason  # noqa: E402
+from bdm_runtime.trt_build import build_engine, unavailable_reason  # noqa: E402
 
 _reason = unavailable_reason()
 if _reason:
     pytest.skip(f"cannot build TensorRT engines here: {_reason}", allow_module_level=True)
 
 from bdm_train import checkpoint  # noqa: E402
-from export import export_onnx  # noqa: E402
-from export.check import check_onnx, make_inputs  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.fp16 import relative_error  # noqa: E402
-from runtime import format as fmt  # noqa: E402
-from runtime import onnx_meta  # noqa: E402
+from bdm_export import export_onnx  # noqa: E402
+from bdm_export.check import check_onnx, make_inputs  # noqa: E402
+from bdm_export.cli import main  # noqa: E402
+from bdm_export.fp16 import relative_error  # noqa: E402
+from bdm_runtime import format as fmt  # noqa: E402
+from bdm_runtime import onnx_meta  # noqa: E402
 from test_export import session  # noqa: E402
 
 BATCH = (1, 4, 8)

@@ -3,7 +3,7 @@ import os
 
 import click
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 from .analysis import denoising_error, error_gain, information
 from .common import MODELS, NET, OPT, RESULTS, RUNS, SMOKE, STEPS, ckpt_step
@@ -132,6 +132,6 @@ def diagnose_cmd(runs, only):
 
 
 def main(args=None):
-    from runtime.errors import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)

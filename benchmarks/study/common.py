@@ -67,7 +67,7 @@ def point_name(setting):
 
 
 def write_json(path, obj):
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w") as f:

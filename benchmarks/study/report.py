@@ -1,7 +1,7 @@
 """The study's results: collect what is on disk, recommend, write tables, the plot, grids, and ship."""
 import os
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 from .common import SAMPLE_SEED, SHIPPED, Setting, ckpt_step, log, read_json, write_json
 
@@ -82,7 +82,7 @@ def setting_of(rec):
 
 def report(study):
     """``study.json``, ``study.md``, sample grids and the plot."""
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     from .. import figures
     from .tables import markdown
@@ -100,7 +100,7 @@ def report(study):
 
 def grids(study, res):
     """8x8 grids of the first 64 samples of each model at its own best and its cheapest good setting."""
-    from runtime.images import save_grid
+    from bdm_runtime.images import save_grid
 
     from .common import point_name
 
@@ -120,7 +120,7 @@ def ship(study, folder=SHIPPED):
     The sampler defaults stored with it (and so in every graph ``bdm-export`` makes of it) are the
     study's recommended setting.
     """
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     from bdm_train import checkpoint
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 from .analysis import noisy_fraction
 from .common import (CLIPS, GRIDS, LEGACY_POINTS, MODELS, NET, NFES, OPT, RESULTS, ROOT, RUNS, SAMPLE_SEED, SOLVERS,
@@ -127,7 +127,7 @@ class Study:
     def export(self, allow_partial=False):
         """The EMA weights of each model as ONNX step graphs, with and without the clip (skipped when up to date)."""
         from bdm_train import checkpoint
-        from export import export_onnx
+        from bdm_export import export_onnx
 
         for model in self.models:
             self.trained(model, allow_partial)
@@ -143,7 +143,7 @@ class Study:
     # -- stage 3: sampling (chunked, resumable) -------------------------------------------------
     def sample(self, allow_partial=False, settings=None):
         """``n`` images per model and setting, in chunks of ``chunk`` (seed protocol: any chunking, same images)."""
-        from runtime.images import save_npz
+        from bdm_runtime.images import save_npz
 
         for model in self.models:
             step = self.trained(model, allow_partial)
@@ -169,7 +169,7 @@ class Study:
 
     def _sampler(self, model, clip=True):
         """``f(n, setting, first_index) -> uint8 [n, H, W, C]`` through the runtime or PyTorch."""
-        from runtime.images import to_uint8
+        from bdm_runtime.images import to_uint8
 
         def extra(setting):   # legacy points need nothing a format-1 graph lacks
             legacy = (setting.solver, setting.grid) == ("ddim", "uniform")
@@ -185,9 +185,9 @@ class Study:
             return lambda n, st, first: to_uint8(sample_checkpoint(
                 ck, n=n, steps=st.steps, eta=st.eta, seed=SAMPLE_SEED, first_index=first, device=self.device,
                 clip_denoised=clip, **extra(st))[0])
-        import runtime
+        import bdm_runtime
 
-        s = runtime.load(self.onnx(model, clip), batch=self.chunk, threads=self.threads)
+        s = bdm_runtime.load(self.onnx(model, clip), batch=self.chunk, threads=self.threads)
         f = lambda n, st, first: to_uint8(s.sample(n, seed=SAMPLE_SEED, steps=st.steps, eta=st.eta,  # noqa: E731
                                                    first_index=first, **extra(st)))
         f.close = s.close
@@ -235,14 +235,14 @@ class Study:
     # -- spot check: the runtime on the ONNX equals the PyTorch reference ------------------------
     def parity(self, n=16, steps=10, eta=1.0, allow_partial=False):
         """Max |runtime - PyTorch| over ``n`` images per model (same seed protocol); writes ``parity.json``."""
-        import runtime
+        import bdm_runtime
         from bdm_train.sample_cli import sample_checkpoint
 
         path = os.path.join(self.runs, "parity.json")
         out = read_json(path, {})
         for model in self.models:
             self.trained(model, allow_partial)
-            with runtime.load(self.onnx(model)) as s:
+            with bdm_runtime.load(self.onnx(model)) as s:
                 a = s.sample(n, seed=SAMPLE_SEED, steps=steps, eta=eta)
             b = sample_checkpoint(self.ckpt(model), n=n, steps=steps, eta=eta, seed=SAMPLE_SEED, device="cpu")[0]
             out[model] = dict(n=n, steps=steps, eta=eta, max_abs_diff=float(np.abs(a - b).max()))

@@ -1,20 +1,20 @@
 """Inference backends: each runs the whole reverse loop of one chunk with the latent on its device.
 
-A backend is created by :func:`runtime.sampler.load` and driven by :class:`runtime.sampler.Sampler`,
-which owns the noise protocol (``runtime.noise``). Its interface:
+A backend is created by :func:`bdm_runtime.sampler.load` and driven by :class:`bdm_runtime.sampler.Sampler`,
+which owns the noise protocol (``bdm_runtime.noise``). Its interface:
 
 ``name``, ``provider``           what actually runs (e.g. ``"ort"``, ``"CPUExecutionProvider"``)
 ``device``                       ``"cpu"`` or ``"cuda"``: where the latent lives during the loop
 ``max_batch``                    the largest chunk it runs in one go (a TensorRT profile's maximum)
 ``run(z, times, eta, noise, labels, guidance, out, on_step)``
                                  ``z`` the initial latent, float32 ``[b, C, H, W]`` on the host;
-                                 ``times`` the grid of ``runtime.noise.time_grid``; ``noise()`` returns
+                                 ``times`` the grid of ``bdm_runtime.noise.time_grid``; ``noise()`` returns
                                  the next draw (host) or is ``None`` when ``eta = 0``; ``labels`` int64
                                  ``[b]`` or ``None``; ``guidance`` a float or ``None``; ``out`` a numpy
                                  view ``[b, C, H, W]`` or a :class:`DeviceOut`; ``on_step()`` after each step
 ``close()``                      release sessions, engines and device memory
 
-Modules here import their inference library when a model is loaded, never at ``import runtime``.
+Modules here import their inference library when a model is loaded, never at ``import bdm_runtime``.
 """
 
 

@@ -11,7 +11,7 @@ registered (``trt.init_libnvinfer_plugins(logger, "")``) before the engine is de
 Polygraphy's ``EngineFromBytes`` and Polygraphy's TensorRT logger (a second ``trt.Logger`` makes
 TensorRT warn that the logger differs).
 
-Execution: all work goes on a non-blocking CUDA stream of our own (``runtime.backends.cudart``);
+Execution: all work goes on a non-blocking CUDA stream of our own (``bdm_runtime.backends.cudart``);
 a caller's stream (``cuda_stream``) is waited for at the start of each chunk, and the stream of a
 caller's device buffer (``__cuda_array_interface__`` v3 ``stream``) before writing into it. The
 latent stays on the GPU: two buffers swap roles each step (``z`` <-> ``z_next`` addresses); the
@@ -23,7 +23,6 @@ CUDA graphs (``cuda_graph=True``): one graph per (batch, latent parity), capturi
 ``set_input_shape`` does shape-dependent set-up that must not be captured nor skipped, so after
 every shape change one plain ``execute_async_v3`` runs before any capture or replay.
 """
-import os
 import re
 import warnings
 
@@ -31,7 +30,6 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
-from ..io import writable_folder
 from . import DeviceOut
 from .cudart import D2D, D2H, H2D, probe
 
@@ -77,48 +75,6 @@ def device_tag(device):
     """``nvidia-orin-sm87`` for ``{"name": "NVIDIA Orin", "compute_capability": [8, 7]}`` (file names)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-") or "gpu"
     return "%s-sm%d%d" % ((slug,) + tuple(device["compute_capability"]))
-
-
-def cached_engine(onnx_path, info, engine_cache=None, batch=None):
-    """Path of a TensorRT engine for ``onnx_path``, built once per TensorRT version, GPU and batch profile.
-
-    The engine ``<stem>.trt<version>.<gpu>-sm<cc>[.b<batch>].plan`` lives beside the ``.onnx`` (or
-    in ``engine_cache``), with profile ``1:batch:batch`` (export's default without ``batch``). It
-    is rebuilt when missing, older than the ``.onnx``, or when its side file names another
-    TensorRT, another GPU (name or compute capability) or another profile.
-    """
-    trt = import_tensorrt()
-    trt_version(trt)
-    device = import_cuda().device()
-    try:
-        from export.trt import DEFAULT_BATCH, build_engine  # torch-free by contract (the [trt] extra)
-    except ImportError as e:
-        raise BdmError(f"cannot build a TensorRT engine here ({e}): build one with bdm-export --onnx")
-    profile = tuple(DEFAULT_BATCH) if batch is None else (1, batch, batch)
-    stem = os.path.splitext(os.path.basename(onnx_path))[0]
-    folder = engine_cache or os.path.dirname(os.path.abspath(onnx_path))
-    tag = "" if batch is None else f".b{batch}"
-    plan = os.path.join(folder, f"{stem}.trt{trt.__version__}.{device_tag(device)}{tag}.plan")
-    if _is_current(plan, onnx_path, trt.__version__, profile, device):
-        return plan
-    writable_folder(folder, "the TensorRT engine cache (pass engine_cache to choose another)")
-    build_engine(onnx_path, plan, batch=profile)
-    return plan
-
-
-def _is_current(plan, onnx_path, version, profile, device):
-    """Whether ``plan`` is newer than ``onnx_path`` and its side file names ``version``, ``device`` and ``profile``."""
-    from ..sampler import read_side_file
-
-    if not os.path.exists(plan) or os.path.getmtime(plan) < os.path.getmtime(onnx_path):
-        return False
-    try:
-        raw = read_side_file(plan)
-    except (BdmError, OSError):
-        return False
-    want = {"min": profile[0], "opt": profile[1], "max": profile[2]}
-    return (raw.get(fmt.K_TRT_VERSION) == version and raw.get(fmt.K_PROFILE) == want
-            and raw.get(fmt.K_TRT_DEVICE) == device)
 
 
 def _check_device(plan_path, raw, device):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime import format as fmt
+from bdm_runtime import format as fmt
 
 
 def _const(name, value):

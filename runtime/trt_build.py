@@ -1,11 +1,13 @@
 """Build a TensorRT engine ``X.plan`` (+ ``X.plan.json``) from a bdm step graph ``.onnx``.
 
-Torch-free and Python 3.8 compatible: engines are specific to the GPU and the TensorRT version,
-so they are built on the target (a Jetson has no torch). Needs ``tensorrt`` and Polygraphy >= 0.50
-(the ``[trt]`` extra: older Polygraphy sets TensorRT 11's removed ``EXPLICIT_BATCH`` flag and reads
-the removed ``ILayer.precision_is_set``); the ONNX metadata is read with ``runtime.onnx_meta``.
+Part of the runtime, torch-free and Python 3.8 compatible: engines are specific to the GPU and the
+TensorRT version, so they are built on the target (a Jetson has no torch), by ``bdm-export --onnx``
+or on first use by ``bdm_runtime.load(onnx, backend="trt")`` (:func:`cached_engine`). Needs
+``tensorrt`` and Polygraphy >= 0.50 (the ``[trt]`` extra: older Polygraphy sets TensorRT 11's removed
+``EXPLICIT_BATCH`` flag and reads the removed ``ILayer.precision_is_set``); the ONNX metadata is read
+with ``bdm_runtime.onnx_meta`` (no ``onnx`` package).
 
-Precision comes from the graph (``export.fp16``), by TensorRT major version, never by ``hasattr``
+Precision comes from the graph (``bdm_export.fp16``), by TensorRT major version, never by ``hasattr``
 (a silently FP32 engine is the common failure in the field):
 
 - 8.x/9.x (JetPack 5, 6.0): weakly typed networks. An FP16 graph gets ``BuilderFlag.FP16`` plus
@@ -24,11 +26,12 @@ too unless ``OnnxParserFlag.NATIVE_INSTANCENORM`` is set, which is done here (on
 import json
 import os
 
-from runtime import format as fmt
-from runtime import onnx_meta
-from runtime.backends.trt import probe_cuda, trt_version
-from runtime.errors import BdmError
-from runtime.io import atomic_path
+from . import format as fmt
+from . import onnx_meta
+from .backends.trt import device_tag, import_cuda, import_tensorrt, probe_cuda, trt_version
+from .errors import BdmError
+from .io import atomic_path, writable_folder
+from .step_info import onnx_info, read_side_file
 
 DEFAULT_BATCH = (1, 16, 64)
 BATCH_INPUTS = (fmt.Z, fmt.T, fmt.S, fmt.NOISE, fmt.LABEL)  # inputs whose first dim is the batch
@@ -81,8 +84,6 @@ def unavailable_reason():
 
 def read_step_metadata(onnx_path):
     """The validated ``bdm.*`` metadata of a step graph (``BdmError`` if it is not one this code reads)."""
-    from runtime.sampler import onnx_info
-
     return onnx_info(os.fspath(onnx_path)).meta
 
 
@@ -227,3 +228,39 @@ def _pin_precisions(trt, network, onnx_types, path):
     if not halves:
         raise BdmError(f"{path}: no layer of this FP16 graph maps to FP16 in TensorRT {trt.__version__}; "
                        "refusing to build an FP32 engine labelled fp16 (re-export with bdm-export --fp16)")
+
+
+def cached_engine(onnx_path, info, engine_cache=None, batch=None):
+    """Path of a TensorRT engine for ``onnx_path``, built once per TensorRT version, GPU and batch profile.
+
+    The engine ``<stem>.trt<version>.<gpu>-sm<cc>[.b<batch>].plan`` lives beside the ``.onnx`` (or
+    in ``engine_cache``), with profile ``1:batch:batch`` (export's default without ``batch``). It
+    is rebuilt when missing, older than the ``.onnx``, or when its side file names another
+    TensorRT, another GPU (name or compute capability) or another profile.
+    """
+    trt = import_tensorrt()
+    trt_version(trt)
+    device = import_cuda().device()
+    profile = tuple(DEFAULT_BATCH) if batch is None else (1, batch, batch)
+    stem = os.path.splitext(os.path.basename(onnx_path))[0]
+    folder = engine_cache or os.path.dirname(os.path.abspath(onnx_path))
+    tag = "" if batch is None else f".b{batch}"
+    plan = os.path.join(folder, f"{stem}.trt{trt.__version__}.{device_tag(device)}{tag}.plan")
+    if _is_current(plan, onnx_path, trt.__version__, profile, device):
+        return plan
+    writable_folder(folder, "the TensorRT engine cache (pass engine_cache to choose another)")
+    build_engine(onnx_path, plan, batch=profile)
+    return plan
+
+
+def _is_current(plan, onnx_path, version, profile, device):
+    """Whether ``plan`` is newer than ``onnx_path`` and its side file names ``version``, ``device`` and ``profile``."""
+    if not os.path.exists(plan) or os.path.getmtime(plan) < os.path.getmtime(onnx_path):
+        return False
+    try:
+        raw = read_side_file(plan)
+    except (BdmError, OSError):
+        return False
+    want = {"min": profile[0], "opt": profile[1], "max": profile[2]}
+    return (raw.get(fmt.K_TRT_VERSION) == version and raw.get(fmt.K_PROFILE) == want
+            and raw.get(fmt.K_TRT_DEVICE) == device)

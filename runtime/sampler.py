@@ -5,123 +5,22 @@
 protocol of ``runtime.noise`` exactly, so a seed gives the same images as
 ``bdm_train.sampling.sample`` and as every other backend, at any chunking.
 """
-import json
 import math
 import os
 import threading
 
 import numpy as np
 
-from . import format as fmt
 from .errors import BdmError
+from .grids import SOLVERS, previous_times, resolve, solver_eta
+from .info import StepInfo, engine_info, onnx_info, read_side_file, side_file  # noqa: F401 (public here too)
 from .labels import normalize_labels
-from .noise import NoiseStream, check_positive_int, check_seed, time_grid
+from .loop import Plan, run_chunk
+from .noise import NoiseStream, check_positive_int, check_seed
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ORT_DEFAULT_BATCH = 64  # chunk size when the backend has no profile maximum (bounds host memory)
-
-
-# -- metadata -------------------------------------------------------------------------------------
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-class StepInfo:
-    """What a step graph declares about itself (validated): shape, classes, defaults, interface."""
-
-    def __init__(self, path, meta, inputs=None):
-        self.path = path
-        self.meta = meta
-        self.format_version = meta[fmt.K_FORMAT_VERSION]
-        self.image_shape = tuple(meta[fmt.K_IMAGE_SHAPE])
-        self.process = meta[fmt.K_PROCESS]
-        self.num_classes = meta[fmt.K_NUM_CLASSES]
-        self.guided = bool(meta[fmt.K_GUIDANCE])
-        self.clip_denoised = bool(meta[fmt.K_CLIP_DENOISED])
-        self.default_steps = meta[fmt.K_DEFAULT_STEPS]
-        self.default_eta = float(meta[fmt.K_DEFAULT_ETA])
-        self.precision = meta[fmt.K_PRECISION]
-        self.version = meta[fmt.K_VERSION]
-        self.inputs = inputs
-
-    @classmethod
-    def from_meta(cls, path, meta, inputs=None, outputs=None):
-        """Validate decoded ``bdm.*`` metadata (and graph input/output names when known)."""
-        if not meta:
-            raise BdmError(f"{path}: not a bdm step graph (no bdm.* metadata)")
-        missing = fmt.missing_keys(meta)
-        if missing:
-            raise BdmError(f"{path}: not a bdm step graph (metadata {', '.join(missing)} missing)")
-        version = meta[fmt.K_FORMAT_VERSION]
-        if version not in fmt.SUPPORTED_VERSIONS:
-            raise BdmError(f"{path}: step-graph format version {version!r}, this runtime reads "
-                           f"{', '.join(str(v) for v in fmt.SUPPORTED_VERSIONS)}: upgrade bdm")
-        shape = meta[fmt.K_IMAGE_SHAPE]
-        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and d > 0 for d in shape)):
-            raise BdmError(f"{path}: bad {fmt.K_IMAGE_SHAPE} {shape!r} (want [C, H, W])")
-        k = meta[fmt.K_NUM_CLASSES]
-        if not (_is_int(k) and k >= 0):
-            raise BdmError(f"{path}: bad {fmt.K_NUM_CLASSES} {k!r}")
-        steps = meta[fmt.K_DEFAULT_STEPS]
-        if not (_is_int(steps) and steps > 0):
-            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r}")
-        eta = meta[fmt.K_DEFAULT_ETA]
-        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
-            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
-        if meta[fmt.K_GUIDANCE] and k == 0:
-            raise BdmError(f"{path}: a guided graph of an unconditional model")
-        if inputs is not None:
-            want = list(fmt.INPUTS) + ([fmt.LABEL] if k > 0 else []) + ([fmt.GUIDANCE] if meta[fmt.K_GUIDANCE] else [])
-            if sorted(inputs) != sorted(want):
-                raise BdmError(f"{path}: graph inputs {sorted(inputs)} do not match its metadata "
-                               f"(format {version} wants {sorted(want)})")
-        if outputs is not None and sorted(outputs) != sorted(fmt.OUTPUTS):
-            raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has {sorted(fmt.OUTPUTS)}")
-        return cls(path, meta, inputs)
-
-
-def _decode(path, props):
-    try:
-        return fmt.decode(props)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        raise BdmError(f"{path}: unreadable bdm metadata ({e})")
-
-
-def onnx_info(path):
-    """Validated :class:`StepInfo` of an ``.onnx`` step graph (read without the onnx package)."""
-    from . import onnx_meta
-
-    info = onnx_meta.read(path)
-    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs)
-
-
-def side_file(plan_path):
-    """``X.plan.json``: the metadata of engine ``X.plan``."""
-    return plan_path + ".json"
-
-
-def read_side_file(plan_path):
-    """Decoded ``bdm.*`` metadata of a TensorRT engine, from ``X.plan.json`` beside it."""
-    path = side_file(plan_path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise BdmError(f"{plan_path}: its metadata {os.path.basename(path)} is missing beside it "
-                       "(not a bdm engine, or copied without it)")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BdmError(f"{path}: not JSON ({e})")
-    if not isinstance(raw, dict):
-        raise BdmError(f"{path}: not a bdm engine side file (want a JSON object)")
-    return raw
-
-
-def engine_info(plan_path):
-    """Validated :class:`StepInfo` of a TensorRT engine plus its side file's raw dict."""
-    raw = read_side_file(plan_path)
-    meta = {k: v for k, v in raw.items() if k.startswith(fmt.PREFIX)}
-    return StepInfo.from_meta(plan_path, meta), raw
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -140,13 +39,14 @@ def _stream_handle(stream):
 
 
 def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cuda_graph=False,
-         engine_cache=None, threads=None):
+         engine_cache=None, threads=None, session_options=None):
     """Open a bdm step graph (``.onnx``) or TensorRT engine (``.plan``) as a :class:`Sampler`.
 
     ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"`` or
     ``"trt"`` (an ``.onnx`` is then built into an engine once and cached beside it, or in
-    ``engine_cache``). ``providers``: ONNX Runtime providers (default CUDA when available, else
-    CPU). ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
+    ``engine_cache``). ``providers``: ONNX Runtime providers as ONNX Runtime takes them (names or
+    ``(name, options)``; default CUDA when available, else CPU); ``session_options``: an
+    ``onnxruntime.SessionOptions``, used as given. ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
     ``cuda_stream``: the caller's CUDA stream (handle or stream object). ``cuda_graph``: replay
     the TensorRT step as a CUDA graph once shapes are fixed. ``threads``: ONNX Runtime's intra-op
     CPU threads (default: ONNX Runtime's choice, one per core); 1 suits a busy or shared machine.
@@ -184,7 +84,8 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
                 raise BdmError("--cuda-graph needs the TensorRT backend")
             from .backends.ort import OrtBackend
 
-            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads)
+            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads,
+                            session_options=session_options)
     return Sampler(be, info, batch=batch)
 
 
@@ -305,50 +206,72 @@ class Sampler:
         raise BdmError(f"out must be a numpy array or device memory (__cuda_array_interface__), got {type(out).__name__}")
 
     # -- sampling -----------------------------------------------------------------------------
+    def plan(self, steps=None, eta=None, solver=None, grid=None):
+        """The :class:`runtime.loop.Plan` of a call (times, history, eta), every argument checked.
+
+        ``None`` takes the graph's default; ``grid`` is a name of ``runtime.grids.GRIDS`` or an
+        explicit sequence of times from 1 down to 0 (``steps`` then follows from it).
+        """
+        solver = self.info.default_solver if solver is None else solver
+        if solver not in SOLVERS:
+            raise BdmError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if solver != "ddim" and self.info.format_version < 2:
+            raise BdmError(f"{self.info.path}: a format-{self.info.format_version} step graph runs only the ddim "
+                           f"solver; re-export it with this bdm (bdm-export) to sample with {solver}")
+        if steps is not None:
+            steps = check_positive_int(steps, "steps", BdmError)
+        try:
+            eta = solver_eta(solver, None if eta is None else _finite(eta, "eta"), self.info.default_eta)
+            times = resolve(steps, self.info.default_grid if grid is None else grid, self.info.process,
+                            self.info.default_steps)
+        except ValueError as e:
+            raise BdmError(str(e))
+        return Plan(times, previous_times(times, solver), eta, self.info.format_version >= 2)
+
     def sample(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
-               out=None, progress=False):
+               out=None, progress=False, solver=None, grid=None, timing=None):
         """Draw images ``first_index .. first_index + n - 1`` of ``seed``: float32 ``[n, C, H, W]`` in ``[-1, 1]``.
 
-        ``steps``/``eta`` default to the graph's own defaults; ``eta = 0`` is deterministic
-        (B10), ``eta = 1`` ancestral (B9). ``labels``: one or ``n`` class ids (``None`` on a
-        conditional model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph).
-        ``out``: a float32 array or device memory (``__cuda_array_interface__``) to write into;
-        it is returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
-        ``progress(done, total)`` called after every step.
+        ``solver``: ``"ddim"`` (B10; ``eta = 0`` deterministic .. ``eta = 1`` ancestral, B9) or
+        ``"dpmpp2m"`` (B11, deterministic; format-2 graphs); ``grid``: a time grid of
+        ``runtime.grids`` (B15) or explicit times. ``steps``, ``eta``, ``solver``, ``grid`` default
+        to the graph's own defaults. ``labels``: one or ``n`` class ids (``None`` on a conditional
+        model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph). ``out``: a
+        float32 array or device memory (``__cuda_array_interface__``) to write into; it is
+        returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
+        ``progress(done, total)`` called after every step. ``timing``: a callable
+        ``timing(seconds)`` given every step's own time (network + update, without the loop's
+        uploads and noise draws; asynchronous backends are synchronised around each timed step).
         """
         n = check_positive_int(n, "n", BdmError)
-        steps = self.info.default_steps if steps is None else check_positive_int(steps, "steps", BdmError)
-        eta = self.info.default_eta if eta is None else _finite(eta, "eta")
-        if not 0.0 <= eta <= 1.0:
-            raise BdmError(f"eta must be in [0, 1], got {eta!r}")
+        plan = self.plan(steps, eta, solver, grid)
         try:
             check_seed(seed, first_index)
         except ValueError as e:
             raise BdmError(str(e))
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
         w = self._guidance(guidance)
-        grid = time_grid(steps)
         host, device = self._destination(out, n)
         with self._lock:
             backend = self._require()
             chunk = self.batch
             chunks = (n + chunk - 1) // chunk
-            tick, finish = _progress(progress, steps * chunks)
+            tick, finish = _progress(progress, plan.steps * chunks)
             try:
                 for start in range(0, n, chunk):
                     b = min(chunk, n - start)
                     stream = NoiseStream(seed, first_index + start, b, self.image_shape)
-                    z = stream.draw()                           # the initial latent z_1
-                    noise = _drawer(stream) if eta > 0 else None  # then one draw per step (xi)
+                    z = stream.draw()                                 # the initial latent z_1
+                    noise = _drawer(stream) if plan.eta > 0 else None  # then one draw per step (xi)
                     lab = None if all_labels is None else all_labels[start:start + b]
                     dest = host[start:start + b] if device is None else device.rows(start, b)
-                    backend.run(z, grid, eta, noise, lab, w, dest, tick)
+                    run_chunk(backend, z, plan, noise, lab, w, dest, tick, timing)
             finally:
                 finish()
         return host if device is None else out
 
     def generate(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
-                 out=None, progress=False):
+                 out=None, progress=False, solver=None, grid=None, timing=None):
         """Like :meth:`sample`, as uint8 images ``[n, H, W, C]`` (written into ``out`` if given)."""
         from .images import to_uint8
 
@@ -358,7 +281,7 @@ class Sampler:
             if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
                 raise BdmError(f"out must be a writable uint8 array of shape {shape}")
         x = self.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
-                        first_index=first_index, progress=progress)
+                        first_index=first_index, progress=progress, solver=solver, grid=grid, timing=timing)
         images = to_uint8(x)
         if out is None:
             return images

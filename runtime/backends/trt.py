@@ -7,9 +7,10 @@ execute_async_v3``). Device memory, copies and streams go through Polygraphy's `
 (a ctypes wrapper of the CUDA runtime, in the ``[trt]`` extra); CUDA-graph capture calls the
 same runtime library (``cudaStreamBeginCapture``, ``cudaGraphInstantiateWithFlags``, ``cudaGraphLaunch``).
 
-The latent stays on the GPU: two buffers swap roles each step (``z`` <-> ``z_next`` addresses);
-per step only ``t``, ``s`` and, for ``eta > 0``, the noise are copied up, and ``x0`` is copied
-once per chunk into the caller's array or device memory.
+Upload, step and download of the shared loop (``runtime.loop``). The latent (and a format-2
+graph's ``u_x`` state) stays on the GPU: two buffers swap roles each step (``z`` <-> ``z_next``,
+``u_x_prev`` <-> ``u_x`` addresses); per step only ``t``, ``s`` (``t_prev``) and, for ``eta > 0``,
+the noise are copied up, and ``x0`` is copied once per chunk into the caller's array or device memory.
 """
 import ctypes
 import os
@@ -177,8 +178,8 @@ class TrtBackend:
         mode = {n: self._engine.get_tensor_mode(n) for n in names}
         self.inputs = {n for n in names if mode[n] == trt.TensorIOMode.INPUT}
         outputs = {n for n in names if mode[n] == trt.TensorIOMode.OUTPUT}
-        want = set(fmt.INPUTS) | ({fmt.LABEL} if info.num_classes else set()) | ({fmt.GUIDANCE} if info.guided else set())
-        if self.inputs != want or outputs != set(fmt.OUTPUTS):
+        want = set(fmt.inputs(info.format_version, info.num_classes, info.guided))
+        if self.inputs != want or outputs != set(fmt.outputs(info.format_version)):
             raise BdmError(f"{plan_path}: engine tensors {sorted(names)} do not match its metadata")
         self._dtype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         lo, _, hi = self._engine.get_tensor_profile_shape(fmt.Z, 0)
@@ -203,6 +204,8 @@ class TrtBackend:
         self._image_shape = tuple(image_shape)
         sizes = {"z0": b * img * 4, "z1": b * img * 4, fmt.X0: b * img * 4, fmt.NOISE: b * img * 4,
                  fmt.T: b * 4, fmt.S: b * 4, fmt.ETA: 4}
+        if fmt.U_X_PREV in self.inputs:  # format 2: B11's state swaps like the latent
+            sizes.update({"u0": b * img * 4, "u1": b * img * 4, fmt.T_PREV: b * 4})
         if fmt.LABEL in self.inputs:
             sizes[fmt.LABEL] = b * self._dtype[fmt.LABEL].itemsize
         if fmt.GUIDANCE in self.inputs:
@@ -216,8 +219,9 @@ class TrtBackend:
         self._cuda.wrapper().memcpy(dst, src, nbytes, getattr(self._cuda.MemcpyKind, kind), self.stream)
 
     def _up(self, name, array):
+        key = {fmt.Z: "z0", fmt.U_X_PREV: "u0"}.get(name, name)
         array = np.ascontiguousarray(array, dtype=self._dtype.get(name, np.float32))
-        self._copy(self._buf[name].ptr, array.ctypes.data, array.nbytes, _H2D)
+        self._copy(self._buf[key].ptr, array.ctypes.data, array.nbytes, _H2D)
         return array  # keep it alive until the copy is enqueued
 
     # -- execution ------------------------------------------------------------------------------
@@ -226,19 +230,22 @@ class TrtBackend:
             return
         img = (b,) + self._image_shape
         shapes = {fmt.Z: img, fmt.NOISE: img, fmt.T: (b,), fmt.S: (b,), fmt.ETA: (1,),
-                  fmt.LABEL: (b,), fmt.GUIDANCE: (1,)}
+                  fmt.LABEL: (b,), fmt.GUIDANCE: (1,), fmt.T_PREV: (b,), fmt.U_X_PREV: img}
         for name in self.inputs:
             if not self._context.set_input_shape(name, shapes[name]):
                 raise BdmError(f"TensorRT refused shape {shapes[name]} for input {name}")
-        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.LABEL, fmt.GUIDANCE, fmt.X0):
+        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.T_PREV, fmt.LABEL, fmt.GUIDANCE, fmt.X0):
             if name in self.inputs or name == fmt.X0:
                 self._context.set_tensor_address(name, self._buf[name].ptr)
         self._shape = b
 
     def _bind_latent(self, parity):
-        """``z`` from buffer ``parity``, ``z_next`` into the other."""
+        """``z`` (and ``u_x_prev``) from buffer ``parity``, ``z_next`` (and ``u_x``) into the other."""
         self._context.set_tensor_address(fmt.Z, self._buf["z%d" % parity].ptr)
         self._context.set_tensor_address(fmt.Z_NEXT, self._buf["z%d" % (1 - parity)].ptr)
+        if fmt.U_X_PREV in self.inputs:
+            self._context.set_tensor_address(fmt.U_X_PREV, self._buf["u%d" % parity].ptr)
+            self._context.set_tensor_address(fmt.U_X, self._buf["u%d" % (1 - parity)].ptr)
 
     def _execute(self, parity, warm):
         """One step; replayed from a captured CUDA graph when enabled and this shape has run once."""
@@ -283,46 +290,39 @@ class TrtBackend:
     def _sync(self):
         self._check(self._lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "cudaStreamSynchronize")
 
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self, z, times, eta, noise, labels, guidance, out, on_step=None):
-        """Run all steps of ``times`` on one chunk and write the final ``x0`` into ``out``."""
-        b = z.shape[0]
-        rb = max(b, self.min_batch)  # below the profile minimum: pad, and drop the padding at the end
-        img = z.shape[1:]
+    # -- the loop's primitives (runtime.loop) ------------------------------------------------------
+    def prepare(self, b):
+        """Shapes for a chunk of ``b`` images; below the profile minimum the chunk is padded."""
+        self._b, self._rb = b, max(b, self.min_batch)
+        self._set_shapes(self._rb)
+        self._steps_run = 0
 
-        def padded(a, dtype):
-            full = np.zeros((rb,) + a.shape[1:], dtype=dtype)
-            full[:b] = a
-            return full
+    def upload(self, name, array):
+        """Host ``array`` into input ``name`` (per-image inputs padded with zeros to the profile minimum)."""
+        array = np.asarray(array)
+        if name in fmt.PER_IMAGE and self._rb > self._b:
+            full = np.zeros((self._rb,) + array.shape[1:], dtype=self._dtype.get(name, np.float32))
+            full[:self._b] = array
+            array = full
+        self._up(name, array)
 
-        self._set_shapes(rb)
-        keep = [self._up("z0", padded(z, np.float32)), self._up(fmt.ETA, np.array([eta], np.float32))]
-        host_noise = np.zeros((rb,) + img, dtype=np.float32)
-        if noise is None:  # eta = 0: the graph multiplies the noise by 0; zeros once
-            keep.append(self._up(fmt.NOISE, host_noise))
-        if fmt.LABEL in self.inputs:
-            keep.append(self._up(fmt.LABEL, padded(np.asarray(labels), self._dtype[fmt.LABEL])))
-        if fmt.GUIDANCE in self.inputs:
-            keep.append(self._up(fmt.GUIDANCE, np.array([guidance or 0.0], np.float32)))
-        steps = len(times) - 1
-        t_all = np.repeat(np.asarray(times, np.float32)[:, None], rb, axis=1)  # row i: t_i for every image
-        for i in range(steps):
-            self._up(fmt.T, t_all[i])
-            self._up(fmt.S, t_all[i + 1])
-            if noise is not None:
-                host_noise[:b] = noise()  # drawn on the host while the previous step runs
-                self._up(fmt.NOISE, host_noise)
-            self._execute(i % 2, warm=i > 0)
-            if on_step is not None:
-                on_step()
-        nbytes = b * int(np.prod(img)) * 4
+    def step(self, parity, out=None):
+        """One step reading state ``parity`` (replayed as a CUDA graph from the second step of a chunk on)."""
+        self._execute(parity, warm=self._steps_run > 0)
+        self._steps_run += 1
+
+    def synchronize(self):
+        self._sync()
+
+    def download(self, out):
+        """The last step's ``x0`` into ``out`` (host array or ``DeviceOut``), then wait for it."""
+        nbytes = self._b * int(np.prod(self._image_shape)) * 4
         if isinstance(out, DeviceOut):
             self._copy(out.ptr, self._buf[fmt.X0].ptr, nbytes, _D2D)
         else:
             self._sync()
             self._copy(out.ctypes.data, self._buf[fmt.X0].ptr, nbytes, _D2H)
         self._sync()
-        del keep
 
     def close(self):
         """Destroy graphs, context, engine, buffers and our stream (idempotent)."""

@@ -1,0 +1,134 @@
+"""What a step graph declares about itself: its ``bdm.*`` metadata (``runtime.format``), read and validated.
+
+``onnx_info(path)`` reads an ``.onnx`` without the onnx package, ``engine_info(plan)`` a TensorRT
+engine's side file ``X.plan.json``; both refuse, naming the file, anything this runtime cannot run.
+"""
+import json
+import os
+
+from . import format as fmt
+from .errors import BdmError
+from .grids import GRIDS, SOLVERS, solver_eta
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class StepInfo:
+    """What a step graph declares about itself (validated): shape, classes, defaults, interface."""
+
+    def __init__(self, path, meta, inputs=None):
+        self.path = path
+        self.meta = meta
+        self.format_version = meta[fmt.K_FORMAT_VERSION]
+        self.image_shape = tuple(meta[fmt.K_IMAGE_SHAPE])
+        self.process = meta[fmt.K_PROCESS]
+        self.num_classes = meta[fmt.K_NUM_CLASSES]
+        self.guided = bool(meta[fmt.K_GUIDANCE])
+        self.clip_denoised = bool(meta[fmt.K_CLIP_DENOISED])
+        self.default_steps = meta[fmt.K_DEFAULT_STEPS]
+        self.default_eta = float(meta[fmt.K_DEFAULT_ETA])
+        self.default_solver = meta.get(fmt.K_DEFAULT_SOLVER, "ddim")      # format 1: DDIM only
+        self.default_grid = meta.get(fmt.K_DEFAULT_GRID, "uniform")
+        self.precision = meta[fmt.K_PRECISION]
+        self.version = meta[fmt.K_VERSION]
+        self.inputs = inputs
+
+    @classmethod
+    def from_meta(cls, path, meta, inputs=None, outputs=None):
+        """Validate decoded ``bdm.*`` metadata (and graph input/output names when known)."""
+        if not meta:
+            raise BdmError(f"{path}: not a bdm step graph (no bdm.* metadata)")
+        missing = fmt.missing_keys(meta)
+        if missing:
+            raise BdmError(f"{path}: not a bdm step graph (metadata {', '.join(missing)} missing)")
+        version = meta[fmt.K_FORMAT_VERSION]
+        if version not in fmt.SUPPORTED_VERSIONS:
+            raise BdmError(f"{path}: step-graph format version {version!r}, this runtime reads "
+                           f"{', '.join(str(v) for v in fmt.SUPPORTED_VERSIONS)}: upgrade bdm")
+        shape = meta[fmt.K_IMAGE_SHAPE]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(d) and d > 0 for d in shape)):
+            raise BdmError(f"{path}: bad {fmt.K_IMAGE_SHAPE} {shape!r} (want [C, H, W])")
+        k = meta[fmt.K_NUM_CLASSES]
+        if not (_is_int(k) and k >= 0):
+            raise BdmError(f"{path}: bad {fmt.K_NUM_CLASSES} {k!r}")
+        steps = meta[fmt.K_DEFAULT_STEPS]
+        if not (_is_int(steps) and steps > 0):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r}")
+        eta = meta[fmt.K_DEFAULT_ETA]
+        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
+        if meta[fmt.K_GUIDANCE] and k == 0:
+            raise BdmError(f"{path}: a guided graph of an unconditional model")
+        _check_defaults(path, meta)
+        if inputs is not None:
+            want = fmt.inputs(version, k, meta[fmt.K_GUIDANCE])
+            if sorted(inputs) != sorted(want):
+                raise BdmError(f"{path}: graph inputs {sorted(inputs)} do not match its metadata "
+                               f"(format {version} wants {sorted(want)})")
+        if outputs is not None and sorted(outputs) != sorted(fmt.outputs(version)):
+            raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has "
+                           f"{sorted(fmt.outputs(version))}")
+        return cls(path, meta, inputs)
+
+
+def _check_defaults(path, meta):
+    """The format-2 defaults: a known solver and grid, and an eta that solver takes."""
+    if meta[fmt.K_FORMAT_VERSION] < 2:
+        return
+    solver, grid = meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID]
+    if solver not in SOLVERS:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_SOLVER} {solver!r} (this runtime knows {', '.join(SOLVERS)}): "
+                       "upgrade bdm")
+    if grid not in GRIDS:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_GRID} {grid!r} (this runtime knows {', '.join(GRIDS)}): upgrade bdm")
+    try:
+        solver_eta(solver, meta[fmt.K_DEFAULT_ETA], 0.0)
+    except ValueError as e:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA}: {e}")
+
+
+def _decode(path, props):
+    try:
+        return fmt.decode(props)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise BdmError(f"{path}: unreadable bdm metadata ({e})")
+
+
+def onnx_info(path):
+    """Validated :class:`StepInfo` of an ``.onnx`` step graph (read without the onnx package)."""
+    from . import onnx_meta
+
+    info = onnx_meta.read(path)
+    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs)
+
+
+def side_file(plan_path):
+    """``X.plan.json``: the metadata of engine ``X.plan``."""
+    return plan_path + ".json"
+
+
+def read_side_file(plan_path):
+    """Decoded ``bdm.*`` metadata of a TensorRT engine, from ``X.plan.json`` beside it."""
+    path = side_file(plan_path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise BdmError(f"{plan_path}: its metadata {os.path.basename(path)} is missing beside it "
+                       "(not a bdm engine, or copied without it)")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BdmError(f"{path}: not JSON ({e})")
+    if not isinstance(raw, dict):
+        raise BdmError(f"{path}: not a bdm engine side file (want a JSON object)")
+    return raw
+
+
+def engine_info(plan_path):
+    """Validated :class:`StepInfo` of a TensorRT engine plus its side file's raw dict."""
+    raw = read_side_file(plan_path)
+    meta = {k: v for k, v in raw.items() if k.startswith(fmt.PREFIX)}
+    return StepInfo.from_meta(plan_path, meta), raw
+
+

@@ -220,11 +220,12 @@ def test_parity_mixture(mixture_onnx, eta):
     assert _parity(path, model, process, 6, 10, eta=eta) < PARITY_TOL
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_parity_trained_checkpoint(unet_onnx, eta):
+@pytest.mark.parametrize("eta,solver,grid", [(0.0, "ddim", "uniform"), (1.0, "ddim", "uniform"),
+                                             (None, "dpmpp2m", "spectral"), (None, "dpmpp2m", "power")])
+def test_parity_trained_checkpoint(unet_onnx, eta, solver, grid):
     path, model, process = unet_onnx
-    err = _parity(path, model, process, 4, 8, eta=eta)
-    print(f"parity eta={eta}: max abs err {err:.3g}")
+    err = _parity(path, model, process, 4, 8, eta=eta, solver=solver, grid=grid)
+    print(f"parity {solver} eta={eta} {grid}: max abs err {err:.3g}")
     assert err < PARITY_TOL
 
 

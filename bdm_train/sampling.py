@@ -2,7 +2,8 @@
 
 ``step`` is the unit that is also exported as the ONNX step graph (``export``): the runtime loop
 only feeds it tensors. A model is anything callable as ``model(z, t, labels=None)`` returning its
-raw output in pixel space (eps, B8). ``denoise`` is the one place that reads that output: the
+output in pixel space; how that output is read is its parameterisation (``param``: eps, B8, by
+default; ``spectral``, B14, with ``data_mean``/``data_std``), applied by ``denoise`` alone: the
 solvers take ``u_x_hat`` and ``u_eps`` from it only. Time grids and the solvers' history rule
 come from ``runtime.grids`` (numpy, shared with the runtime), so both step through the same times.
 """
@@ -23,21 +24,27 @@ Denoised.__doc__ = """What every solver needs at ``(z_t, t)``, in frequency spac
 last step)."""
 
 
-def denoised(u_t, u_eps, alpha_t, sigma_t):
-    """``u_x_hat = (u_t - sigma_t u_eps) / alpha_t`` (B8)."""
-    return (u_t - sigma_t * u_eps) / alpha_t
+def denoise(model_fn, process, z, t, spec=None):
+    """The network at ``z_t`` read through its parameterisation (B8 or B14):
+    ``(u_t, u_x_hat, u_eps, alpha_t, sigma_t)``, all in frequency space.
 
-
-def denoise(model, process, z, t, clip_denoised=False):
-    """The model's prediction at ``(z, t)`` as :class:`Denoised` (B8): the only reader of the model output.
-
-    ``model(z, t)`` returns eps in pixel space. With ``clip_denoised``, ``x_hat`` is clipped to
-    ``[-1, 1]`` and ``u_eps`` recomputed from it (B10), so the pair stays consistent.
+    ``model_fn(z, t)`` gives the raw output (labels and guidance already bound); ``spec`` is the
+    object that declares the parameterisation (``param``, ``data_mean``, ``data_std``): the model
+    itself, which is also the default.
     """
     alpha_t, sigma_t = process.alpha_sigma(t)
     u_t = process.dct(z)
-    u_eps = process.dct(model(z, t))
-    u_x = denoised(u_t, u_eps, alpha_t, sigma_t)                        # B8
+    u_x, u_eps = process.read_output(model_fn if spec is None else spec, model_fn(z, t), u_t, alpha_t, sigma_t)
+    return u_t, u_x, u_eps, alpha_t, sigma_t
+
+
+def prediction(model_fn, process, z, t, clip_denoised=False, spec=None):
+    """:class:`Denoised` at ``(z, t)`` from ``denoise``; with ``clip_denoised`` ``x_hat`` is clipped.
+
+    Clipping ``x_hat`` to ``[-1, 1]`` recomputes ``u_eps`` from it (B10), so the pair stays
+    consistent (``u_t = alpha u_x_hat + sigma u_eps``) for every solver.
+    """
+    u_t, u_x, u_eps, alpha_t, sigma_t = denoise(model_fn, process, z, t, spec)   # B8 / B14
     x0 = process.idct(u_x).clamp(-1.0, 1.0)
     if clip_denoised:
         u_x = process.dct(x0)
@@ -92,15 +99,16 @@ def update(d, alpha_s, sigma_s, eta, noise=None, delta=None):
     return u_s if noise is None else u_s + c * noise
 
 
-def step(model, process, z, t, s, eta, noise, t_prev=None, u_x_prev=None, clip_denoised=True):
+def step(model, process, z, t, s, eta, noise, t_prev=None, u_x_prev=None, clip_denoised=True, spec=None):
     """One step ``z_t -> z_s`` of every solver; returns ``(z_s, x0, u_x_hat)``.
 
     First order (DDIM-eta, B10) where ``t_prev`` is ``None`` or ``<= t``; else the second-order
     multistep update of B11 from the previous step's ``t_prev`` and ``u_x_hat`` (``u_x_prev``,
     frequency space) with ``eta = 0``. ``noise`` is ``xi`` in frequency space (``None``: eta = 0).
     The returned ``u_x_hat`` is the next step's ``u_x_prev``; ``x0`` the clipped denoised estimate.
+    ``spec`` declares the parameterisation (see ``denoise``).
     """
-    d = denoise(model, process, z, t, clip_denoised)
+    d = prediction(model, process, z, t, clip_denoised, spec)
     alpha_s, sigma_s = process.alpha_sigma(s)
     delta = None
     if t_prev is not None:
@@ -109,29 +117,32 @@ def step(model, process, z, t, s, eta, noise, t_prev=None, u_x_prev=None, clip_d
     return process.idct(u_s), d.x0, d.u_x_hat
 
 
-def ddim_step(eps_model, process, z, t, s, eta, noise, clip_denoised=True):
+def ddim_step(model_fn, process, z, t, s, eta, noise, clip_denoised=True, spec=None):
     """One step ``z_t -> z_s`` of DDIM-eta per frequency (B10); returns ``(z_s, x0)``.
 
     ``eta = 1`` is the paper's ancestral sampler (B9), ``eta = 0`` the deterministic one.
     ``noise`` is ``xi`` in frequency space. ``x0`` is the denoised estimate clipped to ``[-1, 1]``.
+    ``spec`` declares the parameterisation (see ``denoise``).
     """
-    z_s, x0, _ = step(eps_model, process, z, t, s, eta, noise, clip_denoised=clip_denoised)
+    z_s, x0, _ = step(model_fn, process, z, t, s, eta, noise, clip_denoised=clip_denoised, spec=spec)
     return z_s, x0
 
 
-def dpmpp2m_step(model, process, z, t, s, t_prev, u_x_prev, clip_denoised=True):
+def dpmpp2m_step(model_fn, process, z, t, s, t_prev, u_x_prev, clip_denoised=True, spec=None):
     """One DPM-Solver++(2M) step (B11, deterministic); returns ``(z_s, x0, u_x_hat)``.
 
     ``t_prev = None`` (the first step) is the first-order step, equal to B10 with ``eta = 0``.
     """
-    return step(model, process, z, t, s, 0.0, None, t_prev, u_x_prev, clip_denoised)
+    return step(model_fn, process, z, t, s, 0.0, None, t_prev, u_x_prev, clip_denoised, spec)
 
 
-def solve(model, process, z, times, solver="ddim", eta=0.0, draw=None, clip_denoised=True, on_step=None):
+def solve(model, process, z, times, solver="ddim", eta=0.0, draw=None, clip_denoised=True, on_step=None,
+          spec=None):
     """Step the latents ``z`` through ``times`` (1 .. 0) with ``solver``; returns ``(z, x0)`` of the last step.
 
     ``draw()`` gives the next ``xi`` (frequency space) when ``eta > 0``. ``x0`` of the last step
-    is the sample (B9); ``z`` is the solver's state at ``times[-1]``.
+    is the sample (B9); ``z`` is the solver's state at ``times[-1]``. ``spec`` declares the
+    parameterisation (default: ``model``).
     """
     t_prev = previous_times(times, solver)
     b = z.shape[0]
@@ -141,7 +152,7 @@ def solve(model, process, z, times, solver="ddim", eta=0.0, draw=None, clip_deno
         t = torch.full((b,), float(times[i]), device=z.device)
         s = torch.full((b,), float(times[i + 1]), device=z.device)
         tp = torch.full((b,), float(t_prev[i]), device=z.device) if t_prev[i] > times[i] else None
-        z, x0, u_x = step(model, process, z, t, s, eta, xi, tp, u_x if tp is not None else None, clip_denoised)
+        z, x0, u_x = step(model, process, z, t, s, eta, xi, tp, u_x if tp is not None else None, clip_denoised, spec)
         if on_step is not None:
             on_step()
     return z, x0
@@ -213,7 +224,7 @@ def sample(model, process, n, seed, steps=None, eta=None, labels=None, guidance=
         else:
             eps_model = conditioned(model, lab)
         _, x0 = solve(eps_model, process, z, times, solver, eta, lambda: torch.from_numpy(noise.draw()).to(device),
-                      clip_denoised, bar.update if bar is not None else None)
+                      clip_denoised, bar.update if bar is not None else None, spec=model)
         out.append(x0.float())
     if bar is not None:
         bar.close()

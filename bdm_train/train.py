@@ -1,6 +1,8 @@
 """Training: ``bdm-train`` and ``train(data, out, **options)``.
 
-The loss is B8: ``t ~ U(0, 1)``, ``z_t = V(alpha_t V^T x) + sigma_t eps`` (B5), ``|| eps - f(z_t, t) ||^2``.
+The loss: ``t ~ U(0, 1)``, ``z_t = V(alpha_t V^T x) + sigma_t eps`` (B5), ``|| target - f(z_t, t) ||^2``
+with the target of the parameterisation: ``eps`` (B8) or B14's unit-variance spectral target, whose
+per-frequency data statistics are measured once, before step 1, on a seeded subset of the data.
 
 Reproducibility by construction: the data order is a chain of per-epoch permutations and every
 step's ``t``, ``eps``, flips and label drops come from a generator seeded by ``(seed, step)`` for
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from runtime.errors import BdmError, run_cli
+from runtime.format import PARAMS
 
 from . import checkpoint as ckpt
 from . import data as datalib
@@ -29,7 +32,7 @@ from . import data as datalib
 DEFAULTS = dict(
     image_size=None, fit=None,
     ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn=(16,), dropout=0.1,
-    blur_sigma_max=20.0, min_scale=0.001, num_classes=0,
+    blur_sigma_max=20.0, min_scale=0.001, num_classes=0, param="spectral",
     steps=10000, batch_size=64, lr=2e-4, warmup=500, grad_clip=1.0, weight_decay=0.0,
     ema_decay=0.9995, p_uncond=0.1, flip=False, seed=0,
     sample_every=0, sample_n=64, sample_steps=50, sample_eta=0.0, ckpt_every=1000, log_every=100,
@@ -37,7 +40,9 @@ DEFAULTS = dict(
 )
 # Options that define the network or the data: a resumed run cannot change them.
 FIXED = ("image_size", "fit", "ch", "ch_mult", "num_res_blocks", "attn", "blur_sigma_max", "min_scale",
-         "num_classes")
+         "num_classes", "param")
+# B14's data statistics come from a fixed, seeded subset of at most this many training images.
+STATS_IMAGES = 10000
 # Options that change the trajectory: a resumed run may change them, but then it no longer equals
 # an uninterrupted run (we say so).
 TRAJECTORY = ("batch_size", "lr", "warmup", "grad_clip", "weight_decay", "ema_decay", "p_uncond", "flip",
@@ -98,6 +103,7 @@ def normalize(opts):
         (o["num_res_blocks"] >= 1, "--num-res-blocks must be >= 1"),
         (o["num_classes"] >= 0, "--num-classes must be >= 0"),
         (o["blur_sigma_max"] >= 0, "--blur-sigma-max must be >= 0"),
+        (o["param"] in PARAMS, f"--param must be one of {', '.join(PARAMS)}, got {o['param']!r}"),
         (0 < o["min_scale"] <= 1, "--min-scale must be in (0, 1]"),
         (o["sample_steps"] >= 1 and 0 <= o["sample_eta"] <= 1, "--sample-steps >= 1, --sample-eta in [0, 1]"),
         (o["image_size"] is None or o["image_size"] >= 1, "--image-size must be positive"),
@@ -123,7 +129,7 @@ def resolve_options(options, stored=None):
     given = {k: v for k, v in options.items() if v is not None}
     opts = dict(DEFAULTS)
     if stored is not None:
-        opts.update(stored)
+        opts.update({"param": "eps"}, **stored)   # checkpoints from before B14 are eps models
         old = normalize(opts)
         new = normalize(dict(opts, **given))
         for k in FIXED:
@@ -221,17 +227,36 @@ def batch_noise(seed, step, batch_size, shape):
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def build_model(opts, channels):
-    """UNet and process from the options (weights from the global torch RNG)."""
+def build_model(opts, channels, stats=None):
+    """UNet and process from the options (weights from the global torch RNG).
+
+    ``stats`` is ``(data_mean, data_std)`` for ``param = "spectral"`` (B14): from
+    :func:`spectral_statistics` for a new run, from the checkpoint for a resumed one.
+    """
     from .diffusion import BlurringDiffusion
     from .unet import UNet
 
+    mean, std = stats if opts["param"] == "spectral" else (None, None)
     model = UNet(in_channels=channels, image_size=opts["image_size"], ch=opts["ch"], ch_mult=opts["ch_mult"],
                  num_res_blocks=opts["num_res_blocks"], attn_resolutions=opts["attn"], dropout=opts["dropout"],
-                 num_classes=opts["num_classes"])
+                 num_classes=opts["num_classes"], param=opts["param"], data_mean=mean, data_std=std)
     process = BlurringDiffusion(opts["image_size"], blur_sigma_max=opts["blur_sigma_max"],
                                 min_scale=opts["min_scale"])
     return model, process
+
+
+def spectral_statistics(images, image_size, seed, limit=STATS_IMAGES):
+    """B14's per-frequency data mean and std, from a fixed subset of at most ``limit`` images.
+
+    The subset is drawn with numpy from ``seed`` (the torch RNG, which draws the initial weights,
+    is untouched), so the statistics, like the rest of a run, follow from the options alone.
+    """
+    from .diffusion import BlurringDiffusion, data_statistics
+
+    n = len(images)
+    idx = np.sort(np.random.default_rng([int(seed), 14]).permutation(n)[:min(n, limit)])
+    x = datalib.to_float(torch.from_numpy(images[idx]))
+    return data_statistics(x, BlurringDiffusion(image_size))
 
 
 def make_config(model, process, opts, ds, data_path):
@@ -312,8 +337,13 @@ def _train(data, out, path, opts, state, dist, progress):
         raise BdmError(f"--batch-size {B} is not divisible by the {dist.world} processes")
     b, lo = B // dist.world, dist.rank * (B // dist.world)
 
+    stats = None
+    if opts["param"] == "spectral":   # B14: measured before step 1; a resumed run keeps the stored ones
+        m = state["config"]["model"] if state is not None else None
+        stats = ((m["data_mean"], m["data_std"]) if m is not None
+                 else spectral_statistics(ds.images, opts["image_size"], opts["seed"]))
     torch.manual_seed(opts["seed"])  # same initial weights on every rank
-    model, process = build_model(opts, ds.channels)
+    model, process = build_model(opts, ds.channels, stats)
     try:
         model, process = model.to(device), process.to(device)
     except RuntimeError as e:
@@ -381,7 +411,7 @@ def _train(data, out, path, opts, state, dist, progress):
         if nc:
             y = torch.where(drop < opts["p_uncond"], torch.full_like(labels[idx], nc), labels[idx])  # B12
         torch.manual_seed(derived_seed(opts["seed"], 2, step) + dist.rank)  # dropout masks
-        loss = process.loss(forward, x, y, t=t, eps=eps)                    # B8, mean over this rank's slice
+        loss = process.loss(forward, x, y, t=t, eps=eps, spec=model)        # B8 / B14, mean over this rank's slice
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if opts["grad_clip"] > 0:
@@ -449,6 +479,8 @@ def _opt(*names, **kw):
 @_opt("--ema-decay", type=float, help=f"[{DEFAULTS['ema_decay']}]")
 @_opt("--blur-sigma-max", type=float, help=f"sigma_B_max (B4); 0 = plain DDPM [{DEFAULTS['blur_sigma_max']}].")
 @_opt("--min-scale", type=float, help=f"d_min (B4) [{DEFAULTS['min_scale']}].")
+@_opt("--param", type=click.Choice(PARAMS), help="How the network's output is read: eps (B8) or spectral "
+      "(B14: per-frequency preconditioning with the data's DCT statistics) [spectral; resumed runs keep theirs].")
 @_opt("--num-classes", type=int, help="Class-conditional with this many classes (labels from the data); 0 = off.")
 @_opt("--p-uncond", type=float, help=f"Label dropout to the null label for guidance (B12) [{DEFAULTS['p_uncond']}].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [off].")

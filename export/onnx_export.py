@@ -13,6 +13,7 @@ import warnings
 import torch
 
 import bdm_train
+from bdm_train.diffusion import param_of
 from runtime import format as fmt
 from runtime.grids import GRIDS, solver_eta
 from runtime.io import atomic_path
@@ -26,7 +27,7 @@ BATCH = "batch"
 
 
 def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision,
-             default_solver="ddim", default_grid="uniform", format_version=fmt.FORMAT_VERSION):
+             default_solver="ddim", default_grid="uniform", format_version=fmt.FORMAT_VERSION, param="eps"):
     """The ``bdm.*`` metadata of a step graph (``runtime.format``), as plain values."""
     h, w = process.image_size
     meta = {
@@ -40,6 +41,7 @@ def metadata(process, *, channels, num_classes, guided, clip_denoised, default_s
         fmt.K_DEFAULT_ETA: float(default_eta),
         fmt.K_PRECISION: precision,
         fmt.K_VERSION: bdm_train.__version__,
+        fmt.K_PARAM: param,
     }
     if format_version >= 2:
         meta[fmt.K_DEFAULT_SOLVER] = default_solver
@@ -103,7 +105,7 @@ def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance
     meta = metadata(process, channels=channels, num_classes=num_classes, guided=guided,
                     clip_denoised=clip_denoised, default_steps=default_steps, default_eta=default_eta,
                     precision="fp16" if fp16 else "fp32", default_solver=default_solver, default_grid=default_grid,
-                    format_version=format_version)
+                    format_version=format_version, param=param_of(model))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, fmt.encode(meta))
     proto.producer_name = "bdm"

@@ -52,7 +52,8 @@ class StepGraph(nn.Module):
         else:
             eps_model = conditioned(self.model, label)
         z_next, x0, u_x = step(eps_model, self.process, a[fmt.Z], a[fmt.T], a[fmt.S], a[fmt.ETA], a[fmt.NOISE],
-                               a.get(fmt.T_PREV), a.get(fmt.U_X_PREV), self.clip_denoised)   # B10, B11
+                               a.get(fmt.T_PREV), a.get(fmt.U_X_PREV), self.clip_denoised,
+                               spec=self.model)   # B8 / B14 read the model's output; B10, B11 step
         return (z_next, x0, u_x) if self.format_version >= 2 else (z_next, x0)
 
     def example_inputs(self, channels, batch=2, seed=0):

@@ -48,6 +48,11 @@ K_DEFAULT_SOLVER = "bdm.default_solver"  # format 2; format 1 is "ddim"
 K_DEFAULT_GRID = "bdm.default_grid"      # format 2; format 1 is "uniform"
 K_PRECISION = "bdm.precision"            # "fp32" or "fp16"
 K_VERSION = "bdm.version"                # bdm package version that wrote it
+K_PARAM = "bdm.param"                    # how the network output is read (PARAMS); optional, "eps" if absent
+
+# Parameterisations of the network output: eps (B8) and spectral (B14). Graphs compute x_hat
+# inside, so the runtime only reports this; training and export take the names from here.
+PARAMS = ("eps", "spectral")
 REQUIRED_KEYS_V1 = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
                     K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)
 REQUIRED_KEYS = REQUIRED_KEYS_V1 + (K_DEFAULT_SOLVER, K_DEFAULT_GRID)

@@ -63,9 +63,11 @@ def images(tiny_data):
     return torch.from_numpy(d["images"].astype(np.float32) / 127.5 - 1), torch.from_numpy(d["labels"])
 
 
-@pytest.fixture(scope="module")
-def uncond(tiny_checkpoint, tmp_path_factory):
-    model, process, config = checkpoint.load(tiny_checkpoint)
+@pytest.fixture(scope="module", params=["eps", "spectral"])
+def uncond(request, tmp_path_factory):
+    """An unconditional trained model per parameterisation (B8, B14), exported: the same tolerances hold."""
+    ckpt = request.getfixturevalue("tiny_checkpoint" if request.param == "eps" else "tiny_spectral_checkpoint")
+    model, process, config = checkpoint.load(ckpt)
     path = tmp_path_factory.mktemp("export") / "bdm.onnx"
     meta = export_onnx(model, process, path, channels=1, default_steps=17, default_eta=0.25)
     return model, process, config, path, meta
@@ -266,7 +268,9 @@ def test_metadata_round_trip(uncond, cond):
         fmt.K_DEFAULT_GRID: "uniform",
         fmt.K_PRECISION: "fp32",
         fmt.K_VERSION: bdm_train.__version__,
+        fmt.K_PARAM: model.param,
     }
+    assert model.param in fmt.PARAMS
     assert meta == want
     assert read_metadata(path) == want
     assert fmt.missing_keys(read_metadata(path)) == []

@@ -11,11 +11,13 @@ output convolutions, which would make eps = 0), are exported as FP32 and FP16 st
 sampled through ``runtime.load(...).sample`` and ``bdm_train.sampling.sample``. The backends of
 one (network, batch) are interleaved repeat by repeat (their order rotated), so each repeat gives
 one runtime/PyTorch pair measured under the same machine conditions; ratios are the median of the
-per-pair ratios, times the medians. Loop overhead comes from the same timed calls: the ONNX
-Runtime session's ``run_with_iobinding`` is wrapped with a timer from here (the runtime has no
-timing hook), and overhead = (sampling time - sum of step times) / sum of step times. Thread
-settings are pinned: ``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``,
-injected from here into the runtime's own ``SessionOptions`` (``ort_options``). Cold start, peak
+per-pair ratios, times the medians. Loop overhead comes from the same timed calls: the runtime's
+public step-timing hook (``Sampler.sample(..., timing=)``) gives each step's own time, and overhead
+= (sampling time - sum of step times) / sum of step times. Thread settings are pinned:
+``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``, in an ONNX Runtime
+``SessionOptions`` given to ``runtime.load(..., session_options=)`` (``ort_session_options``). The
+sampler default section (``benchmarks.defaults``) times the shipped model at its sampler default
+against the old one (100 ancestral DDIM steps) in the same run. Cold start, peak
 RSS and ``import runtime`` are measured in fresh subprocesses (the runtime ones check that torch
 never enters ``sys.modules``). FLOPs per network evaluation come from the exported graph's
 shapes (``benchmarks.flops``), the peak from a float32 matmul with the same thread count.
@@ -277,80 +279,44 @@ def flops_check(model, process, net):
     return int(counter.get_total_flops())
 
 
-# -- ONNX Runtime settings, injected into the runtime's own session ---------------------------------
-def _options_class(ort, settings):
-    """A ``SessionOptions`` subclass applying ``settings`` (a level given here wins over the runtime's)."""
-    base = ort.SessionOptions
-    level = settings.get("graph_optimization_level")
-
-    def __init__(self):
-        base.__init__(self)
-        if "intra_op_num_threads" in settings:
-            self.intra_op_num_threads = int(settings["intra_op_num_threads"])
-        if "inter_op_num_threads" in settings:
-            self.inter_op_num_threads = int(settings["inter_op_num_threads"])
-        if "execution_mode" in settings:
-            self.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
-        if "allow_spinning" in settings:
-            flag = "1" if settings["allow_spinning"] else "0"
-            self.add_session_config_entry("session.intra_op.allow_spinning", flag)
-            self.add_session_config_entry("session.inter_op.allow_spinning", flag)
-
-    ns = {"__init__": __init__}
-    if level is not None:
-        prop = base.graph_optimization_level
-        ns["graph_optimization_level"] = property(
-            prop.__get__, lambda self, _v: prop.__set__(self, getattr(ort.GraphOptimizationLevel, level)))
-    return type("BenchSessionOptions", (base,), ns)
-
-
-@contextlib.contextmanager
-def ort_options(settings):
-    """While open, ``onnxruntime.SessionOptions()`` (as made by ``runtime.load``) carries ``settings``."""
+# -- ONNX Runtime settings, given to the runtime as ONNX Runtime's own SessionOptions ----------------
+def ort_session_options(settings):
+    """``onnxruntime.SessionOptions`` as the runtime makes its own (all graph optimisations, errors-only
+    logging) with ``settings`` applied; ``None`` without settings (the runtime's own, as shipped)."""
     import onnxruntime as ort
 
-    base = ort.SessionOptions
-    if settings:
-        ort.SessionOptions = _options_class(ort, settings)
-    try:
-        yield
-    finally:
-        ort.SessionOptions = base
-
-
-class StepTimer:
-    """Stands in for an ``InferenceSession``, timing each ``run_with_iobinding`` (one whole step)."""
-
-    def __init__(self, session):
-        self._session = session
-        self.times = []
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def run_with_iobinding(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return self._session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.times.append(time.perf_counter() - t)
+    if not settings:
+        return None
+    o = ort.SessionOptions()
+    o.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                         settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+    o.log_severity_level = 3
+    if "intra_op_num_threads" in settings:
+        o.intra_op_num_threads = int(settings["intra_op_num_threads"])
+    if "inter_op_num_threads" in settings:
+        o.inter_op_num_threads = int(settings["inter_op_num_threads"])
+    if "execution_mode" in settings:
+        o.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
+    if "allow_spinning" in settings:
+        flag = "1" if settings["allow_spinning"] else "0"
+        o.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        o.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return o
 
 
 def load_timed(path, settings):
-    """``(sampler, StepTimer)``: ``runtime.load(path)`` on the CPU provider with ``settings``, step-timed."""
+    """``(sampler, step_times)``: ``runtime.load(path)`` on the CPU provider with ``settings``; the list
+    receives the step times of the runtime's timing hook when passed as ``sample(..., timing=step_times.append)``."""
     import runtime
 
-    with ort_options(settings):
-        sampler = runtime.load(path, backend="ort", providers=["CPUExecutionProvider"])
-    backend = sampler._backend  # the runtime offers no timing hook: wrap its session from here
-    timer = StepTimer(backend.session)
-    backend.session = timer
-    return sampler, timer
+    sampler = runtime.load(path, backend="ort", providers=["CPUExecutionProvider"],
+                           session_options=ort_session_options(settings))
+    return sampler, []
 
 
-def session_options(timer):
+def session_options(sampler):
     """The options the session actually runs with, read back from it (proof the settings arrived)."""
-    o = timer.get_session_options()
+    o = sampler.session_options
     return {"intra_op_num_threads": o.intra_op_num_threads, "inter_op_num_threads": o.inter_op_num_threads,
             "graph_optimization_level": str(o.graph_optimization_level).split(".")[-1],
             "execution_mode": str(o.execution_mode).split(".")[-1],
@@ -367,18 +333,18 @@ def _config_entry(options, key):
 
 # -- timing -------------------------------------------------------------------------------------
 class Runner:
-    """One way of sampling: ``call(b, steps) -> images``; ``step_sum()`` for the runtime's own step time."""
+    """One way of sampling: ``call(b, steps) -> images``; ``step_times``: the list the runtime's timing hook fills."""
 
-    def __init__(self, name, call, timer=None):
-        self.name, self.call, self.timer = name, call, timer
+    def __init__(self, name, call, step_times=None):
+        self.name, self.call, self.step_times = name, call, step_times
 
     def timed(self, b, steps):
-        if self.timer is not None:
-            self.timer.times.clear()
+        if self.step_times is not None:
+            self.step_times.clear()
         t = time.perf_counter()
         x = self.call(b, steps)
         dt = time.perf_counter() - t
-        step_sum = sum(self.timer.times) if self.timer is not None else None
+        step_sum = sum(self.step_times) if self.step_times is not None else None
         return dt, step_sum, np.asarray(x, dtype=np.float32)
 
 
@@ -432,17 +398,19 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
     from bdm_train.sampling import sample
 
     settings = {"intra_op_num_threads": threads}
-    ort32, timer32 = load_timed(paths["fp32"], settings)
-    ort16, timer16 = load_timed(paths["fp16"], settings)
-    options = session_options(timer32)
+    ort32, times32 = load_timed(paths["fp32"], settings)
+    ort16, times16 = load_timed(paths["fp16"], settings)
+    options = session_options(ort32)
     c = net["unet"]["in_channels"]
 
     def torch_call(b, steps):
         return sample(model, process, b, SEED, steps, eta=ETA, batch_size=b, channels=c, num_classes=0).numpy()
 
     runners = {"pytorch": Runner("pytorch", torch_call),
-               "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA), timer32),
-               "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA), timer16)}
+               "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                        timing=times32.append), times32),
+               "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                        timing=times16.append), times16)}
     rows = []
     torch.set_num_threads(threads)
     for b in net["batches"]:
@@ -487,11 +455,12 @@ def ort_sweep(net, model, process, path, threads, repeats, log):
     samplers = []
     for label, settings in variants:
         t = time.perf_counter()
-        sampler, timer = load_timed(path, settings)
-        loads[label] = (time.perf_counter() - t, session_options(timer))
+        sampler, times = load_timed(path, settings)
+        loads[label] = (time.perf_counter() - t, session_options(sampler))
         samplers.append(sampler)
-        runners.append(Runner(label, (lambda sm: lambda b, s: sm.sample(b, seed=SEED, steps=s, eta=ETA))(sampler),
-                              timer))
+        runners.append(Runner(label, (lambda sm, ts: lambda b, s: sm.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                            timing=ts.append))(sampler, times),
+                              times))
     rec = interleaved(runners, TARGET_BATCH, net["steps"], repeats)
     rows = summarise(rec, TARGET_BATCH, net["steps"], 0.0, None)
     for (label, settings), row in zip(variants, rows[1:]):
@@ -847,6 +816,10 @@ def markdown(res):
             L.append(f"| {r['backend']} | {_f(r['ms_per_step'])} | {_f(ratio) + 'x' if ratio else '-'} | "
                      f"{_f(r.get('session_create_s'), 3)} |")
         L.append("")
+    if "defaults" in res:
+        from benchmarks.defaults import markdown as defaults_markdown
+
+        L += defaults_markdown(res["defaults"])
     gpu = res["gpu"]
     L += ["## GPU", ""]
     if not gpu.get("available"):
@@ -869,9 +842,15 @@ def markdown(res):
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run(quick=False, threads=2, networks=None, sweep=True, log=print):
-    """Measure everything; returns the result dict (see the module docstring)."""
+def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=None):
+    """Measure everything; returns the result dict (see the module docstring).
+
+    ``default``: the new sampler default to time against the old one (``benchmarks.defaults``;
+    ``None``: the shipped model's own).
+    """
     import torch
+
+    from benchmarks import defaults
 
     t_start = time.perf_counter()
     share = CpuShare()
@@ -887,7 +866,8 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print):
            "machine": machine_info(),
            "threads": {"torch_num_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
                        "ort_intra_op_num_threads": threads, "ort_graph_optimization_level": "ORT_ENABLE_ALL",
-                       "how": "ORT settings injected into runtime.load's SessionOptions by benchmarks.bench.ort_options"}}
+                       "how": "ONNX Runtime SessionOptions given to runtime.load(session_options=) "
+                              "(benchmarks.bench.ort_session_options)"}}
     log(f"machine: {res['machine'].get('cpu_model')}, load {res['run']['load_before']}, threads {threads}")
     res["matmul_peak"] = pk = matmul_peak(threads, 512 if quick else 2048, 3 if quick else 5)
     log(f"matmul peak: {pk['peak_gflops']} GFLOP/s")
@@ -926,6 +906,7 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print):
             res["ort_sweep"] = ort_sweep(target, model, process, paths_all[TARGET_NET]["fp32"], threads,
                                          target["repeats"], log)
         res["gpu"] = gpu_section(nets, models, paths_all, quick, log)
+    res["defaults"] = defaults.measure(default, threads=threads, quick=quick, log=log)
     res["targets"] = targets(res)
     res["run"]["load_after"] = loadavg()
     res["run"]["cpu_share"] = share.result()
@@ -957,6 +938,8 @@ def main(argv=None):
     p.add_argument("--networks", default=None, help="comma-separated subset of: "
                    + ", ".join(n["name"] for n in NETWORKS + QUICK_NETWORKS))
     p.add_argument("--no-sweep", action="store_true", help="skip the ONNX Runtime settings sweep")
+    p.add_argument("--default", default=None, help="new sampler default SOLVER:GRID:STEPS[:ETA] timed against the "
+                   "old one (100 ancestral DDIM steps) on the shipped model (default: its own config)")
     p.add_argument("--max-load", type=float, default=None, help="first wait until the 1-min load is below this")
     p.add_argument("--wait", type=float, default=600, help="longest wait for --max-load, seconds")
     a = p.parse_args(argv)
@@ -966,8 +949,11 @@ def main(argv=None):
 
     if a.max_load is not None:
         wait_for_quiet(a.max_load, a.wait, log)
+    from benchmarks.defaults import parse_default
+
+    default = parse_default(a.default) if a.default else None
     res = run(quick=a.quick, threads=a.threads, networks=a.networks.split(",") if a.networks else None,
-              sweep=not a.no_sweep, log=log)
+              sweep=not a.no_sweep, log=log, default=default)
     out = a.out or (None if a.quick else DEFAULT_OUT)
     if out:
         write(res, out)

@@ -142,6 +142,11 @@ class Sampler:
     def device(self):
         return self._require().device
 
+    @property
+    def session_options(self):
+        """The ``onnxruntime.SessionOptions`` the session runs with (ONNX Runtime only; ``None`` for TensorRT)."""
+        return getattr(self._require(), "session_options", None)
+
     def __repr__(self):
         state = "closed" if self._backend is None else f"{self._backend.name}/{self._backend.provider}"
         return f"Sampler({self.info.path!r}, {state}, image_shape={self.image_shape})"

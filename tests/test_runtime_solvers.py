@@ -149,7 +149,7 @@ def test_session_options_and_providers_as_onnxruntime_takes_them(mix2):
     so.intra_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with runtime.load(mix2[0], session_options=so, providers=[("CPUExecutionProvider", {})]) as s:
-        got = s._backend.session.get_session_options()   # what the session really runs with
+        got = s.session_options   # read back from the session: what it really runs with
         assert got.intra_op_num_threads == 1
         assert got.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         assert s.provider == "CPUExecutionProvider"

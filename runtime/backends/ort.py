@@ -76,6 +76,11 @@ class OrtBackend:
         self._buffers = {}
         self._bufs = self._ios = None
 
+    @property
+    def session_options(self):
+        """The options the session really runs with, read back from ONNX Runtime."""
+        return self.session.get_session_options()
+
     # -- buffers --------------------------------------------------------------------------------
     def _ov(self, array):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)

@@ -6,15 +6,8 @@ B11's state (``u_x``) stay on the backend's device in two buffers that swap role
 (step ``i`` reads buffer ``i % 2`` and writes the other), so a step is always the same two
 bindings: ONNX Runtime reuses them, TensorRT can replay each as a captured CUDA graph.
 
-The backend interface (``runtime.backends``):
-
-``prepare(b)``                 device buffers for a chunk of ``b`` images
-``upload(name, array)``        host ``array`` (``b`` rows, or ``[1]``) into input ``name``;
-                               ``z`` and ``u_x_prev`` go into the state buffers of parity 0
-``step(parity, out=None)``     one step reading state ``parity``, writing ``1 - parity``; ``out`` (the
-                               caller's destination) is given on the last step
-``synchronize()``              wait for queued device work (a no-op where steps are synchronous)
-``download(out)``              the last step's ``x0`` into ``out`` (numpy view or ``DeviceOut``)
+The backend interface (``prepare``, ``upload``, ``step``, ``synchronize``, ``download``) is
+documented in ``runtime.backends``.
 """
 import time
 

@@ -59,6 +59,7 @@ REQUIRED_KEYS = REQUIRED_KEYS_V1 + (K_DEFAULT_SOLVER, K_DEFAULT_GRID)
 # Engine side files only.
 K_TRT_VERSION = "bdm.tensorrt_version"
 K_PROFILE = "bdm.profile"                # {"min": b, "opt": b, "max": b}, in images
+K_TRT_DEVICE = "bdm.tensorrt_device"     # {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
 
 # Format 1 names, as before format 2 (kept for code written against them).
 INPUTS, OUTPUTS = INPUTS_V1, OUTPUTS_V1

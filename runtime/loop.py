@@ -1,13 +1,14 @@
 """The reverse loop of one chunk: the same for every backend, which differ only in upload, step and download.
 
-Per chunk the loop uploads the initial latent and the constant inputs once; per step only ``t``,
-``s`` (and ``t_prev`` for format-2 graphs) and, when ``eta > 0``, the noise go up. The latent and
+Per chunk the loop uploads the initial latent, the constant inputs and the time grid (with
+``t_prev`` for format-2 graphs) once; per step the backend selects that step's times (on the
+device where it can) and only the noise, when ``eta > 0``, goes up. The latent and
 B11's state (``u_x``) stay on the backend's device in two buffers that swap roles every step
 (step ``i`` reads buffer ``i % 2`` and writes the other), so a step is always the same two
 bindings: ONNX Runtime reuses them, TensorRT can replay each as a captured CUDA graph.
 
-The backend interface (``prepare``, ``upload``, ``step``, ``synchronize``, ``download``) is
-documented in ``runtime.backends``.
+The backend interface (``prepare``, ``upload``, ``set_times``, ``select``, ``step``,
+``synchronize``, ``download``) is documented in ``runtime.backends``.
 """
 import time
 
@@ -49,14 +50,9 @@ def run_chunk(backend, z, plan, noise, labels, guidance, out, on_step=None, timi
         backend.upload(fmt.LABEL, np.asarray(labels, dtype=np.int64))
     if guidance is not None:
         backend.upload(fmt.GUIDANCE, np.array([guidance], dtype=np.float32))
-    # Row i: the value of step i for every image of the chunk.
-    t_all = np.repeat(plan.times[:, None], b, axis=1)
-    prev_all = np.repeat(plan.t_prev[:, None], b, axis=1)
+    backend.set_times(plan.times, plan.t_prev if plan.stateful else None)
     for i in range(plan.steps):
-        backend.upload(fmt.T, t_all[i])
-        backend.upload(fmt.S, t_all[i + 1])
-        if plan.stateful:
-            backend.upload(fmt.T_PREV, prev_all[i])
+        backend.select(i)
         if noise is not None:
             backend.upload(fmt.NOISE, noise())
         last = out if i == plan.steps - 1 else None

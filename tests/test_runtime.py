@@ -443,24 +443,30 @@ def test_trt_version_refuses_before_8_5():
             trt_version(SimpleNamespace(__version__=old))
 
 
-def test_engine_cache_key_includes_the_profile(tmp_path):
-    from runtime.backends.trt import _is_current
+def test_engine_cache_key_includes_the_profile_and_the_gpu(tmp_path):
+    from runtime.backends.trt import _is_current, device_tag
 
+    orin = {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
     onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
     onnx_path.write_bytes(b"x")
     plan.write_bytes(b"y")
-    side = {fmt.K_TRT_VERSION: "10.0.1", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 4}}
+    side = {fmt.K_TRT_VERSION: "10.0.1", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 4}, fmt.K_TRT_DEVICE: orin}
     (tmp_path / "m.plan.json").write_text(json.dumps(side))
     os.utime(onnx_path, (1, 1))
-    assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8))   # another batch profile
-    assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4))   # another TensorRT
+    assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8), orin)   # another batch profile
+    assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4), orin)   # another TensorRT
+    for other in ({"name": "NVIDIA Orin", "compute_capability": [8, 6]},
+                  {"name": "Orin (nvgpu)", "compute_capability": [8, 7]}):
+        assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), other)  # another GPU
     os.utime(onnx_path, None)
     os.utime(plan, (1, 1))
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # older than the .onnx
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)   # older than the .onnx
     os.utime(plan, None)
     (tmp_path / "m.plan.json").write_text("{not json")
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # unreadable side file
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)   # unreadable side file
+    assert device_tag(orin) == "nvidia-orin-sm87"
+    assert device_tag({"name": " Tesla T4 (PCIe) ", "compute_capability": [7, 5]}) == "tesla-t4-pcie-sm75"
 
 
 # -- Python 3.8 ------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """TensorRT and CUDA paths of the runtime: run where TensorRT (or CUDA ONNX Runtime) and a GPU exist.
 
-Skipped here with the reason (``pytest -rs`` shows it). What they check where they run:
-TensorRT engine parity with ONNX Runtime on the CPU, chunking above the profile maximum and
-padding below its minimum, CUDA-graph replay equal to plain execution, a caller's CUDA stream and
-device memory (``__cuda_array_interface__``) as output, the TensorRT-version refusal, building
-and caching an engine from an ``.onnx``, and the ONNX Runtime CUDA provider with I/O binding.
+Skipped here with the reason (``pytest -rs`` shows it); ``test_trt_fake.py`` runs the same
+backend on the CPU against each TensorRT version's API. What they check where they run: TensorRT
+engine parity with ONNX Runtime on the CPU, chunking above the profile maximum and padding below
+its minimum, CUDA-graph replay equal to plain execution (with chunk sizes alternating), a caller's
+CUDA stream and device memory (``__cuda_array_interface__``) as output, an engine loading in a
+fresh process (where nothing parsed an ONNX file, so nothing else registered TensorRT's plugins),
+the TensorRT-version refusal, building and caching an engine from an ``.onnx``, and the ONNX
+Runtime CUDA provider with I/O binding.
 """
 import json
 import os
@@ -142,13 +145,32 @@ def test_cuda_graph_replay_equals_plain_execution(engine):
     with runtime.load(engine) as s:
         plain = s.sample(6, seed=2, steps=5, eta=1.0)
         plain2 = s.sample(6, seed=2, steps=5, solver="dpmpp2m")
+        mixed = s.sample(11, seed=2, steps=5, eta=1.0)               # chunks 8 and 3
     with runtime.load(engine, cuda_graph=True) as g:
         graphed = g.sample(6, seed=2, steps=5, eta=1.0)
         again = g.sample(6, seed=2, steps=5, eta=1.0)                # replays the captured graphs
         graphed2 = g.sample(6, seed=2, steps=5, solver="dpmpp2m")    # the state buffers swap in the graphs too
+        alternating = [g.sample(11, seed=2, steps=5, eta=1.0) for _ in range(2)]  # 8, 3, 8, 3
     np.testing.assert_allclose(graphed, plain, rtol=0, atol=1e-6)
     np.testing.assert_allclose(graphed2, plain2, rtol=0, atol=1e-6)
     assert np.array_equal(graphed, again)
+    for x in alternating:
+        np.testing.assert_allclose(x, mixed, rtol=0, atol=1e-6)
+
+
+@needs_trt
+def test_engine_loads_in_a_fresh_process(engine, tmp_path):
+    """A new process that only loads the engine (TensorRT 8.5/8.6: the GroupNorm plugin must be registered)."""
+    with runtime.load(engine) as s:
+        want = s.sample(3, seed=6, steps=4)
+    out = str(tmp_path / "x.npy")
+    code = (f"import sys, numpy as np, runtime\nwith runtime.load({engine!r}) as s:\n"
+            f"    np.save({out!r}, s.sample(3, seed=6, steps=4))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('export', 'torch')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"   # nothing parsed or built there
+    np.testing.assert_allclose(np.load(out), want, rtol=0, atol=1e-6)  # same engine and inputs
 
 
 @needs_trt

@@ -25,7 +25,10 @@ def test_shipped_model_is_the_recommended_one_with_its_sampler_defaults(study):
 
     state = checkpoint.load_state(os.path.join(FOLDER, "model.pt"))
     rec = study["recommended"]
-    assert state["config"]["sampler"] == dict(clip_denoised=rec["clip"], steps=rec["steps"], eta=rec["eta"])
+    want = dict(clip_denoised=rec["clip"], steps=rec["steps"], eta=rec["eta"])
+    if "solver" in rec:   # studies since issue 11 also choose the solver and the time grid
+        want.update(solver=rec["solver"], grid=rec["grid"])
+    assert state["config"]["sampler"] == want
     assert state["config"]["process"]["blur_sigma_max"] == study["models"][rec["model"]]["blur_sigma_max"]
     assert state["step"] == study["models"][rec["model"]]["trained_steps"]
     assert state["optimizer"] is None  # a release: EMA weights only

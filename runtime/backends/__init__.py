@@ -11,6 +11,8 @@ and runs steps:
 ``prepare(b)``                   device buffers for a chunk of ``b`` images
 ``upload(name, array)``          a host array into graph input ``name`` (``z``, ``u_x_prev``: the state
                                  buffers of parity 0)
+``set_times(times, t_prev)``     the chunk's time grid (``t_prev`` per step for format 2, else ``None``)
+``select(i)``                    make step ``i``'s ``t``, ``s`` (``t_prev``) the inputs
 ``step(parity, out=None)``       one step reading the state buffers ``parity``, writing the others
                                  (``out``, the caller's destination, is passed on the last step)
 ``synchronize()``                wait for queued device work
@@ -22,18 +24,23 @@ Modules here import their inference library when a model is loaded, never at ``i
 
 
 class DeviceOut:
-    """Caller-owned device memory for ``shape`` float32 values at ``ptr`` (from ``__cuda_array_interface__``)."""
+    """Caller-owned device memory for ``shape`` float32 values at ``ptr`` (from ``__cuda_array_interface__``).
 
-    def __init__(self, ptr, shape):
+    ``stream``: the producer's CUDA stream (CAI v3) that a consumer must synchronise with before
+    writing, as a handle (1 and 2 are CUDA's legacy and per-thread default streams), or ``None``.
+    """
+
+    def __init__(self, ptr, shape, stream=None):
         self.ptr = int(ptr)
         self.shape = tuple(int(d) for d in shape)
+        self.stream = stream
 
     def rows(self, start, count):
         """The part holding images ``start .. start + count - 1`` (C-contiguous float32)."""
         per_image = 4
         for d in self.shape[1:]:
             per_image *= d
-        return DeviceOut(self.ptr + start * per_image, (count,) + self.shape[1:])
+        return DeviceOut(self.ptr + start * per_image, (count,) + self.shape[1:], self.stream)
 
     @property
     def nbytes(self):
@@ -64,4 +71,10 @@ def cuda_array(obj, shape):
     ptr, readonly = cai["data"]
     if readonly:
         raise BdmError("out is read-only device memory")
-    return DeviceOut(ptr, got)
+    if cai.get("mask") is not None:
+        raise BdmError("out has a mask (__cuda_array_interface__ 'mask'): pass plain device memory")
+    stream = cai.get("stream")  # CAI v3: None = no synchronisation needed; 0 is disallowed
+    if stream is not None and (isinstance(stream, bool) or not isinstance(stream, int) or stream <= 0):
+        raise BdmError(f"out has __cuda_array_interface__ stream {stream!r}: CAI v3 allows None or a "
+                       "positive stream handle (1: legacy default stream, 2: per-thread default stream)")
+    return DeviceOut(ptr, got, stream)

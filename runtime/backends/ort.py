@@ -103,7 +103,7 @@ class OrtBackend:
                 bufs.update({"u0": self._empty(img, np.float32), "u1": self._empty(img, np.float32),
                              fmt.T_PREV: self._empty((b,), np.float32)})
             self._buffers[b] = bufs
-        self._bufs = self._buffers[b]
+        self._bufs, self._b = self._buffers[b], b
         # With update_inplace the buffers keep their addresses, so two bindings serve every step.
         inplace = hasattr(self._bufs[fmt.T], "update_inplace")
         self._ios = [self._binding(0), self._binding(1)] if inplace else None
@@ -137,6 +137,19 @@ class OrtBackend:
         return io
 
     # -- the loop's primitives ------------------------------------------------------------------
+    def set_times(self, times, t_prev=None):
+        """The chunk's grid as host rows (row ``i``: step ``i``'s value for every image)."""
+        b = self._b
+        self._times = np.repeat(np.asarray(times, np.float32)[:, None], b, axis=1)
+        self._t_prev = None if t_prev is None else np.repeat(np.asarray(t_prev, np.float32)[:, None], b, axis=1)
+
+    def select(self, i):
+        """Step ``i``'s ``t``, ``s`` (and ``t_prev``) into the bound inputs."""
+        self.upload(fmt.T, self._times[i])
+        self.upload(fmt.S, self._times[i + 1])
+        if self._t_prev is not None and fmt.T_PREV in self.inputs:
+            self.upload(fmt.T_PREV, self._t_prev[i])
+
     def step(self, parity, out=None):
         """One step reading state ``parity``; on the last step ``out`` may receive ``x0`` directly."""
         if isinstance(out, DeviceOut) and self.device != "cuda":

@@ -7,7 +7,9 @@ images at grid times ``t = i/N`` with the adjacent ``s = t - 1/N``, ``N = max(de
 
 Two sets of inputs, because ``x0`` only matters where it is the output: "trajectory" inputs at
 any grid time are compared on ``z_next``; "final" inputs at the last step (``t = 1/N, s = 0``)
-on ``z_next`` and ``x0``. At earlier steps ``x0 = V (u_t - sigma_t u_eps) / alpha_t`` is a
+on ``z_next`` and ``x0`` (and, in format 2, ``u_x``: it is ``x0``'s frequency-space twin). In
+format 2 half of the images carry a history (``t_prev = t + 1/N``: B11's second-order step), the
+others none (``t_prev = t``: first order). At earlier steps ``x0 = V (u_t - sigma_t u_eps) / alpha_t`` is a
 preview whose float32 rounding is amplified by ``sigma_t / alpha_t`` (up to 1e5 at ``t = 1``);
 torch in float32 is itself ~1e-2 away from float64 there, so no two backends agree on it.
 
@@ -62,15 +64,23 @@ def make_inputs(meta, process, *, final, batch=3, seed=0, guidance=2.0):
     i = torch.ones(batch) if final else torch.randint(1, steps + 1, (batch,), generator=g).float()
     t, s = i / steps, (i - 1) / steps
     x = torch.rand(batch, c, h, w, generator=g) * 2 - 1
+    dev = process.c_h.device
     with torch.no_grad():
-        z = process.q_sample(x.to(process.c_h.device), t.to(process.c_h.device),
-                             torch.randn(batch, c, h, w, generator=g).to(process.c_h.device)).cpu()
+        z = process.q_sample(x.to(dev), t.to(dev), torch.randn(batch, c, h, w, generator=g).to(dev)).cpu()
+        # B11's state: the previous step's u_x_hat, a slightly different guess of the same image
+        u_prev = process.dct((x + 0.1 * torch.randn(batch, c, h, w, generator=g)).to(dev)).cpu()
+    stateful = meta[fmt.K_FORMAT_VERSION] >= 2
     feed = OrderedDict()
     feed[fmt.Z] = z.numpy()
     feed[fmt.T] = t.numpy()
     feed[fmt.S] = s.numpy()
-    feed[fmt.ETA] = np.array([float(torch.rand((), generator=g))], dtype=np.float32)
+    # B11 steps are deterministic: eta 0 where there is history; DDIM-eta (random eta) elsewhere
+    feed[fmt.ETA] = np.array([0.0 if stateful else float(torch.rand((), generator=g))], dtype=np.float32)
     feed[fmt.NOISE] = torch.randn(batch, c, h, w, generator=g).numpy()
+    if stateful:
+        history = (torch.arange(batch) % 2 == 0) & (i < steps)
+        feed[fmt.T_PREV] = torch.where(history, (i + 1) / steps, t).numpy()
+        feed[fmt.U_X_PREV] = u_prev.numpy()
     if meta[fmt.K_NUM_CLASSES] > 0:
         feed[fmt.LABEL] = torch.randint(0, meta[fmt.K_NUM_CLASSES] + 1, (batch,), generator=g).numpy()
     if meta[fmt.K_GUIDANCE]:
@@ -149,11 +159,11 @@ def _check_onnx(onnx_path, model, process, plan_path, iterations, batch, seed, t
     atol, rtol = (tolerances or TOLERANCES)[precision]
     net = half_model(model) if precision == "fp16" else model
     graph = StepGraph(net, process, num_classes=meta[fmt.K_NUM_CLASSES], guided=meta[fmt.K_GUIDANCE],
-                      clip_denoised=meta[fmt.K_CLIP_DENOISED]).eval()
+                      clip_denoised=meta[fmt.K_CLIP_DENOISED], format_version=meta[fmt.K_FORMAT_VERSION]).eval()
     c, h, w = meta[fmt.K_IMAGE_SHAPE]
     spec = TensorMetadata()
     for name in graph.input_names:
-        per_image = name in (fmt.Z, fmt.NOISE)
+        per_image = name in fmt.IMAGE_TENSORS
         shape = (batch, c, h, w) if per_image else ((1,) if name in (fmt.ETA, fmt.GUIDANCE) else (batch,))
         spec.add(name, np.int64 if name == fmt.LABEL else np.float32, shape)
     # PytRunner takes "a torch.nn.Module or a callable that returns one", and calls any callable.
@@ -167,7 +177,7 @@ def _check_onnx(onnx_path, model, process, plan_path, iterations, batch, seed, t
 
     ok = True
     for final in (False, True):
-        outputs = list(fmt.OUTPUTS) if final else [fmt.Z_NEXT]
+        outputs = graph.output_names if final else [fmt.Z_NEXT]
         feeds = [make_inputs(meta, process, final=final, batch=batch, seed=seed + 17 * k + int(final))
                  for k in range(iterations)]
         compare = _simple(atol=atol, rtol=rtol, check_error_stat="elemwise",

@@ -11,6 +11,7 @@ import os
 import click
 
 from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.grids import GRIDS, SOLVERS
 
 from . import CHECK_TOLERANCES
 
@@ -30,12 +31,15 @@ def _describe(meta):
     c, h, w = meta[fmt.K_IMAGE_SHAPE]
     k = meta[fmt.K_NUM_CLASSES]
     kind = "unconditional" if not k else f"{k} classes, " + ("guided" if meta[fmt.K_GUIDANCE] else "no guidance")
-    return (f"{meta[fmt.K_PRECISION]}, {c}x{h}x{w}, {kind}, default {meta[fmt.K_DEFAULT_STEPS]} steps "
-            f"eta {meta[fmt.K_DEFAULT_ETA]:g}")
+    solver = meta.get(fmt.K_DEFAULT_SOLVER, "ddim")
+    eta = f" eta {meta[fmt.K_DEFAULT_ETA]:g}" if solver == "ddim" else ""
+    return (f"{meta[fmt.K_PRECISION]}, {c}x{h}x{w}, {kind}, default {solver}{eta}, {meta[fmt.K_DEFAULT_STEPS]} "
+            f"steps on the {meta.get(fmt.K_DEFAULT_GRID, 'uniform')} grid")
 
 
 def _engine(onnx_path, plan, batch, workspace, timing_cache):
     from bdm_runtime import format as fmt
+
     from bdm_runtime.trt_build import build_engine
 
     side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
@@ -45,22 +49,21 @@ def _engine(onnx_path, plan, batch, workspace, timing_cache):
 
 
 def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
-                      engine, clip=None):
+                      engine, clip=None, solver=None, grid=None):
     """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status."""
-    from bdm_runtime.trt_build import unavailable_reason
     from bdm_train import checkpoint
+    from bdm_runtime.grids import settings
 
     from .onnx_export import export_onnx
+    from bdm_runtime.trt_build import unavailable_reason
 
     out_dir = _out_dir(out_dir, ckpt)
     model, process, config = checkpoint.load(ckpt, ema=ema)
     sampler = config["sampler"]
-    steps = sampler["steps"] if steps is None else steps
-    eta = sampler["eta"] if eta is None else eta
-    if steps < 1:
-        raise BdmError(f"--steps must be at least 1, got {steps}")
-    if not 0.0 <= eta <= 1.0:
-        raise BdmError(f"--eta must be in [0, 1], got {eta}")
+    try:
+        solver, grid, steps, eta = settings(sampler, solver, grid, steps, eta)
+    except ValueError as e:
+        raise BdmError(f"{ckpt}: {e}")
     if guidance and model.num_classes <= 0:
         raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
     graphs = [(os.path.join(out_dir, "bdm.onnx"), False)]
@@ -71,7 +74,7 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
             meta = export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
                                fp16=half, guidance=guidance,
                                clip_denoised=sampler["clip_denoised"] if clip is None else clip,
-                               default_steps=steps, default_eta=eta)
+                               default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
         except OSError as e:
             raise BdmError(f"cannot write {path}: {e.strerror or e}")
         click.echo(f"wrote {path} ({_describe(meta)}, {os.path.getsize(path) / 2**20:.1f} MiB)")
@@ -108,10 +111,15 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampler steps stored in the graph "
-              "(default: the checkpoint's sampler config).")
+@click.option("--solver", type=click.Choice(SOLVERS), default=None,
+              help="Default solver stored in the graph: ddim (B10, with --eta) or dpmpp2m (B11, deterministic); "
+                   "the runtime can choose either (default: the checkpoint's sampler config, else ddim).")
+@click.option("--grid", type=click.Choice(GRIDS), default=None,
+              help="Default time grid stored in the graph (B15; default: the checkpoint's, else uniform).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampler steps (network "
+              "evaluations) stored in the graph (default: the checkpoint's sampler config).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
-              help="Default eta stored in the graph (default: the checkpoint's).")
+              help="Default eta of the ddim solver stored in the graph (default: the checkpoint's; 0 for dpmpp2m).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
               "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
@@ -129,8 +137,8 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
               help="Compare torch, ONNX Runtime (and TensorRT if built) on random realistic inputs with "
                    "Polygraphy's Comparator; print max abs/rel error per output; exit non-zero when an element "
                    f"differs by more than both tolerances ({_TOL}).")
-def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, batch, workspace, timing_cache,
-        engine, check):
+def cli(ckpt, ema, out_dir, fp16, guidance, solver, grid, steps, eta, clip, onnx_path, out, batch, workspace,
+        timing_cache, engine, check):
     """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
     from bdm_runtime.trt_build import parse_batch
 
@@ -141,9 +149,9 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, ba
         if out is None:
             raise BdmError("--onnx needs --out ENGINE.plan")
         if check or fp16 or out_dir or steps is not None or eta is not None or guidance is not None \
-                or clip is not None:
-            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --steps, --eta, --clip and "
-                           "--guidance need --ckpt")
+                or clip is not None or solver is not None or grid is not None:
+            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --solver, --grid, --steps, "
+                           "--eta, --clip and --guidance need --ckpt")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise BdmError(f"--out {out}: folder {folder} does not exist or is not writable")
@@ -152,7 +160,7 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, ba
     if out is not None:
         raise BdmError("--out is for --onnx; with --ckpt use --out-dir")
     return export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache,
-                             check, engine, clip)
+                             check, engine, clip, solver, grid)
 
 
 def main(argv=None):

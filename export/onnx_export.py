@@ -1,4 +1,4 @@
-"""Export one whole sampler step (``bdm_export.step.StepGraph``) as an ONNX graph, format version 1.
+"""Export one whole sampler step (``bdm_export.step.StepGraph``) as an ONNX graph, format version 2 (or 1).
 
 Exporter: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) at opset 17. The
 dynamo exporter (torch 2.13) emits opset 18 and converts down; on the FP16 UNet that conversion
@@ -13,11 +13,12 @@ import warnings
 import torch
 
 import bdm_train
+from bdm_train.diffusion import param_of
 from bdm_runtime import format as fmt
 from bdm_runtime.errors import BdmError
+from bdm_runtime.grids import GRIDS, solver_eta
 from bdm_runtime.io import atomic_path
 from bdm_runtime.noise import check_positive_int
-from bdm_train.diffusion import param_of
 
 from .fp16 import half_model
 from .step import StepGraph
@@ -27,11 +28,11 @@ BATCH = "batch"
 
 
 def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision,
-             param="eps"):
+             default_solver="ddim", default_grid="uniform", format_version=fmt.FORMAT_VERSION, param="eps"):
     """The ``bdm.*`` metadata of a step graph (``bdm_runtime.format``), as plain values."""
     h, w = process.image_size
-    return {
-        fmt.K_FORMAT_VERSION: fmt.FORMAT_VERSION,
+    meta = {
+        fmt.K_FORMAT_VERSION: int(format_version),
         fmt.K_IMAGE_SHAPE: [int(channels), int(h), int(w)],
         fmt.K_PROCESS: process.config(),
         fmt.K_NUM_CLASSES: int(num_classes),
@@ -43,9 +44,14 @@ def metadata(process, *, channels, num_classes, guided, clip_denoised, default_s
         fmt.K_VERSION: bdm_train.__version__,
         fmt.K_PARAM: param,
     }
+    if format_version >= 2:
+        meta[fmt.K_DEFAULT_SOLVER] = default_solver
+        meta[fmt.K_DEFAULT_GRID] = default_grid
+    return meta
 
 
-def _check_args(model, channels, num_classes, guidance, default_steps, default_eta):
+def _check_args(model, channels, num_classes, guidance, default_steps, default_eta, default_solver, default_grid,
+                format_version):
     check_positive_int(channels, "channels")
     if getattr(model, "in_channels", channels) != channels:
         raise BdmError(f"channels={channels} but the model has in_channels={model.in_channels}")
@@ -56,23 +62,33 @@ def _check_args(model, channels, num_classes, guidance, default_steps, default_e
     check_positive_int(default_steps, "default_steps")
     if not 0.0 <= float(default_eta) <= 1.0:
         raise BdmError(f"default_eta must be in [0, 1], got {default_eta!r}")
+    solver_eta(default_solver, default_eta, default_eta)  # dpmpp2m is deterministic: eta 0 only
+    if default_grid not in GRIDS:
+        raise BdmError(f"default_grid must be one of {', '.join(GRIDS)}, got {default_grid!r}")
+    if format_version not in fmt.SUPPORTED_VERSIONS:
+        raise BdmError(f"format_version must be one of {fmt.SUPPORTED_VERSIONS}, got {format_version!r}")
+    if format_version == 1 and (default_solver, default_grid) != ("ddim", "uniform"):
+        raise BdmError("a format-1 graph runs only the ddim solver on the uniform grid by default")
 
 
 def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance=None, clip_denoised=True,
-                default_steps=50, default_eta=0.0, opset=OPSET, optimize=True):
+                default_steps=50, default_eta=0.0, default_solver="ddim", default_grid="uniform", opset=OPSET,
+                optimize=True, format_version=fmt.FORMAT_VERSION):
     """The step graph as an ``onnx.ModelProto`` (checked, with metadata), without writing it."""
     import onnx
 
-    _check_args(model, channels, num_classes, guidance, default_steps, default_eta)
+    _check_args(model, channels, num_classes, guidance, default_steps, default_eta, default_solver, default_grid,
+                format_version)
     guided = bool(num_classes > 0 if guidance is None else guidance)
     net = half_model(model) if fp16 else model
     was_training = net.training
-    graph = StepGraph(net, process, num_classes=num_classes, guided=guided, clip_denoised=clip_denoised).eval()
+    graph = StepGraph(net, process, num_classes=num_classes, guided=guided, clip_denoised=clip_denoised,
+                      format_version=format_version).eval()
     device = process.c_h.device
     # Batch 2 for tracing, so that nothing specialises on a batch of 1; the axis is declared dynamic.
     args = tuple(a.to(device) for a in graph.example_inputs(channels, batch=2))
-    per_sample = {fmt.Z, fmt.T, fmt.S, fmt.NOISE, fmt.LABEL}
-    dynamic = {n: {0: BATCH} for n in graph.input_names + graph.output_names if n in per_sample | set(fmt.OUTPUTS)}
+    batched = set(fmt.PER_IMAGE) | set(graph.output_names)
+    dynamic = {n: {0: BATCH} for n in graph.input_names + graph.output_names if n in batched}
     buf = io.BytesIO()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -89,12 +105,14 @@ def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = metadata(process, channels=channels, num_classes=num_classes, guided=guided,
                     clip_denoised=clip_denoised, default_steps=default_steps, default_eta=default_eta,
-                    precision="fp16" if fp16 else "fp32", param=param_of(model))
+                    precision="fp16" if fp16 else "fp32", default_solver=default_solver, default_grid=default_grid,
+                    format_version=format_version, param=param_of(model))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, fmt.encode(meta))
     proto.producer_name = "bdm"
     proto.producer_version = bdm_train.__version__
-    proto.doc_string = "bdm step graph: one DDIM-eta step of blurring diffusion (network + DCT update)"
+    proto.doc_string = ("bdm step graph: one sampler step of blurring diffusion (network + DCT update; DDIM-eta"
+                        + (", DPM-Solver++(2M) state in/out)" if format_version >= 2 else ")"))
     onnx.checker.check_model(proto, full_check=True)  # full_check: strict shape inference too
     return proto
 
@@ -109,19 +127,23 @@ def _optimize(proto):
 
 
 def export_onnx(model, process, path, *, channels, num_classes=0, fp16=False, guidance=None, clip_denoised=True,
-                default_steps=50, default_eta=0.0, opset=OPSET):
+                default_steps=50, default_eta=0.0, default_solver="ddim", default_grid="uniform", opset=OPSET,
+                format_version=fmt.FORMAT_VERSION):
     """Write the step graph of ``model`` under ``process`` to ``path`` (atomically); returns its metadata.
 
     ``model`` is anything callable as ``model(z, t, labels=None)`` returning eps (a UNet or a
     closed-form denoiser). ``guidance=None`` includes the guided branch (B12) for conditional
     models; ``fp16=True`` runs the network in FP16 (``model.convert_to_fp16()`` on a deep copy)
-    with the sampler update in FP32.
+    with the sampler update in FP32. ``default_solver``/``default_grid``/``default_steps``/``default_eta``
+    are what the runtime uses when not told otherwise (format 2; any solver and grid run on it).
+    ``format_version=1`` writes the DDIM-only graph older runtimes read.
     """
     import onnx
 
     proto = build_graph(model, process, channels=channels, num_classes=num_classes, fp16=fp16, guidance=guidance,
                         clip_denoised=clip_denoised, default_steps=default_steps, default_eta=default_eta,
-                        opset=opset)
+                        default_solver=default_solver, default_grid=default_grid, opset=opset,
+                        format_version=format_version)
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
     return read_metadata(proto)

@@ -11,6 +11,7 @@ import time
 import click
 
 from .errors import BdmError, run_cli
+from .grids import GRIDS, SOLVERS
 from .io import check_outputs
 from .labels import normalize_labels, parse_labels
 
@@ -22,13 +23,16 @@ from .labels import normalize_labels, parse_labels
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the first image in the seed's sequence (to split a run across processes).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps (default: the model's own).")
+@click.option("--solver", type=click.Choice(SOLVERS), default=None,
+              help="ddim (B10, with --eta) or dpmpp2m (B11, deterministic; format-2 graphs). Default: the model's own.")
+@click.option("--grid", type=click.Choice(GRIDS), default=None, help="Time grid (B15). Default: the model's own.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Sampler steps = network evaluations (default: the model's own).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
-              help="0 deterministic .. 1 ancestral (default: the model's own).")
+              help="ddim only: 0 deterministic .. 1 ancestral (default: the model's own).")
 @click.option("--label", default=None, help="Class label for conditional models: one id, or one per image "
               "(comma-separated). Default: the null label (unconditional).")
-@click.option("--guidance", type=click.FloatRange(min=0), default=None,
-              help="Classifier-free guidance weight w of B12 (needs a guided graph).")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None, help="Classifier-free guidance weight w (needs a guided graph).")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
               "or 64 for ONNX Runtime).")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
@@ -44,19 +48,21 @@ from .labels import normalize_labels, parse_labels
 @click.option("--grid-scale", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Upscale the grid PNG by this factor (nearest).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
+def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
         out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
     import bdm_runtime
     from .images import save_dir, save_grid, save_npz, to_uint8
 
     check_outputs(out, out_dir, npz)
+    if n < 1:
+        raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
     with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
                       threads=threads) as sampler:
         start = time.perf_counter()
         x = sampler.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
-                           first_index=first_index, progress=not quiet)
+                           first_index=first_index, progress=not quiet, solver=solver, grid=grid)
         seconds = time.perf_counter() - start
         used = f"{sampler.backend} ({sampler.provider})"
         num_classes = sampler.num_classes

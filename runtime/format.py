@@ -1,25 +1,38 @@
-"""The step-graph interface, format version 1: one definition shared by exporter and runtime.
+"""The step-graph interface, format versions 1 and 2: one definition shared by exporter and runtime.
 
-A bdm step graph computes one whole sampler step (network + DCT-domain update of B10):
+A bdm step graph computes one whole sampler step (network + DCT-domain update):
 
+format 1 (DDIM-eta only, B10)
   inputs   z [B,C,H,W] f32, t [B] f32, s [B] f32, eta [1] f32, noise [B,C,H,W] f32,
            label [B] i64 (conditional models), guidance [1] f32 (graphs with the guided branch)
   outputs  z_next [B,C,H,W] f32, x0 [B,C,H,W] f32 (denoised estimate, clipped)
+
+format 2 (every solver of ``bdm_runtime.grids.SOLVERS``: B10, and the multistep B11) adds the state
+  inputs   t_prev [B] f32: the previous step's time; ``t_prev <= t`` (the runtime feeds ``t``)
+           makes the step first order (B10), otherwise it is B11's second-order step;
+           u_x_prev [B,C,H,W] f32: the previous step's ``u_x`` (read only when ``t_prev > t``)
+  outputs  u_x [B,C,H,W] f32: this step's data prediction ``u_x_hat`` in frequency space (B8,
+           after clipping when clip_denoised), the next step's ``u_x_prev``
 
 Metadata lives in the ONNX file's ``metadata_props`` (JSON values), and for a TensorRT engine
 ``X.plan`` in ``X.plan.json`` beside it, under the keys below.
 """
 import json
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 # Graph inputs and outputs.
 Z, T, S, ETA, NOISE, LABEL, GUIDANCE = "z", "t", "s", "eta", "noise", "label", "guidance"
-Z_NEXT, X0 = "z_next", "x0"
-INPUTS = (Z, T, S, ETA, NOISE)  # always present
+T_PREV, U_X_PREV = "t_prev", "u_x_prev"
+Z_NEXT, X0, U_X = "z_next", "x0", "u_x"
+INPUTS_V1 = (Z, T, S, ETA, NOISE)   # always present
+STATE_INPUTS = (T_PREV, U_X_PREV)   # format 2
 OPTIONAL_INPUTS = (LABEL, GUIDANCE)
-OUTPUTS = (Z_NEXT, X0)
+OUTPUTS_V1 = (Z_NEXT, X0)
+STATE = {U_X_PREV: U_X}             # state input <- output of the previous step
+IMAGE_TENSORS = (Z, NOISE, U_X_PREV, Z_NEXT, X0, U_X)   # [B, C, H, W]; the others [B] or [1]
+PER_IMAGE = (Z, T, S, NOISE, T_PREV, U_X_PREV, LABEL)   # inputs whose first dimension is the batch
 
 # Metadata keys.
 PREFIX = "bdm."
@@ -31,6 +44,8 @@ K_GUIDANCE = "bdm.guidance"              # whether the graph contains the guided
 K_CLIP_DENOISED = "bdm.clip_denoised"
 K_DEFAULT_STEPS = "bdm.default_steps"
 K_DEFAULT_ETA = "bdm.default_eta"
+K_DEFAULT_SOLVER = "bdm.default_solver"  # format 2; format 1 is "ddim"
+K_DEFAULT_GRID = "bdm.default_grid"      # format 2; format 1 is "uniform"
 K_PRECISION = "bdm.precision"            # "fp32" or "fp16"
 K_VERSION = "bdm.version"                # bdm package version that wrote it
 K_PARAM = "bdm.param"                    # how the network output is read (PARAMS); optional, "eps" if absent
@@ -38,12 +53,27 @@ K_PARAM = "bdm.param"                    # how the network output is read (PARAM
 # Parameterisations of the network output: eps (B8) and spectral (B14). Graphs compute x_hat
 # inside, so the runtime only reports this; training and export take the names from here.
 PARAMS = ("eps", "spectral")
-REQUIRED_KEYS = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
-                 K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)
+REQUIRED_KEYS_V1 = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
+                    K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)
+REQUIRED_KEYS = REQUIRED_KEYS_V1 + (K_DEFAULT_SOLVER, K_DEFAULT_GRID)
 # Engine side files only.
 K_TRT_VERSION = "bdm.tensorrt_version"
 K_PROFILE = "bdm.profile"                # {"min": b, "opt": b, "max": b}, in images
 K_TRT_DEVICE = "bdm.tensorrt_device"     # {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
+
+# Format 1 names, as before format 2 (kept for code written against them).
+INPUTS, OUTPUTS = INPUTS_V1, OUTPUTS_V1
+
+
+def inputs(version, num_classes=0, guided=False):
+    """The graph inputs of format ``version``, in the exporter's order."""
+    out = list(INPUTS_V1) + (list(STATE_INPUTS) if version >= 2 else [])
+    return out + ([LABEL] if num_classes > 0 else []) + ([GUIDANCE] if guided else [])
+
+
+def outputs(version):
+    """The graph outputs of format ``version``, in the exporter's order."""
+    return list(OUTPUTS_V1) + ([U_X] if version >= 2 else [])
 
 
 def encode(meta):
@@ -61,5 +91,6 @@ def decode(props):
 
 
 def missing_keys(meta):
-    """The required keys absent from ``meta``."""
-    return [k for k in REQUIRED_KEYS if k not in meta]
+    """The required keys absent from ``meta`` (those of its format version)."""
+    keys = REQUIRED_KEYS if meta.get(K_FORMAT_VERSION, FORMAT_VERSION) != 1 else REQUIRED_KEYS_V1
+    return [k for k in keys if k not in meta]

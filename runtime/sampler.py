@@ -12,9 +12,11 @@ import threading
 import numpy as np
 
 from .errors import BdmError
+from .grids import SOLVERS, previous_times, resolve, solver_eta
+from .step_info import StepInfo, engine_info, onnx_info, read_side_file, side_file  # noqa: F401 (public here too)
 from .labels import normalize_labels
-from .noise import NoiseStream, check_positive_int, check_seed, time_grid
-from .step_info import engine_info, onnx_info
+from .loop import Plan, run_chunk
+from .noise import NoiseStream, check_positive_int, check_seed
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -37,13 +39,14 @@ def _stream_handle(stream):
 
 
 def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cuda_graph=False,
-         engine_cache=None, threads=None):
+         engine_cache=None, threads=None, session_options=None):
     """Open a bdm step graph (``.onnx``) or TensorRT engine (``.plan``) as a :class:`Sampler`.
 
     ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"`` or
     ``"trt"`` (an ``.onnx`` is then built into an engine once and cached beside it, or in
-    ``engine_cache``). ``providers``: ONNX Runtime providers (default CUDA when available, else
-    CPU). ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
+    ``engine_cache``). ``providers``: ONNX Runtime providers as ONNX Runtime takes them (names or
+    ``(name, options)``; default CUDA when available, else CPU); ``session_options``: an
+    ``onnxruntime.SessionOptions``, used as given. ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
     ``cuda_stream``: the caller's CUDA stream (handle or stream object). ``cuda_graph``: replay
     the TensorRT step as a CUDA graph once shapes are fixed. ``threads``: ONNX Runtime's intra-op
     CPU threads (default: ONNX Runtime's choice, one per core); 1 suits a busy or shared machine.
@@ -82,7 +85,8 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
                 raise BdmError("--cuda-graph needs the TensorRT backend")
             from .backends.ort import OrtBackend
 
-            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads)
+            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads,
+                            session_options=session_options)
     return Sampler(be, info, batch=batch)
 
 
@@ -138,6 +142,11 @@ class Sampler:
     @property
     def device(self):
         return self._require().device
+
+    @property
+    def session_options(self):
+        """The ``onnxruntime.SessionOptions`` the session runs with (ONNX Runtime only; ``None`` for TensorRT)."""
+        return getattr(self._require(), "session_options", None)
 
     def __repr__(self):
         state = "closed" if self._backend is None else f"{self._backend.name}/{self._backend.provider}"
@@ -203,50 +212,72 @@ class Sampler:
         raise BdmError(f"out must be a numpy array or device memory (__cuda_array_interface__), got {type(out).__name__}")
 
     # -- sampling -----------------------------------------------------------------------------
+    def plan(self, steps=None, eta=None, solver=None, grid=None):
+        """The :class:`bdm_runtime.loop.Plan` of a call (times, history, eta), every argument checked.
+
+        ``None`` takes the graph's default; ``grid`` is a name of ``bdm_runtime.grids.GRIDS`` or an
+        explicit sequence of times from 1 down to 0 (``steps`` then follows from it).
+        """
+        solver = self.info.default_solver if solver is None else solver
+        if solver not in SOLVERS:
+            raise BdmError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if solver != "ddim" and self.info.format_version < 2:
+            raise BdmError(f"{self.info.path}: a format-{self.info.format_version} step graph runs only the ddim "
+                           f"solver; re-export it with this bdm (bdm-export) to sample with {solver}")
+        if steps is not None:
+            steps = check_positive_int(steps, "steps", BdmError)
+        try:
+            eta = solver_eta(solver, None if eta is None else _finite(eta, "eta"), self.info.default_eta)
+            times = resolve(steps, self.info.default_grid if grid is None else grid, self.info.process,
+                            self.info.default_steps)
+        except ValueError as e:
+            raise BdmError(str(e))
+        return Plan(times, previous_times(times, solver), eta, self.info.format_version >= 2)
+
     def sample(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
-               out=None, progress=False):
+               out=None, progress=False, solver=None, grid=None, timing=None):
         """Draw images ``first_index .. first_index + n - 1`` of ``seed``: float32 ``[n, C, H, W]`` in ``[-1, 1]``.
 
-        ``steps``/``eta`` default to the graph's own defaults; ``eta = 0`` is deterministic
-        (B10), ``eta = 1`` ancestral (B9). ``labels``: one or ``n`` class ids (``None`` on a
-        conditional model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph).
-        ``out``: a float32 array or device memory (``__cuda_array_interface__``) to write into;
-        it is returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
-        ``progress(done, total)`` called after every step.
+        ``solver``: ``"ddim"`` (B10; ``eta = 0`` deterministic .. ``eta = 1`` ancestral, B9) or
+        ``"dpmpp2m"`` (B11, deterministic; format-2 graphs); ``grid``: a time grid of
+        ``bdm_runtime.grids`` (B15) or explicit times. ``steps``, ``eta``, ``solver``, ``grid`` default
+        to the graph's own defaults. ``labels``: one or ``n`` class ids (``None`` on a conditional
+        model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph). ``out``: a
+        float32 array or device memory (``__cuda_array_interface__``) to write into; it is
+        returned. ``progress``: ``True`` for a tqdm bar on stderr, or a callable
+        ``progress(done, total)`` called after every step. ``timing``: a callable
+        ``timing(seconds)`` given every step's own time (network + update, without the loop's
+        uploads and noise draws; asynchronous backends are synchronised around each timed step).
         """
         n = check_positive_int(n, "n", BdmError)
-        steps = self.info.default_steps if steps is None else check_positive_int(steps, "steps", BdmError)
-        eta = self.info.default_eta if eta is None else _finite(eta, "eta")
-        if not 0.0 <= eta <= 1.0:
-            raise BdmError(f"eta must be in [0, 1], got {eta!r}")
+        plan = self.plan(steps, eta, solver, grid)
         try:
             check_seed(seed, first_index)
         except ValueError as e:
             raise BdmError(str(e))
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
         w = self._guidance(guidance)
-        grid = time_grid(steps)
         host, device = self._destination(out, n)
         with self._lock:
             backend = self._require()
             chunk = self.batch
             chunks = (n + chunk - 1) // chunk
-            tick, finish = _progress(progress, steps * chunks)
+            tick, finish = _progress(progress, plan.steps * chunks)
             try:
                 for start in range(0, n, chunk):
                     b = min(chunk, n - start)
                     stream = NoiseStream(seed, first_index + start, b, self.image_shape)
-                    z = stream.draw()                           # the initial latent z_1
-                    noise = _drawer(stream) if eta > 0 else None  # then one draw per step (xi)
+                    z = stream.draw()                                 # the initial latent z_1
+                    noise = _drawer(stream) if plan.eta > 0 else None  # then one draw per step (xi)
                     lab = None if all_labels is None else all_labels[start:start + b]
                     dest = host[start:start + b] if device is None else device.rows(start, b)
-                    backend.run(z, grid, eta, noise, lab, w, dest, tick)
+                    run_chunk(backend, z, plan, noise, lab, w, dest, tick, timing)
             finally:
                 finish()
         return host if device is None else out
 
     def generate(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
-                 out=None, progress=False):
+                 out=None, progress=False, solver=None, grid=None, timing=None):
         """Like :meth:`sample`, as uint8 images ``[n, H, W, C]`` (written into ``out`` if given)."""
         from .images import to_uint8
 
@@ -256,7 +287,7 @@ class Sampler:
             if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.uint8 or not out.flags.writeable:
                 raise BdmError(f"out must be a writable uint8 array of shape {shape}")
         x = self.sample(n, seed=seed, steps=steps, eta=eta, labels=labels, guidance=guidance,
-                        first_index=first_index, progress=progress)
+                        first_index=first_index, progress=progress, solver=solver, grid=grid, timing=timing)
         images = to_uint8(x)
         if out is None:
             return images

@@ -8,6 +8,7 @@ import os
 
 from . import format as fmt
 from .errors import BdmError
+from .grids import GRIDS, SOLVERS, solver_eta
 
 
 def _is_int(v):
@@ -28,6 +29,8 @@ class StepInfo:
         self.clip_denoised = bool(meta[fmt.K_CLIP_DENOISED])
         self.default_steps = meta[fmt.K_DEFAULT_STEPS]
         self.default_eta = float(meta[fmt.K_DEFAULT_ETA])
+        self.default_solver = meta.get(fmt.K_DEFAULT_SOLVER, "ddim")      # format 1: DDIM only
+        self.default_grid = meta.get(fmt.K_DEFAULT_GRID, "uniform")
         self.precision = meta[fmt.K_PRECISION]
         self.version = meta[fmt.K_VERSION]
         self.inputs = inputs
@@ -58,14 +61,32 @@ class StepInfo:
             raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
         if meta[fmt.K_GUIDANCE] and k == 0:
             raise BdmError(f"{path}: a guided graph of an unconditional model")
+        _check_defaults(path, meta)
         if inputs is not None:
-            want = list(fmt.INPUTS) + ([fmt.LABEL] if k > 0 else []) + ([fmt.GUIDANCE] if meta[fmt.K_GUIDANCE] else [])
+            want = fmt.inputs(version, k, meta[fmt.K_GUIDANCE])
             if sorted(inputs) != sorted(want):
                 raise BdmError(f"{path}: graph inputs {sorted(inputs)} do not match its metadata "
                                f"(format {version} wants {sorted(want)})")
-        if outputs is not None and sorted(outputs) != sorted(fmt.OUTPUTS):
-            raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has {sorted(fmt.OUTPUTS)}")
+        if outputs is not None and sorted(outputs) != sorted(fmt.outputs(version)):
+            raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has "
+                           f"{sorted(fmt.outputs(version))}")
         return cls(path, meta, inputs)
+
+
+def _check_defaults(path, meta):
+    """The format-2 defaults: a known solver and grid, and an eta that solver takes."""
+    if meta[fmt.K_FORMAT_VERSION] < 2:
+        return
+    solver, grid = meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID]
+    if solver not in SOLVERS:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_SOLVER} {solver!r} (this runtime knows {', '.join(SOLVERS)}): "
+                       "upgrade bdm")
+    if grid not in GRIDS:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_GRID} {grid!r} (this runtime knows {', '.join(GRIDS)}): upgrade bdm")
+    try:
+        solver_eta(solver, meta[fmt.K_DEFAULT_ETA], 0.0)
+    except ValueError as e:
+        raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA}: {e}")
 
 
 def _decode(path, props):
@@ -109,3 +130,5 @@ def engine_info(plan_path):
     raw = read_side_file(plan_path)
     meta = {k: v for k, v in raw.items() if k.startswith(fmt.PREFIX)}
     return StepInfo.from_meta(plan_path, meta), raw
+
+

@@ -34,7 +34,7 @@ from .io import atomic_path, writable_folder
 from .step_info import onnx_info, read_side_file
 
 DEFAULT_BATCH = (1, 16, 64)
-BATCH_INPUTS = (fmt.Z, fmt.T, fmt.S, fmt.NOISE, fmt.LABEL)  # inputs whose first dim is the batch
+BATCH_INPUTS = fmt.PER_IMAGE  # inputs whose first dim is the batch
 MIN_POLYGRAPHY = (0, 50)
 
 
@@ -90,10 +90,10 @@ def read_step_metadata(onnx_path):
 def profile_shapes(meta, batch):
     """``{input: (min_shape, opt_shape, max_shape)}`` for the inputs with a batch dimension."""
     c, h, w = meta[fmt.K_IMAGE_SHAPE]
-    inputs = [fmt.Z, fmt.T, fmt.S, fmt.NOISE] + ([fmt.LABEL] if meta[fmt.K_NUM_CLASSES] > 0 else [])
+    inputs = [n for n in fmt.inputs(meta[fmt.K_FORMAT_VERSION], meta[fmt.K_NUM_CLASSES]) if n in BATCH_INPUTS]
     out = {}
     for name in inputs:
-        tail = (c, h, w) if name in (fmt.Z, fmt.NOISE) else ()
+        tail = (c, h, w) if name in fmt.IMAGE_TENSORS else ()
         out[name] = tuple((b,) + tail for b in batch)
     return out
 

@@ -135,3 +135,29 @@ def test_targets_evaluated_from_the_rows(quick):
     for x in res["targets"]:
         assert ("MET" if x["met"] else "MISSED") + ": " + x["target"] in md
     assert "| batch | backend | images/s |" in md and md in stdout  # the table is printed too
+
+
+def test_sampler_default_section_times_old_and_new_in_the_same_run(quick):
+    """The new default's images/s against the old one's, from times of the same run (recomputed here)."""
+    from benchmarks.defaults import OLD_DEFAULT, parse_default, shipped_default
+
+    res, md, _ = quick
+    sec = res["defaults"]
+    rows = {r["setting"]: r for r in sec["rows"]}
+    assert set(rows) == {"old", "new"} and sec["quick"] is True
+    new = shipped_default()   # --quick divides the steps by 25 (at least 1)
+    for name, want in (("old", OLD_DEFAULT), ("new", new)):
+        r = rows[name]
+        assert (r["solver"], r["grid"], r["eta"]) == (want["solver"], want["grid"], want["eta"])
+        assert r["steps"] == max(1, want["steps"] // 25)
+        assert len(r["times_s"]) == sec["repeats"] and _close(r["median_s"], statistics.median(r["times_s"]))
+        assert _close(r["images_per_s"], sec["batch"] / r["median_s"])
+        assert all(0 < s < t for s, t in zip(r["step_sums_s"], r["times_s"]))   # the timing hook, per call
+    pairs = [o / n for o, n in zip(rows["old"]["times_s"], rows["new"]["times_s"])]
+    assert _close(sec["speedup"]["median"], statistics.median(pairs))
+    assert "## Sampler default: new against old" in md
+    assert parse_default("dpmpp2m:spectral:10") == dict(solver="dpmpp2m", grid="spectral", steps=10, eta=0.0)
+    assert parse_default("ddim:power:50:0.5") == dict(solver="ddim", grid="power", steps=50, eta=0.5)
+    for bad in ("dpmpp2m:spectral", "dpmpp2m:spectral:x", "dpmpp2m:spectral:10:1", "heun:uniform:10"):
+        with pytest.raises(ValueError):
+            parse_default(bad)

@@ -1,5 +1,6 @@
-"""The exported step graph (FP32): equal to the torch step, interface and metadata per bdm_runtime.format,
-an op set TensorRT 8.5 parses, the DCTs as MatMul with constant initializers."""
+"""The exported step graph (FP32): equal to the torch step (first- and second-order), interface and
+metadata per bdm_runtime.format (formats 2 and 1), an op set TensorRT 8.5 parses, the DCTs as MatMul with
+constant initializers."""
 import copy
 
 import numpy as np
@@ -8,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import scipy.fft
 import torch
+from helpers import graph_step, ort_sample, run_step
 
 import bdm_train
 from bdm_train import checkpoint
@@ -19,7 +21,6 @@ from bdm_export.fp16 import relative_error
 from bdm_export.step import StepGraph
 from bdm_runtime import format as fmt
 from bdm_runtime import onnx_meta
-from bdm_runtime.noise import NoiseStream, time_grid
 
 # Rows marked "Y" in onnx-tensorrt docs/operators.md for TensorRT 8.5 (release/8.5, commit 6d0ab7b),
 # the parser of JetPack 5. ConstantOfShape is listed for FP32, but its 8.5 importer converts any
@@ -53,28 +54,6 @@ def session(path):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def run_step(sess, z, t, s, eta, noise, label=None, guidance=None):
-    feed = {fmt.Z: z, fmt.T: t, fmt.S: s, fmt.ETA: np.array([eta], np.float32), fmt.NOISE: noise}
-    if label is not None:
-        feed[fmt.LABEL] = label
-    if guidance is not None:
-        feed[fmt.GUIDANCE] = np.array([guidance], np.float32)
-    return sess.run([fmt.Z_NEXT, fmt.X0], {k: np.ascontiguousarray(v) for k, v in feed.items()})
-
-
-def ort_sample(sess, shape, n, seed, steps, eta, labels=None, guidance=None, first_index=0):
-    """The runtime's loop, written out: the noise protocol of bdm_runtime.noise, one graph call per step."""
-    noise = NoiseStream(seed, first_index, n, shape)
-    z = noise.draw()
-    xi = np.zeros_like(z)
-    grid = time_grid(steps)
-    for t, s in zip(grid[:-1], grid[1:]):
-        if eta > 0:
-            xi = noise.draw()
-        z, x0 = run_step(sess, z, np.full(n, t, np.float32), np.full(n, s, np.float32), eta, xi, labels, guidance)
-    return x0
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +111,8 @@ def test_step_matches_torch(uncond, images, batch):
     whose float32 rounding is amplified by sigma_t / alpha_t (blur takes alpha_t to ~1e-3 a_t at high
     frequencies; up to 1e5 at t = 1): torch itself is that far from float64 there, see
     test_x0_as_accurate_as_torch. x0 is the returned image only at the last step, checked for i <= 2.
+    Second-order steps (B11: eta 0, t_prev = t + 1/N, u_x_prev a guess of the same image) are checked
+    the same way; the state output u_x is x0's frequency-space twin, so it is checked where x0 is.
     """
     model, process, _, path, _ = uncond
     sess = session(path)
@@ -139,21 +120,28 @@ def test_step_matches_torch(uncond, images, batch):
     graph = StepGraph(model, process).eval()
     worst = {}
     for i in GRID:
-        for eta in (0.0, 0.5, 1.0):
+        for eta, history in ((0.0, False), (0.5, False), (1.0, False), (0.0, i < N)):  # t = 1 has no history
             x = images[0][torch.randint(0, 96, (batch,), generator=gen)]
             z, t, s = _latents(process, x, i, gen)
             noise = torch.randn(x.shape, generator=gen)
-            with torch.no_grad():
-                zn, x0 = graph(z, t, s, torch.tensor([eta]), noise)
-            o_zn, o_x0 = run_step(sess, z.numpy(), t.numpy(), s.numpy(), eta, noise.numpy())
-            assert o_zn.shape == tuple(z.shape) and o_x0.shape == tuple(z.shape)
+            named = {fmt.Z: z, fmt.T: t, fmt.S: s, fmt.ETA: torch.tensor([eta]), fmt.NOISE: noise}
+            if history:
+                named[fmt.T_PREV] = torch.full_like(t, (i + 1) / N)
+                named[fmt.U_X_PREV] = process.dct(x + 0.1 * torch.randn(x.shape, generator=gen))
+            zn, x0, u_x = graph_step(graph, **named)
+            o_zn, o_x0, o_ux = run_step(sess, *(named[k].numpy() for k in (fmt.Z, fmt.T, fmt.S)), eta, noise.numpy(),
+                                        t_prev=named.get(fmt.T_PREV, t).numpy(),
+                                        u_x_prev=named.get(fmt.U_X_PREV, torch.zeros_like(z)).numpy())
+            assert o_zn.shape == o_x0.shape == o_ux.shape == tuple(z.shape)
             err = relative_error(o_zn, zn)
-            worst["z_next"] = max(worst.get("z_next", 0), err)
-            assert err < TOL, (i, eta, err)
+            key = "z_next" + (" (second order)" if history else "")
+            worst[key] = max(worst.get(key, 0), err)
+            assert err < TOL, (i, eta, history, err)
             if i <= 2:
-                err = relative_error(o_x0, x0)
-                worst["x0 (last steps)"] = max(worst.get("x0 (last steps)", 0), err)
-                assert err < TOL, (i, eta, err)
+                for name, a, b in (("x0", o_x0, x0), ("u_x", o_ux, u_x)):
+                    err = relative_error(a, b)
+                    worst[f"{name} (last steps)"] = max(worst.get(f"{name} (last steps)", 0), err)
+                    assert err < TOL, (name, i, eta, err)
     print(f"\nONNX vs torch FP32 step, batch {batch}: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 
@@ -171,10 +159,10 @@ def test_x0_as_accurate_as_torch(mixture, images):
         z, t, s = _latents(model.process, x, i, gen)
         noise = torch.randn(x.shape, generator=gen)
         eta = torch.tensor([1.0])
-        with torch.no_grad():
-            zn32, x032 = g32(z, t, s, eta, noise)
-            zn64, x064 = g64(z.double(), t.double(), s.double(), eta.double(), noise.double())
-        o_zn, o_x0 = run_step(sess, z.numpy(), t.numpy(), s.numpy(), 1.0, noise.numpy())
+        zn32, x032, _ = graph_step(g32, z=z, t=t, s=s, eta=eta, noise=noise)
+        zn64, x064, _ = graph_step(g64, z=z.double(), t=t.double(), s=s.double(), eta=eta.double(),
+                                   noise=noise.double())
+        o_zn, o_x0, _ = run_step(sess, z.numpy(), t.numpy(), s.numpy(), 1.0, noise.numpy())
         e_onnx, e_torch = relative_error(o_x0, x064), relative_error(x032, x064)
         z_onnx, z_torch = relative_error(o_zn, zn64), relative_error(zn32, zn64)
         rows.append(f"t={i / N:.2f}: x0 onnx {e_onnx:.1e} torch32 {e_torch:.1e}, "
@@ -198,13 +186,11 @@ def test_guided_step_matches_torch(cond, images):
     eta = torch.tensor([0.5])
     sess = session(guided_path)
     for w in (0.0, 2.5):
-        with torch.no_grad():
-            zn, x0 = StepGraph(model, process, num_classes=3, guided=True)(z, t, s, eta, noise, labels,
-                                                                            torch.tensor([w]))
+        zn = graph_step(StepGraph(model, process, num_classes=3, guided=True), z=z, t=t, s=s, eta=eta, noise=noise,
+                        label=labels, guidance=torch.tensor([w]))[0]
         o = run_step(sess, z.numpy(), t.numpy(), s.numpy(), 0.5, noise.numpy(), labels.numpy(), w)
         assert relative_error(o[0], zn) < TOL
-    with torch.no_grad():
-        zn, _ = StepGraph(model, process, num_classes=3)(z, t, s, eta, noise, labels)
+    zn = graph_step(StepGraph(model, process, num_classes=3), z=z, t=t, s=s, eta=eta, noise=noise, label=labels)[0]
     o = run_step(session(plain_path), z.numpy(), t.numpy(), s.numpy(), 0.5, noise.numpy(), labels.numpy())
     assert relative_error(o[0], zn) < TOL
     # Guidance must change the result (else the branch is not wired): w = 2.5 vs w = 0.
@@ -246,16 +232,25 @@ def _io(path):
     return [desc(v) for v in m.graph.input], [desc(v) for v in m.graph.output]
 
 
-def test_interface(uncond, cond):
+def test_interface(uncond, cond, tmp_path):
+    """Names, dtypes and shapes of the README's table: format 2 (written now) and format 1 (on request)."""
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     img = ["batch", 1, 16, 16]
     base = [(fmt.Z, f32, img), (fmt.T, f32, ["batch"]), (fmt.S, f32, ["batch"]), (fmt.ETA, f32, [1]),
             (fmt.NOISE, f32, img)]
+    state = [(fmt.T_PREV, f32, ["batch"]), (fmt.U_X_PREV, f32, img)]
     outs = [(fmt.Z_NEXT, f32, img), (fmt.X0, f32, img)]
-    assert [n for n, _, _ in base] == list(fmt.INPUTS)
-    assert _io(uncond[3]) == (base, outs)
-    assert _io(cond[3]) == (base + [(fmt.LABEL, i64, ["batch"])], outs)
-    assert _io(cond[2]) == (base + [(fmt.LABEL, i64, ["batch"]), (fmt.GUIDANCE, f32, [1])], outs)
+    assert fmt.FORMAT_VERSION == 2
+    assert [n for n, _, _ in base + state] == fmt.inputs(2) and [n for n, _, _ in base] == fmt.inputs(1)
+    assert _io(uncond[3]) == (base + state, outs + [(fmt.U_X, f32, img)])
+    assert _io(cond[3]) == (base + state + [(fmt.LABEL, i64, ["batch"])], outs + [(fmt.U_X, f32, img)])
+    assert _io(cond[2]) == (base + state + [(fmt.LABEL, i64, ["batch"]), (fmt.GUIDANCE, f32, [1])],
+                            outs + [(fmt.U_X, f32, img)])
+    model, process = uncond[0], uncond[1]
+    v1 = tmp_path / "v1.onnx"
+    meta = export_onnx(model, process, v1, channels=1, format_version=1)
+    assert _io(v1) == (base, outs)
+    assert meta[fmt.K_FORMAT_VERSION] == 1 and fmt.K_DEFAULT_SOLVER not in meta and fmt.missing_keys(meta) == []
 
 
 def test_metadata_round_trip(uncond, cond):
@@ -269,6 +264,8 @@ def test_metadata_round_trip(uncond, cond):
         fmt.K_CLIP_DENOISED: True,
         fmt.K_DEFAULT_STEPS: 17,
         fmt.K_DEFAULT_ETA: 0.25,
+        fmt.K_DEFAULT_SOLVER: "ddim",
+        fmt.K_DEFAULT_GRID: "uniform",
         fmt.K_PRECISION: "fp32",
         fmt.K_VERSION: bdm_train.__version__,
         fmt.K_PARAM: model.param,

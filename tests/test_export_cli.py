@@ -83,8 +83,9 @@ def test_defaults_from_checkpoint(tiny_cond_checkpoint, tmp_path, capsys):
     assert meta[fmt.K_DEFAULT_ETA] == sampler["eta"]
     assert meta[fmt.K_CLIP_DENOISED] == sampler["clip_denoised"]
     assert meta[fmt.K_GUIDANCE] is False
+    assert (meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID]) == ("ddim", "uniform")  # config has neither
     names = [i.name for i in onnx.load(str(tmp_path / "bdm.onnx")).graph.input]
-    assert names == list(fmt.INPUTS) + [fmt.LABEL]
+    assert names == fmt.inputs(2, num_classes=3)
     assert "no TensorRT engine built: --no-engine" in stdout
     assert not (tmp_path / "bdm_fp16.onnx").exists()
 
@@ -109,6 +110,10 @@ def test_cli_errors(tiny_checkpoint, tmp_path, capsys):
                           "unconditional")
     assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--eta", 1.5], capsys)[::2],
                           "--eta")
+    assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--solver", "dpmpp2m",
+                                    "--eta", 0.5], capsys)[::2], "deterministic")
+    assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--grid", "cosine"], capsys)[::2],
+                          "--grid")
     assert_one_line_error(*run_cli([], capsys)[::2], "--ckpt")
     assert_one_line_error(*run_cli(["--onnx", tmp_path / "x.onnx"], capsys)[::2], "--out")
     assert_one_line_error(*run_cli(["--onnx", tmp_path / "x.onnx", "--out", tmp_path / "x.plan", "--check"],
@@ -238,7 +243,8 @@ def test_no_clip_is_stored_in_the_graph_and_changes_it(tiny_checkpoint, tmp_path
     rng = np.random.default_rng(0)
     z = rng.standard_normal((2, 1, 16, 16), dtype=np.float32)
     feed = {fmt.Z: z, fmt.T: np.ones(2, np.float32), fmt.S: np.full(2, 0.9, np.float32),
-            fmt.ETA: np.zeros(1, np.float32), fmt.NOISE: np.zeros_like(z)}
+            fmt.ETA: np.zeros(1, np.float32), fmt.NOISE: np.zeros_like(z),
+            fmt.T_PREV: np.ones(2, np.float32), fmt.U_X_PREV: np.zeros_like(z)}   # no history: first order
     z_next = {}
     for clip, name in ((True, "clip"), (False, "noclip")):
         session = ort.InferenceSession(str(tmp_path / name / "bdm.onnx"), providers=["CPUExecutionProvider"])
@@ -250,3 +256,19 @@ def test_no_clip_is_stored_in_the_graph_and_changes_it(tiny_checkpoint, tmp_path
         # here), so the two float32 implementations differ by ~1e-4 of the scale; a wrong clip setting is >10%.
         assert np.abs(z_next[clip] - want).max() < 1e-3 * np.abs(want).max(), clip
     assert np.abs(z_next[True] - z_next[False]).max() > 0.1 * np.abs(z_next[False]).max()
+
+
+def test_solver_grid_steps_eta_are_stored(tiny_checkpoint, tmp_path, capsys):
+    """--solver/--grid/--steps set the graph's defaults; dpmpp2m without --eta stores eta 0 (it has none)."""
+    code, stdout, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", tmp_path, "--no-engine", "--solver",
+                                 "dpmpp2m", "--grid", "spectral", "--steps", 12], capsys)
+    assert code == 0, err
+    meta = read_metadata(tmp_path / "bdm.onnx")
+    assert (meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID]) == ("dpmpp2m", "spectral")
+    assert (meta[fmt.K_DEFAULT_STEPS], meta[fmt.K_DEFAULT_ETA]) == (12, 0.0)
+    assert "default dpmpp2m, 12 steps on the spectral grid" in stdout
+    code, _, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", tmp_path, "--no-engine", "--grid", "power",
+                            "--eta", 0.3], capsys)
+    assert code == 0, err
+    meta = read_metadata(tmp_path / "bdm.onnx")
+    assert (meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID], meta[fmt.K_DEFAULT_ETA]) == ("ddim", "power", 0.3)

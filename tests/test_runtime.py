@@ -135,8 +135,8 @@ def test_onnx_meta_on_an_exported_graph(mixture_onnx):
     info = onnx_meta.read(path)
     proto = onnx.load(path)
     assert info.metadata == {p.key: p.value for p in proto.metadata_props}
-    assert info.inputs == [i.name for i in proto.graph.input] == list(fmt.INPUTS)
-    assert info.outputs == list(fmt.OUTPUTS)
+    assert info.inputs == [i.name for i in proto.graph.input] == fmt.inputs(fmt.FORMAT_VERSION)
+    assert info.outputs == fmt.outputs(fmt.FORMAT_VERSION)
 
 
 # -- load: refusals name the file --------------------------------------------------------------------
@@ -161,7 +161,12 @@ def test_load_refuses_what_it_cannot_run(mixture_onnx, tmp_path):
     onnx.save(_toy_model(), plain)
     cases = [
         (plain, "not a bdm step graph"),
-        (_with_meta(src, str(tmp_path / "v2.onnx"), format_version="2"), "format version 2"),
+        (_with_meta(src, str(tmp_path / "v3.onnx"), format_version="3"), "format version 3"),
+        (_with_meta(src, str(tmp_path / "v1.onnx"), format_version="1"), "inputs"),   # state inputs of format 2
+        (_with_meta(src, str(tmp_path / "solver.onnx"), default_solver='"heun"'), "default_solver"),
+        (_with_meta(src, str(tmp_path / "grid.onnx"), default_grid='"cosine"'), "default_grid"),
+        (_with_meta(src, str(tmp_path / "nogrid.onnx"), default_grid=None), "bdm.default_grid"),
+        (_with_meta(src, str(tmp_path / "eta.onnx"), default_solver='"dpmpp2m"', default_eta="1.0"), "deterministic"),
         (_with_meta(src, str(tmp_path / "noshape.onnx"), image_shape=None), "bdm.image_shape"),
         (_with_meta(src, str(tmp_path / "badshape.onnx"), image_shape="[1, 8]"), "image_shape"),
         (_with_meta(src, str(tmp_path / "cond.onnx"), num_classes="3"), "inputs"),
@@ -215,11 +220,12 @@ def test_parity_mixture(mixture_onnx, eta):
     assert _parity(path, model, process, 6, 10, eta=eta) < PARITY_TOL
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_parity_trained_checkpoint(unet_onnx, eta):
+@pytest.mark.parametrize("eta,solver,grid", [(0.0, "ddim", "uniform"), (1.0, "ddim", "uniform"),
+                                             (None, "dpmpp2m", "spectral"), (None, "dpmpp2m", "power")])
+def test_parity_trained_checkpoint(unet_onnx, eta, solver, grid):
     path, model, process = unet_onnx
-    err = _parity(path, model, process, 4, 8, eta=eta)
-    print(f"parity eta={eta}: max abs err {err:.3g}")
+    err = _parity(path, model, process, 4, 8, eta=eta, solver=solver, grid=grid)
+    print(f"parity {solver} eta={eta} {grid}: max abs err {err:.3g}")
     assert err < PARITY_TOL
 
 

@@ -111,14 +111,19 @@ def _cpu(path, n, **kw):
         return s.sample(n, **kw)
 
 
+SOLVER_RUNS = [dict(eta=0.0), dict(eta=1.0), dict(solver="dpmpp2m", grid="spectral"),
+               dict(solver="dpmpp2m", grid="power")]
+
+
 @needs_trt
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_trt_matches_onnx_runtime(engine, step_onnx, eta):
+@pytest.mark.parametrize("kw", SOLVER_RUNS)
+def test_trt_matches_onnx_runtime(engine, step_onnx, kw):
+    """Every solver: dpmpp2m carries B11's state (u_x) from step to step in the engine's own buffers."""
     with bdm_runtime.load(engine) as s:
         assert s.backend == "trt" and s.provider.startswith("TensorRT") and s.batch == PROFILE[2]
-        got = s.sample(5, seed=3, steps=8, eta=eta)
-    err = float(np.abs(got - _cpu(step_onnx, 5, seed=3, steps=8, eta=eta)).max())
-    print(f"TensorRT vs ORT-CPU, eta={eta}: max abs err {err:.3g}")
+        got = s.sample(5, seed=3, steps=8, **kw)
+    err = float(np.abs(got - _cpu(step_onnx, 5, seed=3, steps=8, **kw)).max())
+    print(f"TensorRT vs ORT-CPU, {kw}: max abs err {err:.3g}")
     assert err < TOL
 
 
@@ -139,12 +144,15 @@ def test_trt_chunks_and_pads(engine):
 def test_cuda_graph_replay_equals_plain_execution(engine):
     with bdm_runtime.load(engine) as s:
         plain = s.sample(6, seed=2, steps=5, eta=1.0)
+        plain2 = s.sample(6, seed=2, steps=5, solver="dpmpp2m")
         mixed = s.sample(11, seed=2, steps=5, eta=1.0)               # chunks 8 and 3
     with bdm_runtime.load(engine, cuda_graph=True) as g:
         graphed = g.sample(6, seed=2, steps=5, eta=1.0)
         again = g.sample(6, seed=2, steps=5, eta=1.0)                # replays the captured graphs
+        graphed2 = g.sample(6, seed=2, steps=5, solver="dpmpp2m")    # the state buffers swap in the graphs too
         alternating = [g.sample(11, seed=2, steps=5, eta=1.0) for _ in range(2)]  # 8, 3, 8, 3
     np.testing.assert_allclose(graphed, plain, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(graphed2, plain2, rtol=0, atol=1e-6)
     assert np.array_equal(graphed, again)
     for x in alternating:
         np.testing.assert_allclose(x, mixed, rtol=0, atol=1e-6)
@@ -223,17 +231,17 @@ def test_bdm_run_with_tensorrt_and_cuda_graph(engine, tmp_path):
 
 
 @needs_ort_cuda
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_onnx_runtime_cuda_matches_cpu(step_onnx, eta):
+@pytest.mark.parametrize("kw", SOLVER_RUNS)
+def test_onnx_runtime_cuda_matches_cpu(step_onnx, kw):
     with bdm_runtime.load(step_onnx) as s:
         assert s.provider == "CUDAExecutionProvider" and s.device == "cuda"
-        got = s.sample(5, seed=3, steps=8, eta=eta)
+        got = s.sample(5, seed=3, steps=8, **kw)
         dev = CudaBuffer((5, 1, 16, 16))
         try:
-            s.sample(5, seed=3, steps=8, eta=eta, out=dev)  # x0 of the last step bound to the caller's memory
+            s.sample(5, seed=3, steps=8, out=dev, **kw)  # x0 of the last step bound to the caller's memory
             np.testing.assert_allclose(dev.numpy(), got, rtol=0, atol=1e-6)
         finally:
             dev.free()
-    err = float(np.abs(got - _cpu(step_onnx, 5, seed=3, steps=8, eta=eta)).max())
-    print(f"ORT CUDA vs CPU, eta={eta}: max abs err {err:.3g}")
+    err = float(np.abs(got - _cpu(step_onnx, 5, seed=3, steps=8, **kw)).max())
+    print(f"ORT CUDA vs CPU, {kw}: max abs err {err:.3g}")
     assert err < TOL

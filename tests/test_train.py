@@ -174,3 +174,20 @@ def test_sample_cli_errors_before_sampling(tiny_checkpoint, tmp_path, capsys):
         assert device in _cli_error(sample_main, base + ["--out", str(tmp_path / "g.png"), "--device", device],
                                     capsys)
     assert os.listdir(tmp_path) == []
+
+
+def test_sample_cli_solver_and_grid(tiny_checkpoint, tmp_path, capsys):
+    """--solver/--grid reach bdm_train.sampling.sample; dpmpp2m with a non-zero --eta is one line."""
+    from bdm_train.sampling import sample
+
+    npz = tmp_path / "s.npz"
+    sample_main(["--ckpt", tiny_checkpoint, "--n", "3", "--steps", "4", "--solver", "dpmpp2m", "--grid", "spectral",
+                 "--seed", "2", "--quiet", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])
+    model, process, config = checkpoint.load(tiny_checkpoint)
+    want = sample(model, process, 3, seed=2, steps=4, solver="dpmpp2m", grid="spectral",
+                  clip_denoised=config["sampler"]["clip_denoised"]).numpy()
+    np.testing.assert_array_equal(np.load(npz)["samples"], want)   # same code, same process: bit-equal
+    capsys.readouterr()
+    err = _cli_error(sample_main, ["--ckpt", tiny_checkpoint, "--solver", "dpmpp2m", "--eta", "0.5", "--quiet",
+                                   "--out", str(tmp_path / "h.png")], capsys)
+    assert "deterministic" in err and not (tmp_path / "h.png").exists()

@@ -106,7 +106,8 @@ def _forget_fakes():
 def graphs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_trt_graphs")
     return {"fp32": write_step_graph(folder / "fp32.onnx"), "fp16": write_step_graph(folder / "fp16.onnx", fp16=True),
-            "cond": write_step_graph(folder / "cond.onnx", num_classes=3)}
+            "cond": write_step_graph(folder / "cond.onnx", num_classes=3),
+            "fmt2": write_step_graph(folder / "fmt2.onnx", format_version=2)}
 
 
 def _build(env, onnx_path, folder, name="m", **kw):
@@ -252,6 +253,35 @@ def test_sampling_matches_onnx_runtime_with_alternating_chunks(key, cuda_graph, 
         assert len([1 for n, _ in calls if n == "cudaGraphLaunch"]) > len(env.cudart.graphs)  # replayed
     else:
         assert not _captures(env.cudart)
+
+
+@pytest.mark.parametrize("key", ["8.5", "10.x-latest"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_multistep_state_stays_on_the_device(key, cuda_graph, graphs, tmp_path, monkeypatch):
+    """Format 2 (B11's state): dpmpp2m and ddim equal the ONNX Runtime backend on the same graph, with
+    chunks 8, 3 and CUDA graphs; the state swaps on the device, t_prev comes from the grid on the device."""
+    env = Env(monkeypatch, key)
+    plan, _ = _build(env, graphs["fmt2"], tmp_path)
+    env.process()
+    kw = dict(seed=5, steps=5, solver="dpmpp2m", grid="uniform")
+    want = _reference(graphs["fmt2"], 11, **kw)
+    # the history reaches the graph: the first-order run differs by far more than the tolerance below
+    assert np.abs(want - _reference(graphs["fmt2"], 11, seed=5, steps=5, eta=0.0)).max() > 0.01 * np.abs(want).max()
+    with runtime.load(plan, cuda_graph=cuda_graph) as s:
+        got = [s.sample(11, **kw) for _ in range(2)]
+        ddim = s.sample(3, seed=2, steps=4, eta=1.0)
+    for g in got:
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ddim, _reference(graphs["fmt2"], 3, seed=2, steps=4, eta=1.0), rtol=0, atol=1e-6)
+    assert env.fake.violations == [] and env.cudart.violations == []
+    # Host -> device per chunk of dpmpp2m: z, eta, zero noise, zero state, the time grid and t_prev;
+    # per step two copies on the device ((t, s) and t_prev), nothing from the host.
+    copies = [a["kind"] for n, a in env.cudart.calls if n == "cudaMemcpyAsync"]
+    assert copies.count(H2D) == 4 * 6 + (3 + 2 + 4)
+    assert copies.count(D2D) == 4 * 5 * 2 + 4 * 2
+    if cuda_graph:
+        assert len(env.cudart.graphs) == 4  # batches 8 and 3, state parities 0 and 1
+
 
 
 def test_the_shape_change_check_bites(graphs, tmp_path, monkeypatch):

@@ -11,11 +11,13 @@ output convolutions, which would make eps = 0), are exported as FP32 and FP16 st
 sampled through ``bdm_runtime.load(...).sample`` and ``bdm_train.sampling.sample``. The backends of
 one (network, batch) are interleaved repeat by repeat (their order rotated), so each repeat gives
 one runtime/PyTorch pair measured under the same machine conditions; ratios are the median of the
-per-pair ratios, times the medians. Loop overhead comes from the same timed calls: the ONNX
-Runtime session's ``run_with_iobinding`` is wrapped with a timer from here (the runtime has no
-timing hook), and overhead = (sampling time - sum of step times) / sum of step times. Thread
-settings are pinned: ``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``,
-injected from here into the runtime's own ``SessionOptions`` (``ort_settings.ort_options``). Cold start, peak
+per-pair ratios, times the medians. Loop overhead comes from the same timed calls: the runtime's
+public step-timing hook (``Sampler.sample(..., timing=)``) gives each step's own time, and overhead
+= (sampling time - sum of step times) / sum of step times. Thread settings are pinned:
+``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``, in an ONNX Runtime
+``SessionOptions`` given to ``bdm_runtime.load(..., session_options=)`` (``ort_settings``). The
+sampler default section (``benchmarks.defaults``) times the shipped model at its sampler default
+against the old one (100 ancestral DDIM steps) in the same run. Cold start, peak
 RSS and ``import bdm_runtime`` are measured in fresh subprocesses (the runtime ones check that torch
 never enters ``sys.modules``). FLOPs per network evaluation come from the exported graph's
 shapes (``benchmarks.flops``), the peak from a float32 matmul with the same thread count.

@@ -56,6 +56,10 @@ def markdown(res):
               f"torch in sys.modules: {imp['torch_in_sys_modules']}.", ""]
     if res.get("ort_sweep"):
         L += _sweep(res["ort_sweep"])
+    if "defaults" in res:
+        from benchmarks.defaults import markdown as defaults_markdown
+
+        L += defaults_markdown(res["defaults"])
     L += _gpu(res["gpu"])
     L += ["## Targets (evaluated, never asserted)", ""]
     for t in res["targets"]:

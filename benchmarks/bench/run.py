@@ -16,8 +16,13 @@ from .report import markdown, targets
 from .timing import ort_sweep, time_network
 
 
-def run(quick=False, threads=2, networks=None, sweep=True, log=print):
-    """Measure everything; returns the result dict (see the package docstring)."""
+def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=None):
+    """Measure everything; returns the result dict (see the package docstring).
+
+    ``default``: the new sampler default to time against the old one (``benchmarks.defaults``;
+    ``None``: the shipped model's own).
+    """
+    from benchmarks import defaults
     t_start = time.perf_counter()
     share = CpuShare()
     nets = QUICK_NETWORKS if quick else NETWORKS
@@ -37,6 +42,7 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print):
             res["ort_sweep"] = ort_sweep(target, model, process, paths_all[TARGET_NET]["fp32"], threads,
                                          target["repeats"], log)
         res["gpu"] = gpu_section(nets, models, paths_all, quick, log)
+    res["defaults"] = defaults.measure(default, threads=threads, quick=quick, log=log)
     res["targets"] = targets(res)
     res["run"]["load_after"] = loadavg()
     res["run"]["cpu_share"] = share.result()
@@ -57,8 +63,8 @@ def _setup(quick, threads, log):
            "threads": {"torch_num_threads": torch.get_num_threads(),
                        "torch_interop_threads": torch.get_num_interop_threads(),
                        "ort_intra_op_num_threads": threads, "ort_graph_optimization_level": "ORT_ENABLE_ALL",
-                       "how": "ORT settings injected into bdm_runtime.load's SessionOptions by "
-                              "benchmarks.bench.ort_settings.ort_options"}}
+                       "how": "ONNX Runtime SessionOptions given to bdm_runtime.load(session_options=) "
+                              "(benchmarks.bench.ort_settings.ort_session_options)"}}
     log(f"machine: {res['machine'].get('cpu_model')}, load {res['run']['load_before']}, threads {threads}")
     res["matmul_peak"] = pk = matmul_peak(threads, 512 if quick else 2048, 3 if quick else 5)
     log(f"matmul peak: {pk['peak_gflops']} GFLOP/s")

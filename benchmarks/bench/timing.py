@@ -11,16 +11,16 @@ from .ort_settings import load_timed, session_options
 class Runner:
     """One way of sampling: ``call(b, steps) -> images``; ``step_sum()`` for the runtime's own step time."""
 
-    def __init__(self, name, call, timer=None):
-        self.name, self.call, self.timer = name, call, timer
+    def __init__(self, name, call, step_times=None):
+        self.name, self.call, self.step_times = name, call, step_times
 
     def timed(self, b, steps):
-        if self.timer is not None:
-            self.timer.times.clear()
+        if self.step_times is not None:
+            self.step_times.clear()
         t = time.perf_counter()
         x = self.call(b, steps)
         dt = time.perf_counter() - t
-        step_sum = sum(self.timer.times) if self.timer is not None else None
+        step_sum = sum(self.step_times) if self.step_times is not None else None
         return dt, step_sum, np.asarray(x, dtype=np.float32)
 
 
@@ -77,17 +77,19 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
     from bdm_train.sampling import sample
 
     settings = {"intra_op_num_threads": threads}
-    ort32, timer32 = load_timed(paths["fp32"], settings)
-    ort16, timer16 = load_timed(paths["fp16"], settings)
-    options = session_options(timer32)
+    ort32, times32 = load_timed(paths["fp32"], settings)
+    ort16, times16 = load_timed(paths["fp16"], settings)
+    options = session_options(ort32)
     c = net["unet"]["in_channels"]
 
     def torch_call(b, steps):
         return sample(model, process, b, SEED, steps, eta=ETA, batch_size=b, channels=c, num_classes=0).numpy()
 
     runners = {"pytorch": Runner("pytorch", torch_call),
-               "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA), timer32),
-               "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA), timer16)}
+               "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                        timing=times32.append), times32),
+               "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                        timing=times16.append), times16)}
     rows = []
     torch.set_num_threads(threads)
     for b in net["batches"]:
@@ -132,11 +134,12 @@ def ort_sweep(net, model, process, path, threads, repeats, log):
     samplers = []
     for label, settings in variants:
         t = time.perf_counter()
-        sampler, timer = load_timed(path, settings)
-        loads[label] = (time.perf_counter() - t, session_options(timer))
+        sampler, times = load_timed(path, settings)
+        loads[label] = (time.perf_counter() - t, session_options(sampler))
         samplers.append(sampler)
-        runners.append(Runner(label, (lambda sm: lambda b, s: sm.sample(b, seed=SEED, steps=s, eta=ETA))(sampler),
-                              timer))
+        runners.append(Runner(label, (lambda sm, ts: lambda b, s: sm.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                            timing=ts.append))(sampler, times),
+                              times))
     rec = interleaved(runners, TARGET_BATCH, net["steps"], repeats)
     rows = summarise(rec, TARGET_BATCH, net["steps"], 0.0, None)
     for (label, settings), row in zip(variants, rows[1:]):

@@ -1,17 +1,22 @@
-"""Inference backends: each runs the whole reverse loop of one chunk with the latent on its device.
+"""Inference backends: each runs one step graph with the latent on its device, driven by ``bdm_runtime.loop``.
 
-A backend is created by :func:`bdm_runtime.sampler.load` and driven by :class:`bdm_runtime.sampler.Sampler`,
-which owns the noise protocol (``bdm_runtime.noise``). Its interface:
+A backend is created by :func:`bdm_runtime.sampler.load`; :class:`bdm_runtime.sampler.Sampler` owns the
+noise protocol (``bdm_runtime.noise``) and the plan (times, solver history, eta: ``bdm_runtime.grids``),
+and ``bdm_runtime.loop.run_chunk`` is the one loop every backend shares. A backend only moves data
+and runs steps:
 
 ``name``, ``provider``           what actually runs (e.g. ``"ort"``, ``"CPUExecutionProvider"``)
 ``device``                       ``"cpu"`` or ``"cuda"``: where the latent lives during the loop
 ``max_batch``                    the largest chunk it runs in one go (a TensorRT profile's maximum)
-``run(z, times, eta, noise, labels, guidance, out, on_step)``
-                                 ``z`` the initial latent, float32 ``[b, C, H, W]`` on the host;
-                                 ``times`` the grid of ``bdm_runtime.noise.time_grid``; ``noise()`` returns
-                                 the next draw (host) or is ``None`` when ``eta = 0``; ``labels`` int64
-                                 ``[b]`` or ``None``; ``guidance`` a float or ``None``; ``out`` a numpy
-                                 view ``[b, C, H, W]`` or a :class:`DeviceOut`; ``on_step()`` after each step
+``prepare(b)``                   device buffers for a chunk of ``b`` images
+``upload(name, array)``          a host array into graph input ``name`` (``z``, ``u_x_prev``: the state
+                                 buffers of parity 0)
+``set_times(times, t_prev)``     the chunk's time grid (``t_prev`` per step for format 2, else ``None``)
+``select(i)``                    make step ``i``'s ``t``, ``s`` (``t_prev``) the inputs
+``step(parity, out=None)``       one step reading the state buffers ``parity``, writing the others
+                                 (``out``, the caller's destination, is passed on the last step)
+``synchronize()``                wait for queued device work
+``download(out)``                the last ``x0`` into ``out``: a numpy view ``[b, C, H, W]`` or a :class:`DeviceOut`
 ``close()``                      release sessions, engines and device memory
 
 Modules here import their inference library when a model is loaded, never at ``import bdm_runtime``.

@@ -1,9 +1,9 @@
-"""ONNX Runtime backend: the step graph in an ``InferenceSession``, the loop through I/O binding.
+"""ONNX Runtime backend: the step graph in an ``InferenceSession``, steps through I/O binding.
 
-The latent lives in two device buffers that swap roles every step (``z_next`` of step ``i`` is
-bound as ``z`` of step ``i + 1``), so it never visits the host during the loop: per step only
-``t``, ``s`` and, when ``eta > 0``, the noise go up, and ``x0`` comes back once, after the last
-step. On the CPU provider the same code runs with device ``"cpu"``.
+Upload, step and download of the shared loop (``bdm_runtime.loop``): the latent (and a format-2
+graph's ``u_x`` state) lives in two device buffers that swap roles every step (``z_next`` of step
+``i`` is bound as ``z`` of step ``i + 1``), so it never visits the host during the loop; ``x0``
+comes back once, after the last step. On the CPU provider the same code runs with device ``"cpu"``.
 """
 import numpy as np
 
@@ -34,18 +34,27 @@ def default_providers(ort, cuda_stream=None):
 
 
 class OrtBackend:
-    """Runs a bdm step graph (``.onnx``) with ONNX Runtime."""
+    """Runs a bdm step graph (``.onnx``) with ONNX Runtime.
+
+    ``session_options``: an ``onnxruntime.SessionOptions`` used as given (``threads`` then does
+    not apply); by default all graph optimisations, ``threads`` intra-op threads, errors-only logging.
+    """
 
     name = "ort"
 
-    def __init__(self, path, info, providers=None, batch=None, cuda_stream=None, threads=None):
+    def __init__(self, path, info, providers=None, batch=None, cuda_stream=None, threads=None,
+                 session_options=None):
         ort = _import_ort()
         self._ort = ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3  # errors only: the CLI prints one line, not ORT's warnings
+        opts = session_options
+        if opts is None:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            opts.log_severity_level = 3  # errors only: the CLI prints one line, not ORT's warnings
+        elif threads:
+            raise BdmError("give threads or session_options, not both (set intra_op_num_threads on the options)")
         if providers is None:
             providers = default_providers(ort, cuda_stream)
         try:
@@ -58,11 +67,19 @@ class OrtBackend:
         self.device_id = int(options.get("device_id", 0) or 0)
         names = [i.name for i in self.session.get_inputs()]
         self.inputs = set(names)
-        missing = [n for n in fmt.INPUTS if n not in self.inputs]
+        missing = [n for n in fmt.inputs(info.format_version) if n not in self.inputs]
         if missing:
             raise BdmError(f"{path}: not a bdm step graph: inputs {missing} missing")
+        self.stateful = fmt.U_X_PREV in self.inputs
+        self._shape = tuple(info.image_shape)
         self.max_batch = None  # dynamic batch: any chunk size
         self._buffers = {}
+        self._bufs = self._ios = None
+
+    @property
+    def session_options(self):
+        """The options the session really runs with, read back from ONNX Runtime."""
+        return self.session.get_session_options()
 
     # -- buffers --------------------------------------------------------------------------------
     def _ov(self, array):
@@ -71,84 +88,88 @@ class OrtBackend:
     def _empty(self, shape, dtype):
         return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, self.device_id)
 
-    def _buffers_for(self, b, shape):
+    def prepare(self, b):
         """Device buffers for chunks of ``b`` images (kept for the next chunk of the same size)."""
         if b not in self._buffers:
             if len(self._buffers) > 1:  # at most two sizes live: the full chunk and the last one
                 self._buffers.pop(next(iter(self._buffers)))
-            img = (b,) + tuple(shape)
-            self._buffers[b] = {
-                "z0": self._empty(img, np.float32),  # z0 and z1 swap roles every step
-                "z1": self._empty(img, np.float32),
-                fmt.X0: self._empty(img, np.float32),
-                fmt.T: self._empty((b,), np.float32),
-                fmt.S: self._empty((b,), np.float32),
-                fmt.NOISE: self._empty(img, np.float32),
-                fmt.ETA: self._empty((1,), np.float32),
-                fmt.LABEL: self._empty((b,), np.int64),
-                fmt.GUIDANCE: self._empty((1,), np.float32),
-            }
-        return self._buffers[b]
+            img = (b,) + self._shape
+            bufs = {"z0": self._empty(img, np.float32), "z1": self._empty(img, np.float32),  # swap roles
+                    fmt.X0: self._empty(img, np.float32), fmt.NOISE: self._empty(img, np.float32),
+                    fmt.T: self._empty((b,), np.float32), fmt.S: self._empty((b,), np.float32),
+                    fmt.ETA: self._empty((1,), np.float32), fmt.LABEL: self._empty((b,), np.int64),
+                    fmt.GUIDANCE: self._empty((1,), np.float32)}
+            if self.stateful:
+                bufs.update({"u0": self._empty(img, np.float32), "u1": self._empty(img, np.float32),
+                             fmt.T_PREV: self._empty((b,), np.float32)})
+            self._buffers[b] = bufs
+        self._bufs, self._b = self._buffers[b], b
+        # With update_inplace the buffers keep their addresses, so two bindings serve every step.
+        inplace = hasattr(self._bufs[fmt.T], "update_inplace")
+        self._ios = [self._binding(0), self._binding(1)] if inplace else None
 
-    def _put(self, bufs, name, array):
-        """Copy a host array into the device buffer ``name`` (same address: bindings stay valid)."""
+    def upload(self, name, array):
+        """Copy a host array into input ``name`` (same address where ONNX Runtime allows: bindings stay valid)."""
+        key = {fmt.Z: "z0", fmt.U_X_PREV: "u0"}.get(name, name)
         array = np.ascontiguousarray(array)
-        ov = bufs[name]
+        ov = self._bufs[key]
         if hasattr(ov, "update_inplace"):  # ONNX Runtime >= 1.16
             ov.update_inplace(array)
         else:
-            bufs[name] = self._ov(array)
+            self._bufs[key] = self._ov(array)
 
-    def _binding(self, bufs, parity, x0=None):
-        """An I/O binding reading ``z`` from buffer ``parity`` and writing ``z_next`` to the other."""
+    def _binding(self, parity, x0=None):
+        """An I/O binding reading the state from buffers ``parity`` and writing it to the others."""
+        bufs = self._bufs
         io = self.session.io_binding()
         io.bind_ortvalue_input(fmt.Z, bufs["z%d" % parity])
-        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.LABEL, fmt.GUIDANCE):
+        io.bind_ortvalue_output(fmt.Z_NEXT, bufs["z%d" % (1 - parity)])
+        if self.stateful:
+            io.bind_ortvalue_input(fmt.U_X_PREV, bufs["u%d" % parity])
+            io.bind_ortvalue_output(fmt.U_X, bufs["u%d" % (1 - parity)])
+        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.T_PREV, fmt.LABEL, fmt.GUIDANCE):
             if name in self.inputs:
                 io.bind_ortvalue_input(name, bufs[name])
-        io.bind_ortvalue_output(fmt.Z_NEXT, bufs["z%d" % (1 - parity)])
         if isinstance(x0, DeviceOut):  # the caller's device memory receives the last x0 directly
             io.bind_output(fmt.X0, "cuda", self.device_id, np.float32, list(x0.shape), x0.ptr)
         else:
             io.bind_ortvalue_output(fmt.X0, bufs[fmt.X0])
         return io
 
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self, z, times, eta, noise, labels, guidance, out, on_step=None):
-        """Run all steps of ``times`` on one chunk and write the final ``x0`` into ``out``."""
+    # -- the loop's primitives ------------------------------------------------------------------
+    def set_times(self, times, t_prev=None):
+        """The chunk's grid as host rows (row ``i``: step ``i``'s value for every image)."""
+        b = self._b
+        self._times = np.repeat(np.asarray(times, np.float32)[:, None], b, axis=1)
+        self._t_prev = None if t_prev is None else np.repeat(np.asarray(t_prev, np.float32)[:, None], b, axis=1)
+
+    def select(self, i):
+        """Step ``i``'s ``t``, ``s`` (and ``t_prev``) into the bound inputs."""
+        self.upload(fmt.T, self._times[i])
+        self.upload(fmt.S, self._times[i + 1])
+        if self._t_prev is not None and fmt.T_PREV in self.inputs:
+            self.upload(fmt.T_PREV, self._t_prev[i])
+
+    def step(self, parity, out=None):
+        """One step reading state ``parity``; on the last step ``out`` may receive ``x0`` directly."""
         if isinstance(out, DeviceOut) and self.device != "cuda":
             raise BdmError("out is device memory, but ONNX Runtime runs on the CPU here: pass a numpy array")
-        b = z.shape[0]
-        bufs = self._buffers_for(b, z.shape[1:])
-        self._put(bufs, "z0", z)
-        self._put(bufs, fmt.ETA, np.array([eta], dtype=np.float32))
-        if noise is None:  # eta = 0: the graph multiplies the noise by 0; feed zeros once
-            self._put(bufs, fmt.NOISE, np.zeros(z.shape, dtype=np.float32))
-        if fmt.LABEL in self.inputs:
-            self._put(bufs, fmt.LABEL, np.asarray(labels, dtype=np.int64))
-        if fmt.GUIDANCE in self.inputs:
-            self._put(bufs, fmt.GUIDANCE, np.array([guidance or 0.0], dtype=np.float32))
-        steps = len(times) - 1
-        # With update_inplace the buffers keep their addresses, so two bindings serve every step.
-        inplace = hasattr(bufs[fmt.T], "update_inplace")
-        ios = [self._binding(bufs, 0), self._binding(bufs, 1)] if inplace else None
-        for i in range(steps):
-            self._put(bufs, fmt.T, np.full((b,), times[i], dtype=np.float32))
-            self._put(bufs, fmt.S, np.full((b,), times[i + 1], dtype=np.float32))
-            if noise is not None:
-                self._put(bufs, fmt.NOISE, noise())
-            last = i == steps - 1
-            if ios is None or (last and isinstance(out, DeviceOut)):
-                io = self._binding(bufs, i % 2, out if last else None)
-            else:
-                io = ios[i % 2]
-            self.session.run_with_iobinding(io)
-            if on_step is not None:
-                on_step()
+        if self._ios is None or isinstance(out, DeviceOut):
+            io = self._binding(parity, out)
+        else:
+            io = self._ios[parity]
+        self.session.run_with_iobinding(io)
+
+    def synchronize(self):
+        """Nothing to wait for: ``run_with_iobinding`` returns when the step is done."""
+
+    def download(self, out):
+        """The last step's ``x0`` into the host array ``out`` (device ``out`` was bound directly)."""
         if not isinstance(out, DeviceOut):
-            out[...] = bufs[fmt.X0].numpy()
+            out[...] = self._bufs[fmt.X0].numpy()
 
     def close(self):
         """Drop the session and its buffers."""
         self._buffers = {}
+        self._bufs = self._ios = None
         self.session = None

@@ -11,14 +11,16 @@ registered (``trt.init_libnvinfer_plugins(logger, "")``) before the engine is de
 Polygraphy's ``EngineFromBytes`` and Polygraphy's TensorRT logger (a second ``trt.Logger`` makes
 TensorRT warn that the logger differs).
 
-Execution: all work goes on a non-blocking CUDA stream of our own (``bdm_runtime.backends.cudart``);
-a caller's stream (``cuda_stream``) is waited for at the start of each chunk, and the stream of a
-caller's device buffer (``__cuda_array_interface__`` v3 ``stream``) before writing into it. The
-latent stays on the GPU: two buffers swap roles each step (``z`` <-> ``z_next`` addresses); the
-time grid is uploaded once per chunk and each step's ``(t, s)`` rows are copied on the device; per
-step only the noise (``eta > 0``) comes from the host. ``x0`` is copied once per chunk.
+Execution (upload, step and download of the shared loop, ``bdm_runtime.loop``): all work goes on a
+non-blocking CUDA stream of our own (``bdm_runtime.backends.cudart``); a caller's stream
+(``cuda_stream``) is waited for at the start of each chunk, and the stream of a caller's device
+buffer (``__cuda_array_interface__`` v3 ``stream``) before writing into it. The latent (and a
+format-2 graph's ``u_x`` state, B11) stays on the GPU: two buffers swap roles each step (``z`` <->
+``z_next``, ``u_x_prev`` <-> ``u_x`` addresses); the time grid (and ``t_prev``) is uploaded once per
+chunk and each step's ``(t, s)`` (and ``t_prev``) rows are copied on the device; per step only the
+noise (``eta > 0``) comes from the host. ``x0`` is copied once per chunk.
 
-CUDA graphs (``cuda_graph=True``): one graph per (batch, latent parity), capturing only
+CUDA graphs (``cuda_graph=True``): one graph per (batch, state parity), capturing only
 ``execute_async_v3``, thread-local, on our stream. TensorRT's first ``execute_async_v3`` after
 ``set_input_shape`` does shape-dependent set-up that must not be captured nor skipped, so after
 every shape change one plain ``execute_async_v3`` runs before any capture or replay.
@@ -113,7 +115,7 @@ class TrtBackend:
         self.provider = f"TensorRT {trt.__version__}"
         self.cuda_graph = bool(cuda_graph)
         self._caller_stream = None if cuda_stream is None else int(cuda_stream)
-        self._shape, self._fresh, self._grid_size = None, True, 0
+        self._shape, self._fresh, self._grid_size = None, True, {}
         try:
             self._open(plan_path, info, batch)
         except BaseException:
@@ -131,8 +133,8 @@ class TrtBackend:
         mode = {n: self._engine.get_tensor_mode(n) for n in names}
         self.inputs = {n for n in names if mode[n] == trt.TensorIOMode.INPUT}
         outputs = {n for n in names if mode[n] == trt.TensorIOMode.OUTPUT}
-        want = set(fmt.INPUTS) | ({fmt.LABEL} if info.num_classes else set()) | ({fmt.GUIDANCE} if info.guided else set())
-        if self.inputs != want or outputs != set(fmt.OUTPUTS):
+        want = set(fmt.inputs(info.format_version, info.num_classes, info.guided))
+        if self.inputs != want or outputs != set(fmt.outputs(info.format_version)):
             raise BdmError(f"{plan_path}: engine tensors {sorted(names)} do not match its metadata")
         self._dtype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         lo, _, hi = self._engine.get_tensor_profile_shape(fmt.Z, 0)
@@ -167,13 +169,15 @@ class TrtBackend:
         """Device buffers for the profile's largest batch: their addresses never change.
 
         ``ts`` holds the step's ``t`` (first ``b`` values) and ``s`` (next ``b``): one copy from
-        the uploaded time grid per step.
+        the uploaded time grid per step (and one more into ``t_prev`` for format 2).
         """
         b = self.max_batch
         img = int(np.prod(image_shape))
         self._image_shape = tuple(image_shape)
         sizes = {"z0": b * img * 4, "z1": b * img * 4, fmt.X0: b * img * 4, fmt.NOISE: b * img * 4,
                  "ts": 2 * b * 4, fmt.ETA: 4}
+        if fmt.U_X_PREV in self.inputs:  # format 2: B11's state swaps like the latent
+            sizes.update({"u0": b * img * 4, "u1": b * img * 4, fmt.T_PREV: b * 4})
         if fmt.LABEL in self.inputs:
             sizes[fmt.LABEL] = b * self._dtype[fmt.LABEL].itemsize
         if fmt.GUIDANCE in self.inputs:
@@ -185,15 +189,15 @@ class TrtBackend:
         """Host -> device on our stream (pageable memory: staged before the call returns)."""
         self._cuda.copy(ptr, array.ctypes.data, array.nbytes, H2D, self.stream)
 
-    def _upload_grid(self, times, rb):
-        """The ``(steps + 1, rb)`` time grid, row ``i`` = ``t_i`` for every image, in one copy."""
+    def _upload_grid(self, name, times, rb):
+        """A ``(len(times), rb)`` grid into buffer ``name``, row ``i`` = ``times[i]`` for every image, in one copy."""
         grid = np.ascontiguousarray(np.repeat(np.asarray(times, np.float32)[:, None], rb, axis=1))
-        if grid.size > self._grid_size:  # grown for more steps (run() ends synchronised: nothing reads it)
-            if "grid" in self._buf:
-                self._cuda.free(self._buf.pop("grid"))
-            self._buf["grid"] = self._cuda.malloc(grid.nbytes, "the time grid")
-            self._grid_size = grid.size
-        self._up(self._buf["grid"], grid)
+        if grid.size > self._grid_size.get(name, 0):  # grown for more steps (chunks end synchronised)
+            if name in self._buf:
+                self._cuda.free(self._buf.pop(name))
+            self._buf[name] = self._cuda.malloc(grid.nbytes, "the time grid")
+            self._grid_size[name] = grid.size
+        self._up(self._buf[name], grid)
 
     # -- execution ------------------------------------------------------------------------------
     def _bind(self, name, ptr):
@@ -206,12 +210,12 @@ class TrtBackend:
             return
         img = (b,) + self._image_shape
         shapes = {fmt.Z: img, fmt.NOISE: img, fmt.T: (b,), fmt.S: (b,), fmt.ETA: (1,),
-                  fmt.LABEL: (b,), fmt.GUIDANCE: (1,)}
+                  fmt.LABEL: (b,), fmt.GUIDANCE: (1,), fmt.T_PREV: (b,), fmt.U_X_PREV: img}
         for name in sorted(self.inputs):
             if not self._context.set_input_shape(name, shapes[name]):
                 raise BdmError(f"TensorRT refused shape {shapes[name]} for input {name}")
         ptr = dict(self._buf, **{fmt.T: self._buf["ts"], fmt.S: self._buf["ts"] + 4 * b})
-        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.LABEL, fmt.GUIDANCE, fmt.X0):
+        for name in (fmt.T, fmt.S, fmt.ETA, fmt.NOISE, fmt.T_PREV, fmt.LABEL, fmt.GUIDANCE, fmt.X0):
             if name in self.inputs or name == fmt.X0:
                 self._bind(name, ptr[name])
         self._shape, self._fresh = b, True
@@ -221,9 +225,12 @@ class TrtBackend:
             raise BdmError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
 
     def _execute(self, parity):
-        """One step, ``z`` from buffer ``parity`` and ``z_next`` into the other (see the module docstring)."""
+        """One step, the state (``z``, ``u_x_prev``) from buffers ``parity`` and into the others (module docstring)."""
         self._bind(fmt.Z, self._buf["z%d" % parity])
         self._bind(fmt.Z_NEXT, self._buf["z%d" % (1 - parity)])
+        if fmt.U_X_PREV in self.inputs:
+            self._bind(fmt.U_X_PREV, self._buf["u%d" % parity])
+            self._bind(fmt.U_X, self._buf["u%d" % (1 - parity)])
         if not self.cuda_graph or self._fresh:
             self._enqueue()
             self._fresh = False
@@ -239,40 +246,48 @@ class TrtBackend:
         else:
             self._cuda.launch(graph[1], self.stream)
 
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self, z, times, eta, noise, labels, guidance, out, on_step=None):
-        """Run all steps of ``times`` on one chunk and write the final ``x0`` into ``out``."""
-        b = z.shape[0]
-        rb = max(b, self.min_batch)  # below the profile minimum: pad, and drop the padding at the end
-        img = z.shape[1:]
-
-        def padded(a, dtype):
-            full = np.zeros((rb,) + a.shape[1:], dtype=dtype)
-            full[:b] = a
-            return full
-
+    # -- the loop's primitives (bdm_runtime.loop) ---------------------------------------------------
+    def prepare(self, b):
+        """Shapes for a chunk of ``b`` images (padded to the profile minimum), after the caller's stream."""
+        self._b, self._rb = b, max(b, self.min_batch)
         if self._caller_stream is not None:
             self._cuda.wait(self.stream, self._caller_stream, self._event)
-        self._set_shapes(rb)
-        self._up(self._buf["z0"], padded(z, np.float32))
-        self._up(self._buf[fmt.ETA], np.array([eta], np.float32))
-        host_noise = np.zeros((rb,) + img, dtype=np.float32)
-        if noise is None:  # eta = 0: the graph multiplies the noise by 0; zeros once
-            self._up(self._buf[fmt.NOISE], host_noise)
-        if fmt.LABEL in self.inputs:
-            self._up(self._buf[fmt.LABEL], padded(np.asarray(labels), self._dtype[fmt.LABEL]))
-        if fmt.GUIDANCE in self.inputs:
-            self._up(self._buf[fmt.GUIDANCE], np.array([guidance or 0.0], np.float32))
-        self._upload_grid(times, rb)
-        for i in range(len(times) - 1):
-            self._cuda.copy(self._buf["ts"], self._buf["grid"] + 4 * rb * i, 8 * rb, D2D, self.stream)  # t_i, t_i+1
-            if noise is not None:
-                host_noise[:b] = noise()  # drawn on the host while the previous step runs
-                self._up(self._buf[fmt.NOISE], host_noise)
-            self._execute(i % 2)
-            if on_step is not None:
-                on_step()
-        nbytes = b * int(np.prod(img)) * 4
+        self._set_shapes(self._rb)
+
+    def upload(self, name, array):
+        """Host ``array`` into input ``name`` (``z``, ``u_x_prev``: state buffers 0); per-image inputs padded."""
+        dtype = self._dtype.get(name, np.float32)
+        array = np.asarray(array)
+        if name in fmt.PER_IMAGE and self._rb > self._b:  # below the profile minimum: zeros, dropped at the end
+            full = np.zeros((self._rb,) + array.shape[1:], dtype=dtype)
+            full[:self._b] = array
+            array = full
+        key = {fmt.Z: "z0", fmt.U_X_PREV: "u0"}.get(name, name)
+        self._up(self._buf[key], np.ascontiguousarray(array, dtype=dtype))
+
+    def set_times(self, times, t_prev=None):
+        """The chunk's time grid (and ``t_prev`` of every step, format 2) to the device, once."""
+        self._upload_grid("grid", times, self._rb)
+        if t_prev is not None:
+            self._upload_grid("prev", t_prev, self._rb)
+
+    def select(self, i):
+        """Step ``i``'s ``t_i, t_{i+1}`` (and ``t_prev``) rows into the inputs, on the device."""
+        rb = self._rb
+        self._cuda.copy(self._buf["ts"], self._buf["grid"] + 4 * rb * i, 8 * rb, D2D, self.stream)
+        if fmt.T_PREV in self.inputs:
+            self._cuda.copy(self._buf[fmt.T_PREV], self._buf["prev"] + 4 * rb * i, 4 * rb, D2D, self.stream)
+
+    def step(self, parity, out=None):
+        """One step reading state ``parity`` (``out`` is written by :meth:`download`)."""
+        self._execute(parity)
+
+    def synchronize(self):
+        self._cuda.sync(self.stream)
+
+    def download(self, out):
+        """The last step's ``x0`` into ``out`` (host array or ``DeviceOut``), then wait for it."""
+        nbytes = self._b * int(np.prod(self._image_shape)) * 4
         if isinstance(out, DeviceOut):
             if out.stream is not None:  # CAI v3: order our write after the producer's work on its stream
                 self._cuda.wait(self.stream, out.stream, self._event)

@@ -1,4 +1,4 @@
-"""Small hand-made bdm step graphs (format 1 interface and metadata) for the fake-TensorRT tests.
+"""Small hand-made bdm step graphs (format 1, or 2 with B11's state) for the fake-TensorRT tests.
 
 Not a diffusion step: a cheap function of every input, so that a misbound address, a stale time
 row, a wrong batch or a dropped label shows in the output. It contains what matters to TensorRT:
@@ -17,8 +17,12 @@ def _const(name, value):
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value), name))
 
 
-def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6):
-    """Write the graph to ``path`` and return it."""
+def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6, format_version=1):
+    """Write the graph to ``path`` and return it.
+
+    ``format_version=2`` adds the state: ``z_next`` gains ``0.1 (t_prev - t) u_x_prev`` (so a stale
+    state buffer or time row shows), and ``u_x = z + t`` is the state passed on.
+    """
     c, h, w = image_shape
     guided = num_classes > 0
     img = ["B", c, h, w]
@@ -56,15 +60,29 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
                   helper.make_node("Mul", ["lg", "c01"], ["lg_s"], name="label_s"),
                   helper.make_node("Add", [last, "lg_s"], ["zg"], name="add_label")]
         last = "zg"
+    if format_version >= 2:
+        inputs += [helper.make_tensor_value_info(fmt.T_PREV, TensorProto.FLOAT, ["B"]),
+                   helper.make_tensor_value_info(fmt.U_X_PREV, TensorProto.FLOAT, img)]
+        nodes += [_const("c01s", np.float32(0.1)), _const("cm1", np.float32(-1.0)),
+                  helper.make_node("Mul", [fmt.T, "cm1"], ["neg_t"], name="neg_t"),
+                  helper.make_node("Add", [fmt.T_PREV, "neg_t"], ["dt"], name="dt"),
+                  helper.make_node("Reshape", ["dt", "shape4"], ["dt4"], name="dt4"),
+                  helper.make_node("Mul", [fmt.U_X_PREV, "dt4"], ["hist"], name="hist"),
+                  helper.make_node("Mul", ["hist", "c01s"], ["hist_s"], name="hist_s"),
+                  helper.make_node("Add", [last, "hist_s"], ["zh"], name="add_hist"),
+                  helper.make_node("Add", [fmt.Z, "t4"], [fmt.U_X], name="u_x")]
+        last = "zh"
     nodes.append(helper.make_node("Mul", [last, "c05"], [fmt.Z_NEXT], name="z_next"))  # keeps |z| bounded
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, img) for n in (fmt.Z_NEXT, fmt.X0)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, img) for n in fmt.outputs(format_version)]
     graph = helper.make_graph(nodes, "fake_step", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    meta = {fmt.K_FORMAT_VERSION: 1, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: {"kind": "test"},
+    meta = {fmt.K_FORMAT_VERSION: format_version, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: {"kind": "test"},
             fmt.K_NUM_CLASSES: num_classes, fmt.K_GUIDANCE: guided, fmt.K_CLIP_DENOISED: True,
             fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "fp32",
             fmt.K_VERSION: "0.1.0"}
+    if format_version >= 2:
+        meta.update({fmt.K_DEFAULT_SOLVER: "ddim", fmt.K_DEFAULT_GRID: "uniform"})
     helper.set_model_props(model, fmt.encode(meta))
     onnx.save(model, str(path))
     return str(path)

@@ -15,11 +15,15 @@ import numpy as np
 from . import format as fmt
 from .errors import BdmError
 from .labels import normalize_labels
+from .limits import DEFAULT_BATCH, MAX_STEPS, check_memory, check_steps, check_threads
 from .noise import NoiseStream, check_positive_int, check_seed, time_grid
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
-ORT_DEFAULT_BATCH = 64  # chunk size when the backend has no profile maximum (bounds host memory)
+ORT_DEFAULT_BATCH = DEFAULT_BATCH  # chunk size when the backend has no profile maximum (bounds host memory)
+# Float32 images of a chunk alive at once: the latent, the noise draw, the backend's two latent
+# buffers, its noise and x0 buffers (a lower bound: the network's activations come on top).
+CHUNK_COPIES = 6
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -46,14 +50,16 @@ class StepInfo:
         self.inputs = inputs
 
     @classmethod
-    def from_meta(cls, path, meta, inputs=None, outputs=None):
-        """Validate decoded ``bdm.*`` metadata (and graph input/output names when known)."""
+    def from_meta(cls, path, meta, inputs=None, outputs=None, shapes=None):
+        """Validate decoded ``bdm.*`` metadata (and graph input/output names and declared shapes when known)."""
         if not meta:
             raise BdmError(f"{path}: not a bdm step graph (no bdm.* metadata)")
         missing = fmt.missing_keys(meta)
         if missing:
             raise BdmError(f"{path}: not a bdm step graph (metadata {', '.join(missing)} missing)")
         version = meta[fmt.K_FORMAT_VERSION]
+        if not _is_int(version):  # 1.0 and true equal 1 in Python: still not a format version
+            raise BdmError(f"{path}: bad {fmt.K_FORMAT_VERSION} {version!r}: not an integer")
         if version not in fmt.SUPPORTED_VERSIONS:
             raise BdmError(f"{path}: step-graph format version {version!r}, this runtime reads "
                            f"{', '.join(str(v) for v in fmt.SUPPORTED_VERSIONS)}: upgrade bdm")
@@ -64,8 +70,8 @@ class StepInfo:
         if not (_is_int(k) and k >= 0):
             raise BdmError(f"{path}: bad {fmt.K_NUM_CLASSES} {k!r}")
         steps = meta[fmt.K_DEFAULT_STEPS]
-        if not (_is_int(steps) and steps > 0):
-            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r}")
+        if not (_is_int(steps) and 0 < steps <= MAX_STEPS):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r} (want 1..{MAX_STEPS})")
         eta = meta[fmt.K_DEFAULT_ETA]
         if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
             raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
@@ -78,7 +84,20 @@ class StepInfo:
                                f"(format {version} wants {sorted(want)})")
         if outputs is not None and sorted(outputs) != sorted(fmt.OUTPUTS):
             raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has {sorted(fmt.OUTPUTS)}")
+        _check_image_shapes(path, shape, shapes or {})
         return cls(path, meta, inputs)
+
+
+def _check_image_shapes(path, image_shape, shapes):
+    """Refuse metadata whose ``[C, H, W]`` disagrees with the image tensors the graph declares ``[B, C, H, W]``."""
+    for name in (fmt.Z, fmt.NOISE, fmt.Z_NEXT, fmt.X0):
+        declared = shapes.get(name)
+        if declared is None:
+            continue
+        shown = "x".join("?" if d is None else str(d) for d in declared)
+        if len(declared) != 4 or any(d is not None and d != m for d, m in zip(declared[1:], image_shape)):
+            raise BdmError(f"{path}: its metadata says images are {'x'.join(map(str, image_shape))} (C x H x W), "
+                           f"but the graph's {name} is {shown}: the file was altered; export it again")
 
 
 def _decode(path, props):
@@ -93,7 +112,7 @@ def onnx_info(path):
     from . import onnx_meta
 
     info = onnx_meta.read(path)
-    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs)
+    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs, info.shapes)
 
 
 def side_file(plan_path):
@@ -159,7 +178,7 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
     if os.path.isdir(path):
         raise BdmError(f"{path}: is a directory, not a model file")
     if threads is not None:
-        threads = check_positive_int(threads, "threads", BdmError)
+        threads = check_threads(threads)
     if batch is not None:
         batch = check_positive_int(batch, "batch", BdmError)
     stream = _stream_handle(cuda_stream)
@@ -271,10 +290,13 @@ class Sampler:
             pass
 
     # -- arguments ----------------------------------------------------------------------------
-    def _guidance(self, guidance):
+    def _guidance(self, guidance, labels):
         if guidance is None:
             return 0.0 if self.info.guided else None
         w = _finite(guidance, "guidance")
+        if w != 0.0 and labels is None and self.info.num_classes > 0:
+            raise BdmError("guidance needs labels (--label): without them every image gets the null label, "
+                           "where guidance has no effect (B12)")
         if self.info.num_classes == 0:
             if w != 0.0:
                 raise BdmError("guidance needs a conditional model; this one is unconditional")
@@ -304,6 +326,17 @@ class Sampler:
             return None, cuda_array(out, shape)
         raise BdmError(f"out must be a numpy array or device memory (__cuda_array_interface__), got {type(out).__name__}")
 
+    def _check_memory(self, n, out):
+        """Refuse up front a request whose host memory cannot exist here (an output of ``n`` images, one chunk)."""
+        per_image = 4
+        for d in self.image_shape:
+            per_image *= d
+        chunk = min(n, self.batch)
+        need = CHUNK_COPIES * chunk * per_image + (n * per_image if out is None else 0)
+        shape = "x".join(map(str, self.image_shape))
+        check_memory(need, f"sampling {n} images of {shape} in chunks of {chunk}",
+                     "sample fewer at a time (first_index continues the sequence), or pass out= or a smaller batch")
+
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
                out=None, progress=False):
@@ -317,7 +350,8 @@ class Sampler:
         ``progress(done, total)`` called after every step.
         """
         n = check_positive_int(n, "n", BdmError)
-        steps = self.info.default_steps if steps is None else check_positive_int(steps, "steps", BdmError)
+        self._check_memory(n, out)
+        steps = self.info.default_steps if steps is None else check_steps(steps)
         eta = self.info.default_eta if eta is None else _finite(eta, "eta")
         if not 0.0 <= eta <= 1.0:
             raise BdmError(f"eta must be in [0, 1], got {eta!r}")
@@ -326,7 +360,7 @@ class Sampler:
         except ValueError as e:
             raise BdmError(str(e))
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
-        w = self._guidance(guidance)
+        w = self._guidance(guidance, labels)
         grid = time_grid(steps)
         host, device = self._destination(out, n)
         with self._lock:

@@ -181,6 +181,10 @@ class TrtBackend:
         if self.inputs != want or outputs != set(fmt.OUTPUTS):
             raise BdmError(f"{plan_path}: engine tensors {sorted(names)} do not match its metadata")
         self._dtype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
+        declared = tuple(self._engine.get_tensor_shape(fmt.Z))  # (-1, C, H, W): dynamic batch
+        if len(declared) != 4 or any(d >= 0 and d != m for d, m in zip(declared[1:], info.image_shape)):
+            raise BdmError(f"{plan_path}: its side file says images are {'x'.join(map(str, info.image_shape))} "
+                           f"(C x H x W), but the engine's z is {'x'.join(map(str, declared))}: build it again")
         lo, _, hi = self._engine.get_tensor_profile_shape(fmt.Z, 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         if batch is not None:

@@ -17,18 +17,8 @@ import time
 import click
 
 from .errors import BdmError, run_cli
+from .io import creatable_folder
 from .labels import normalize_labels, parse_labels
-
-
-def _writable_dir(flag, path):
-    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is one)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
 
 
 def _check_outputs(out, out_dir, npz):
@@ -50,7 +40,7 @@ def _check_outputs(out, out_dir, npz):
     if npz and not npz.lower().endswith(".npz"):
         raise BdmError(f"--npz {npz}: name it *.npz")
     if out_dir:
-        _writable_dir("--out-dir", out_dir)
+        creatable_folder("--out-dir", out_dir)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -203,6 +203,21 @@ class Staging:
             self.discard()
 
 
+def creatable_folder(flag, path):
+    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is
+    one); creates nothing."""
+    from .errors import BdmError
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
+    return path
+
+
 def writable_folder(folder, what):
     """Create ``folder`` if missing and check it is a writable folder; ``BdmError`` naming ``what`` if not."""
     from .errors import BdmError

@@ -112,7 +112,7 @@ def _write(chunks, n, shape, labels, first_index, out, npz, source, quiet):
     import sys
 
     from runtime.images import NpzWriter, check_finite, save_grid, to_uint8
-    from runtime.io import Staging
+    from runtime.io import Staging, writing
 
     c, h, w = shape
     images = np.empty((n, h, w, c), dtype=np.uint8)
@@ -124,28 +124,37 @@ def _write(chunks, n, shape, labels, first_index, out, npz, source, quiet):
     with Staging() as stage:
         npz_file = None
         try:
-            with contextlib.ExitStack() as member:
+            with writing(npz or out), contextlib.ExitStack() as member:  # closing the member writes too
                 for start, x in chunks:
                     check_finite(x, source, first_index + start)
                     if npz and npz_file is None:  # after the first chunk: a refused request creates nothing
-                        npz_file = NpzWriter(stage.file(npz))
-                        write = member.enter_context(npz_file.array("samples", (n, c, h, w), np.float32))
+                        with writing(npz):
+                            npz_file = NpzWriter(stage.file(npz))
+                            write = member.enter_context(npz_file.array("samples", (n, c, h, w), np.float32))
                     if npz:
-                        write(x)
+                        with writing(npz):
+                            write(x)
                     images[start:start + len(x)] = to_uint8(x)
                     if bar is not None:
                         bar.update(len(x))
             if npz:
                 for name, array in (("images", images), ("labels", labels)):
                     if array is not None:
-                        with npz_file.array(name, array.shape, array.dtype) as write:
+                        with writing(npz), npz_file.array(name, array.shape, array.dtype) as write:
                             write(array)
-        finally:
+        except BaseException:
             if npz_file is not None:
-                npz_file.close()
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    npz_file.close()
+            raise
+        finally:
             if bar is not None:
                 bar.close()
-        save_grid(images, stage.file(out), scale=_grid_scale(h))
+        if npz_file is not None:
+            with writing(npz):
+                npz_file.close()
+        with writing(out):
+            save_grid(images, stage.file(out), scale=_grid_scale(h))
 
 
 def _grid_scale(h):

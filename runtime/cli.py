@@ -159,38 +159,47 @@ def _write(chunks, sampler, n, labels, first_index, out, out_dir, npz, grid_scal
     import numpy as np
 
     from .images import NpzWriter, check_finite, save_dir, save_grid, to_uint8
-    from .io import Staging
+    from .io import Staging, writing
 
     c, h, w = sampler.image_shape
     k = sampler.num_classes
     with Staging() as stage:
         folder = stage.folder(out_dir) if out_dir else None
-        npz_file = NpzWriter(stage.file(npz)) if npz else None
+        with writing(npz):
+            npz_file = NpzWriter(stage.file(npz)) if npz else None
         grid = np.empty((n, h, w, c), dtype=np.uint8) if out else None
         try:
             member = npz_file.array("images", (n, h, w, c), np.uint8) if npz else contextlib.nullcontext()
-            with member as write_npz:
+            with writing(npz or out_dir or out), member as write_npz:  # closing the member writes too
                 for start, x in chunks:
                     check_finite(x, source, first_index + start)
                     images = to_uint8(x)
                     if folder:
-                        save_dir(images, folder, first_index=first_index + start)
+                        with writing(out_dir):
+                            save_dir(images, folder, first_index=first_index + start)
                     if npz:
-                        write_npz(images)
+                        with writing(npz):
+                            write_npz(images)
                     if out:
                         grid[start:start + len(images)] = images
             if npz and k:  # the labels used, chunk by chunk (the null label k where none was given)
-                with npz_file.array("labels", (n,), np.int64) as write_labels:
+                with writing(npz), npz_file.array("labels", (n,), np.int64) as write_labels:
                     for start in range(0, n, sampler.batch):
                         b = min(sampler.batch, n - start)
                         lab = _chunk_labels(labels, start, b)
                         write_labels(np.full((b,), k, np.int64) if lab is None
                                      else normalize_labels(lab, b, k, BdmError))
-        finally:
+        except BaseException:
             if npz_file is not None:
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    npz_file.close()
+            raise
+        if npz_file is not None:
+            with writing(npz):
                 npz_file.close()
         if out:
-            save_grid(grid, stage.file(out), scale=grid_scale)
+            with writing(out):
+                save_grid(grid, stage.file(out), scale=grid_scale)
     return [p for p in (npz, out) if p] + ([out_dir.rstrip("/") + "/"] if out_dir else [])
 
 

@@ -58,6 +58,17 @@ def atomic_path(path):
         raise
 
 
+@contextlib.contextmanager
+def writing(target):
+    """An ``OSError`` while writing ``target`` (through temporary files) becomes one line naming ``target``."""
+    from .errors import BdmError
+
+    try:
+        yield
+    except OSError as e:
+        raise BdmError(f"cannot write {target}: {e.strerror or e} (is the disk full?)") from None
+
+
 def _alive(pid):
     """Whether process ``pid`` exists (POSIX; elsewhere assume it does, and so never remove its files)."""
     if os.name != "posix":

@@ -17,6 +17,9 @@ MAX_STEPS = 1000000
 # memory stays bounded whatever --n is (measured: bdm-sample at n = 2000 took 2.25 GB with one
 # chunk, 358 MB in chunks of 64).
 DEFAULT_BATCH = 64
+# Float32 images of a chunk alive at once while sampling: the latent, the noise draw, the backend's
+# two latent buffers, its noise and x0 buffers (a lower bound: the network's activations come on top).
+CHUNK_COPIES = 6
 # CPU threads per core: more only adds contention (bdm-run --threads 100000 hung for minutes).
 THREADS_PER_CORE = 4
 
@@ -97,3 +100,14 @@ def check_disk(path, need, what):
     free = shutil.disk_usage(folder).free
     if need > free:
         raise BdmError(f"{what} {path} needs {gib(need)} of disk, {folder} has {gib(free)} free")
+
+
+def check_sample_memory(n, image_shape, chunk, output=True):
+    """Refuse sampling ``n`` images of ``image_shape`` in chunks of ``chunk`` when this machine's memory cannot
+    hold the working set of a chunk plus (``output``) the whole float32 result."""
+    per_image = 4
+    for d in image_shape:
+        per_image *= int(d)
+    need = CHUNK_COPIES * chunk * per_image + (n * per_image if output else 0)
+    check_memory(need, f"sampling {n} images of {'x'.join(map(str, image_shape))} in chunks of {chunk}",
+                 "sample fewer at a time (first_index continues the sequence), or pass out= or a smaller batch")

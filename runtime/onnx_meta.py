@@ -1,8 +1,9 @@
-"""Read an ONNX file's ``metadata_props`` and graph input names without the ``onnx`` package.
+"""Read an ONNX file's ``metadata_props`` and graph inputs/outputs (names, declared shapes) without ``onnx``.
 
 A minimal protobuf walker over the top-level ``ModelProto`` (onnx.proto3): field 14 is
 ``metadata_props`` (``StringStringEntryProto``: key = 1, value = 2), field 7 the ``graph``
-(``GraphProto``: input = 11, ``ValueInfoProto.name`` = 1). Everything else is skipped by its
+(``GraphProto``: input = 11, output = 12, ``ValueInfoProto.name`` = 1, ``.type`` = 2, whose tensor
+shape lists ``dim_value``/``dim_param`` per dimension). Everything else is skipped by its
 wire type, so the weights are never copied. A Jetson running TensorRT may have neither ``onnx``
 nor ONNX Runtime, yet must read the metadata to build and label an engine.
 """

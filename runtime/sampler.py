@@ -15,15 +15,12 @@ import numpy as np
 from . import format as fmt
 from .errors import BdmError
 from .labels import normalize_labels
-from .limits import DEFAULT_BATCH, MAX_STEPS, check_memory, check_steps, check_threads
+from .limits import DEFAULT_BATCH, MAX_STEPS, check_sample_memory, check_steps, check_threads
 from .noise import NoiseStream, check_positive_int, check_seed, time_grid
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ORT_DEFAULT_BATCH = DEFAULT_BATCH  # chunk size when the backend has no profile maximum (bounds host memory)
-# Float32 images of a chunk alive at once: the latent, the noise draw, the backend's two latent
-# buffers, its noise and x0 buffers (a lower bound: the network's activations come on top).
-CHUNK_COPIES = 6
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -326,17 +323,6 @@ class Sampler:
             return None, cuda_array(out, shape)
         raise BdmError(f"out must be a numpy array or device memory (__cuda_array_interface__), got {type(out).__name__}")
 
-    def _check_memory(self, n, out):
-        """Refuse up front a request whose host memory cannot exist here (an output of ``n`` images, one chunk)."""
-        per_image = 4
-        for d in self.image_shape:
-            per_image *= d
-        chunk = min(n, self.batch)
-        need = CHUNK_COPIES * chunk * per_image + (n * per_image if out is None else 0)
-        shape = "x".join(map(str, self.image_shape))
-        check_memory(need, f"sampling {n} images of {shape} in chunks of {chunk}",
-                     "sample fewer at a time (first_index continues the sequence), or pass out= or a smaller batch")
-
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
                out=None, progress=False):
@@ -350,7 +336,7 @@ class Sampler:
         ``progress(done, total)`` called after every step.
         """
         n = check_positive_int(n, "n", BdmError)
-        self._check_memory(n, out)
+        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None)
         steps = self.info.default_steps if steps is None else check_steps(steps)
         eta = self.info.default_eta if eta is None else _finite(eta, "eta")
         if not 0.0 <= eta <= 1.0:

@@ -16,9 +16,9 @@ import zipfile
 import numpy as np
 import torch
 
-from runtime.errors import BdmError
-from runtime.io import atomic_path
-from runtime.limits import MAX_STEPS
+from bdm_runtime.errors import BdmError
+from bdm_runtime.io import atomic_path
+from bdm_runtime.limits import MAX_STEPS
 
 FORMAT = "bdm.checkpoint"
 VERSION = 1

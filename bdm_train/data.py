@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

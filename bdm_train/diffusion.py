@@ -1,16 +1,50 @@
-"""Blurring diffusion as a Gaussian diffusion that is diagonal in the DCT basis (B2-B8).
+"""Blurring diffusion as a Gaussian diffusion that is diagonal in the DCT basis (B2-B8, B14).
 
 Every frequency has its own ``alpha_t`` (cosine noise schedule times heat dissipation); all share
 one ``sigma_t``. With ``blur_sigma_max = 0`` the blur is the identity and this is the DDPM/VDM
 baseline with the same cosine schedule, through the same code.
-Equation labels refer to ``shared/reference/bdm-math.md``.
+
+How a network's output is read is the model's *parameterisation* (``PARAMS``), declared by the
+model's attribute ``param``: ``"eps"`` (B8; the default when absent, i.e. every model before B14)
+or ``"spectral"`` (B14: EDM's preconditioning per frequency, with the model's buffers
+``data_mean`` and ``data_std``, ``[C, H, W]`` in DCT space). ``read_output`` is the one place that
+turns an output into ``(u_x_hat, u_eps)`` and ``target`` the one place that says what it is
+trained to be; the loss, the torch samplers and the exported step graph all go through them.
+Equation labels refer to ``docs/maths.md``.
 """
 import math
 
 import torch
 from torch import nn
 
+from bdm_runtime.errors import BdmError
+from bdm_runtime.format import PARAMS
+
 from .dct import dct2, dct_matrix, idct2
+
+
+def param_of(model):
+    """The parameterisation ``model`` declares (``model.param``; ``"eps"`` when absent)."""
+    param = getattr(model, "param", "eps")
+    if param not in PARAMS:
+        raise ValueError(f"unknown parameterisation {param!r}; known: {', '.join(PARAMS)}")
+    return param
+
+
+def data_statistics(images, process, std_floor=1e-3):
+    """Per-channel, per-frequency mean and std of ``images`` ``[N, C, H, W]`` in DCT space (B14).
+
+    Computed in float64 and returned float32 ``[C, H, W]``. The std is floored at ``std_floor``
+    times its maximum: a frequency with (nearly) no variance in the data would otherwise make
+    ``c_out`` vanish, and the training target divides by it.
+    """
+    h, w = process.image_size
+    x = torch.as_tensor(images, dtype=torch.float64)
+    u = dct2(x, dct_matrix(h, torch.float64), dct_matrix(w, torch.float64))
+    mean = u.mean(dim=0)
+    std = u.std(dim=0, unbiased=False)
+    std = std.clamp(min=std_floor * float(std.max()))
+    return mean.float(), std.float()
 
 
 def _hw(image_size):
@@ -38,9 +72,9 @@ class BlurringDiffusion(nn.Module):
         super().__init__()
         h, w = _hw(image_size)
         if h < 1 or w < 1:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
+            raise BdmError(f"image_size must be positive, got {image_size!r}")
         if blur_sigma_max < 0 or not 0 < min_scale <= 1 or not logsnr_min < logsnr_max:
-            raise ValueError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
+            raise BdmError("need blur_sigma_max >= 0, 0 < min_scale <= 1 and logsnr_min < logsnr_max")
         self.image_size = (h, w)
         self.blur_sigma_max = float(blur_sigma_max)
         self.min_scale = float(min_scale)
@@ -105,21 +139,59 @@ class BlurringDiffusion(nn.Module):
         sigma = torch.sigmoid(-logsnr).sqrt()
         return a * self.blur_scale(t), sigma
 
-    # -- forward process and loss (B5, B8) ----------------------------------------------------
+    # -- forward process (B5) -----------------------------------------------------------------
     def q_sample(self, x, t, eps):
         """``z_t = V (alpha_t * V^T x) + sigma_t * eps`` in pixel space (B5)."""
         alpha, sigma = self.alpha_sigma(t)
         return self.idct(alpha * self.dct(x)) + sigma * eps
 
-    def loss(self, model, x, labels=None, t=None, eps=None):
-        """Unweighted epsilon loss ``E || eps - f(z_t, t) ||^2`` with ``t ~ U(0, 1)`` (B8).
+    # -- parameterisations (B8, B14) -----------------------------------------------------------
+    @staticmethod
+    def preconditioning(alpha, sigma, data_std):
+        """``(c_skip, c_out)`` per frequency (B14): with ``v = alpha^2 s^2 + sigma^2``,
+        ``c_skip = alpha s^2 / v`` (the Wiener filter's gain) and ``c_out = sigma s / sqrt(v)``."""
+        v = alpha ** 2 * data_std ** 2 + sigma ** 2
+        return alpha * data_std ** 2 / v, sigma * data_std / v.sqrt()
 
-        ``t`` / ``eps`` are drawn from the global RNG when not given (training passes its own draws).
-        The mean is over this batch: under DDP, the rank's slice.
+    def read_output(self, model, out, u_t, alpha, sigma):
+        """``(u_x_hat, u_eps)`` from the network output ``out`` (pixel space) at ``u_t = V^T z_t``.
+
+        ``model`` declares the parameterisation (``param_of``). eps (B8): ``u_eps = V^T out`` and
+        ``u_x_hat = (u_t - sigma u_eps) / alpha``, which divides the network's error by ``alpha``.
+        spectral (B14): ``u_x_hat = m + c_skip (u_t - alpha m) + c_out V^T out`` and
+        ``u_eps = (u_t - alpha u_x_hat) / sigma``; nothing divides by ``alpha``.
         """
+        f = self.dct(out)
+        if param_of(model) == "eps":
+            return (u_t - sigma * f) / alpha, f                              # B8
+        m, s = model.data_mean, model.data_std
+        c_skip, c_out = self.preconditioning(alpha, sigma, s)
+        u_x = m + c_skip * (u_t - alpha * m) + c_out * f                     # B14
+        return u_x, (u_t - alpha * u_x) / sigma                              # B14
+
+    def target(self, model, x, z, eps, alpha, sigma):
+        """What the network is trained to output at ``z_t`` (pixel space): ``eps`` (B8), or B14's
+        unit-variance ``V F_target`` with ``F_target = (u_x - m - c_skip (u_t - alpha m)) / c_out``."""
+        if param_of(model) == "eps":
+            return eps                                                       # B8
+        m, s = model.data_mean, model.data_std
+        c_skip, c_out = self.preconditioning(alpha, sigma, s)
+        return self.idct((self.dct(x) - m - c_skip * (self.dct(z) - alpha * m)) / c_out)  # B14
+
+    def loss(self, model, x, labels=None, t=None, eps=None, spec=None):
+        """``E || target - f(z_t, t) ||^2`` with ``t ~ U(0, 1)``, unweighted in the network's own
+        units: eps (B8) or B14's spectral target (EDM's weight ``1 / c_out^2``, per frequency).
+
+        ``spec`` declares the parameterisation (default: ``model``; training passes the bare
+        network when ``model`` is a wrapper such as DDP or an autocast closure). ``t`` / ``eps``
+        are drawn from the global RNG when not given (training passes its own draws). The mean is
+        over this batch: under DDP, the rank's slice.
+        """
+        spec = model if spec is None else spec
         if t is None:
             t = torch.rand(x.shape[0], device=x.device)
         if eps is None:
             eps = torch.randn_like(x)
         z = self.q_sample(x, t, eps)  # B5, in float32 (outside any autocast of the model)
-        return torch.mean((eps - model(z, t, labels).float()) ** 2)
+        alpha, sigma = self.alpha_sigma(t)
+        return torch.mean((self.target(spec, x, z, eps, alpha, sigma) - model(z, t, labels).float()) ** 2)

@@ -1,13 +1,19 @@
-"""Console entry points of bdm_train: where torch is missing they fail in one line, not a traceback."""
+"""Console entry points of bdm_train: where torch is missing they fail in one line, not a traceback.
+
+torch is looked for, not imported: the commands import it only when they run, so ``--help`` answers
+without loading it (tests/test_runtime_notorch.py checks this).
+"""
 import importlib
+import importlib.util
 import sys
 
 
 def _main(module):
     try:
-        import torch  # noqa: F401  (every bdm_train command needs it)
+        if importlib.util.find_spec("torch") is None:  # every bdm_train command needs it
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
     except ImportError as e:
-        from runtime.errors import describe_import_error
+        from bdm_runtime.errors import describe_import_error
 
         print("Error: " + describe_import_error(e), file=sys.stderr)
         sys.exit(1)

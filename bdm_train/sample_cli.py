@@ -2,20 +2,21 @@
 
 Images are drawn in chunks of ``--batch`` (64 by default), so memory does not grow with ``--n``
 beyond the grid itself (every image, as uint8); the ``.npz``'s float samples are streamed to a
-temporary file. The outputs appear together at the end, or not at all (see ``runtime.io.Staging``).
+temporary file. The outputs appear together at the end, or not at all (see ``bdm_runtime.io.Staging``).
 """
 
 import click
 import numpy as np
-import torch
 
-from runtime.errors import BdmError, run_cli
-from runtime.labels import normalize_labels, parse_labels
-from runtime.limits import DEFAULT_BATCH, MAX_STEPS
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.labels import normalize_labels, parse_labels
+from bdm_runtime.limits import DEFAULT_BATCH, MAX_STEPS
 
 
 def _prepare(ckpt, n, steps, eta, labels, guidance, device, ema, clip_denoised):
     """Load and check everything before any sampling: ``(model, process, steps, eta, clip, labels, device)``."""
+    import torch
+
     from . import checkpoint
 
     if device == "auto":
@@ -56,8 +57,8 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
 
 def _check_sizes(model, process, n, batch, out, npz):
     """Refuse up front a grid that cannot fit in memory, or an ``.npz`` that cannot fit on its disk."""
-    from runtime.images import grid_memory, npz_bytes
-    from runtime.limits import check_disk, check_memory
+    from bdm_runtime.images import grid_memory, npz_bytes
+    from bdm_runtime.limits import check_disk, check_memory
 
     c, (h, w) = model.in_channels, tuple(process.image_size)
     scale = _grid_scale(h)
@@ -79,7 +80,8 @@ def _check_sizes(model, process, n, batch, out, npz):
 @click.option("--first-index", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first image in the seed's stream (split work across calls).")
 @click.option("--label", default=None, help="Class label for all images, or one per image (comma-separated).")
-@click.option("--guidance", default=0.0, show_default=True, type=float, help="Classifier-free guidance w (B12).")
+@click.option("--guidance", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Classifier-free guidance w (B12).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(min=1),
               help="Images per network batch (memory grows with it, not with --n).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -93,9 +95,9 @@ def _check_sizes(model, process, n, batch, out, npz):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(ckpt, n, steps, eta, seed, first_index, label, guidance, batch, device, raw, clip, out, npz, quiet):
     """Sample a trained Blurring Diffusion Model with PyTorch."""
-    from runtime.cli import _check_outputs
+    from bdm_runtime.io import check_outputs
 
-    _check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
+    check_outputs(out, None, npz)  # before sampling: a bad path costs no compute and writes nothing
     labels = parse_labels(label)
     model, process, steps, eta, clip, labels, device = _prepare(ckpt, n, steps, eta, labels, guidance, device,
                                                                 not raw, clip)
@@ -111,8 +113,8 @@ def _write(chunks, n, shape, labels, first_index, out, npz, source, quiet):
     import contextlib
     import sys
 
-    from runtime.images import NpzWriter, check_finite, save_grid, to_uint8
-    from runtime.io import Staging, writing
+    from bdm_runtime.images import NpzWriter, check_finite, save_grid, to_uint8
+    from bdm_runtime.io import Staging, writing
 
     c, h, w = shape
     images = np.empty((n, h, w, c), dtype=np.uint8)

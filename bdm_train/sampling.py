@@ -2,17 +2,28 @@
 
 ``ddim_step`` is the unit that is also exported as the ONNX step graph (``export``): the runtime
 loop only feeds it tensors. A model is anything callable as ``model(z, t, labels=None)`` returning
-the eps prediction in pixel space.
+its output in pixel space; how that output is read is its parameterisation (``param``: eps, B8, by
+default; ``spectral``, B14, with ``data_mean``/``data_std``), applied by ``denoise`` alone.
 """
 import torch
 
-from runtime.labels import normalize_labels
-from runtime.noise import NoiseStream, check_positive_int, time_grid
+from bdm_runtime.errors import BdmError
+from bdm_runtime.labels import normalize_labels
+from bdm_runtime.noise import NoiseStream, check_positive_int, time_grid
 
 
-def denoised(u_t, u_eps, alpha_t, sigma_t):
-    """``u_x_hat = (u_t - sigma_t u_eps) / alpha_t`` (B8)."""
-    return (u_t - sigma_t * u_eps) / alpha_t
+def denoise(model_fn, process, z, t, spec=None):
+    """The network at ``z_t`` read through its parameterisation (B8 or B14):
+    ``(u_t, u_x_hat, u_eps, alpha_t, sigma_t)``, all in frequency space.
+
+    ``model_fn(z, t)`` gives the raw output (labels and guidance already bound); ``spec`` is the
+    object that declares the parameterisation (``param``, ``data_mean``, ``data_std``): the model
+    itself, which is also the default.
+    """
+    alpha_t, sigma_t = process.alpha_sigma(t)
+    u_t = process.dct(z)
+    u_x, u_eps = process.read_output(model_fn if spec is None else spec, model_fn(z, t), u_t, alpha_t, sigma_t)
+    return u_t, u_x, u_eps, alpha_t, sigma_t
 
 
 def posterior_variance(alpha_t, sigma_t, alpha_s, sigma_s):
@@ -24,17 +35,15 @@ def posterior_variance(alpha_t, sigma_t, alpha_s, sigma_s):
     return sigma_s ** 2 * sigma2_ts / sigma_t ** 2
 
 
-def ddim_step(eps_model, process, z, t, s, eta, noise, clip_denoised=True):
+def ddim_step(model_fn, process, z, t, s, eta, noise, clip_denoised=True, spec=None):
     """One step ``z_t -> z_s`` of DDIM-eta per frequency (B10); returns ``(z_s, x0)``.
 
     ``eta = 1`` is the paper's ancestral sampler (B9), ``eta = 0`` the deterministic one.
     ``noise`` is ``xi`` in frequency space. ``x0`` is the denoised estimate clipped to ``[-1, 1]``.
+    ``spec`` declares the parameterisation (see ``denoise``).
     """
-    alpha_t, sigma_t = process.alpha_sigma(t)
+    u_t, u_x, u_eps, alpha_t, sigma_t = denoise(model_fn, process, z, t, spec)   # B8 / B14
     alpha_s, sigma_s = process.alpha_sigma(s)
-    u_t = process.dct(z)
-    u_eps = process.dct(eps_model(z, t))
-    u_x = denoised(u_t, u_eps, alpha_t, sigma_t)              # B8
     x0 = process.idct(u_x).clamp(-1.0, 1.0)
     if clip_denoised:
         u_x = process.dct(x0)
@@ -65,7 +74,7 @@ def conditioned(model, labels):
 
 
 def _labels(labels, n, num_classes, device):
-    """``runtime.labels.normalize_labels`` as a long tensor on ``device`` (``None`` if unconditional)."""
+    """``bdm_runtime.labels.normalize_labels`` as a long tensor on ``device`` (``None`` if unconditional)."""
     if torch.is_tensor(labels):
         labels = labels.detach().cpu().numpy()
     labels = normalize_labels(labels, n, num_classes)
@@ -76,14 +85,14 @@ def _labels(labels, n, num_classes, device):
 def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, first_index=0,
            clip_denoised=True, batch_size=None, channels=None, num_classes=None, device=None,
            progress=False):
-    """Draw ``n`` images with the noise protocol of ``runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
+    """Draw ``n`` images with the noise protocol of ``bdm_runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
 
     Time grid ``t_i = i / steps``, ``i = steps .. 0``: one network evaluation per step; the last
     step (to ``s = 0``) returns the clipped denoised estimate.
     """
     n = check_positive_int(n, "n")
     if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+        raise BdmError(f"eta must be in [0, 1], got {eta!r}")
     grid = time_grid(steps)
     channels = channels if channels is not None else getattr(model, "in_channels", None)
     if channels is None:
@@ -114,7 +123,7 @@ def sample(model, process, n, seed, steps, eta=1.0, labels=None, guidance=0.0, f
                 xi = torch.from_numpy(noise.draw()).to(device)
             t = torch.full((b,), float(t_i), device=device)
             s = torch.full((b,), float(s_i), device=device)
-            z, x0 = ddim_step(eps_model, process, z, t, s, float(eta), xi, clip_denoised)
+            z, x0 = ddim_step(eps_model, process, z, t, s, float(eta), xi, clip_denoised, spec=model)
             if bar is not None:
                 bar.update(1)
         out.append(x0.float())

@@ -1,6 +1,8 @@
 """Training: ``bdm-train`` and ``train(data, out, **options)``.
 
-The loss is B8: ``t ~ U(0, 1)``, ``z_t = V(alpha_t V^T x) + sigma_t eps`` (B5), ``|| eps - f(z_t, t) ||^2``.
+The loss: ``t ~ U(0, 1)``, ``z_t = V(alpha_t V^T x) + sigma_t eps`` (B5), ``|| target - f(z_t, t) ||^2``
+with the target of the parameterisation: ``eps`` (B8) or B14's unit-variance spectral target, whose
+per-frequency data statistics are measured once, before step 1, on a seeded subset of the data.
 
 Reproducibility by construction: the data order is a chain of per-epoch permutations and every
 step's ``t``, ``eps``, flips and label drops come from a generator seeded by ``(seed, step)`` for
@@ -19,18 +21,17 @@ import time
 
 import click
 import numpy as np
-import torch
 
-from runtime.errors import BdmError, run_cli
-from runtime.limits import MAX_STEPS, check_threads
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.format import PARAMS
+from bdm_runtime.limits import MAX_STEPS, check_threads
 
-from . import checkpoint as ckpt
 from . import data as datalib
 
 DEFAULTS = dict(
     image_size=None, fit=None,
     ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn=(16,), dropout=0.1,
-    blur_sigma_max=20.0, min_scale=0.001, num_classes=0,
+    blur_sigma_max=20.0, min_scale=0.001, num_classes=0, param="spectral",
     steps=10000, batch_size=64, lr=2e-4, warmup=500, grad_clip=1.0, weight_decay=0.0,
     ema_decay=0.9995, p_uncond=0.1, flip=False, seed=0,
     sample_every=0, sample_n=64, sample_steps=50, sample_eta=0.0, ckpt_every=1000, log_every=100,
@@ -39,7 +40,9 @@ DEFAULTS = dict(
 SEED_MAX = 2 ** 64 - 1  # torch.manual_seed takes 0 .. 2^64 - 1
 # Options that define the network or the data: a resumed run cannot change them.
 FIXED = ("image_size", "fit", "ch", "ch_mult", "num_res_blocks", "attn", "blur_sigma_max", "min_scale",
-         "num_classes")
+         "num_classes", "param")
+# B14's data statistics come from a fixed, seeded subset of at most this many training images.
+STATS_IMAGES = 10000
 # Options that change the trajectory: a resumed run may change them, but then it no longer equals
 # an uninterrupted run (we say so).
 TRAJECTORY = ("batch_size", "lr", "warmup", "grad_clip", "weight_decay", "ema_decay", "p_uncond", "flip",
@@ -66,6 +69,8 @@ def int_list(value, name):
 
 def valid_device(opt):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (parsed by torch, so ``cuda:abc`` is refused here)."""
+    import torch
+
     if opt == "auto":
         return True
     try:
@@ -103,6 +108,7 @@ def normalize(opts):
         (o["num_res_blocks"] >= 1, "--num-res-blocks must be >= 1"),
         (o["num_classes"] >= 0, "--num-classes must be >= 0"),
         (o["blur_sigma_max"] >= 0, "--blur-sigma-max must be >= 0"),
+        (o["param"] in PARAMS, f"--param must be one of {', '.join(PARAMS)}, got {o['param']!r}"),
         (0 < o["min_scale"] <= 1, "--min-scale must be in (0, 1]"),
         (1 <= o["sample_steps"] <= MAX_STEPS and 0 <= o["sample_eta"] <= 1,
          f"--sample-steps must be in 1..{MAX_STEPS}, --sample-eta in [0, 1]"),
@@ -128,7 +134,7 @@ def resolve_options(options, stored=None):
     given = {k: v for k, v in options.items() if v is not None}
     opts = dict(DEFAULTS)
     if stored is not None:
-        opts.update(stored)
+        opts.update({"param": "eps"}, **stored)   # checkpoints from before B14 are eps models
         old = normalize(opts)
         new = normalize(dict(opts, **given))
         for k in FIXED:
@@ -148,6 +154,8 @@ class Dist:
     """Rank and world size; initialises torch.distributed when launched by ``torchrun``."""
 
     def __init__(self, device_opt):
+        import torch
+
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -162,6 +170,8 @@ class Dist:
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     def _device(self, opt):
+        import torch
+
         if opt == "auto":
             opt = "cuda" if torch.cuda.is_available() else "cpu"
         if opt.startswith("cuda"):
@@ -201,11 +211,15 @@ def derived_seed(seed, stream, k):
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed, epoch, n):
     """The data order of one epoch."""
+    import torch
+
     return torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, 0, epoch)))
 
 
 def batch_indices(seed, step, n, batch_size):
     """Global batch ``step``: positions ``[step*B, (step+1)*B)`` of the chained epoch permutations."""
+    import torch
+
     parts, pos, end = [], step * batch_size, (step + 1) * batch_size
     while pos < end:
         epoch, off = divmod(pos, n)
@@ -217,6 +231,8 @@ def batch_indices(seed, step, n, batch_size):
 
 def batch_noise(seed, step, batch_size, shape):
     """``t``, ``eps``, flip mask and label-drop draw of the global batch ``step``."""
+    import torch
+
     g = torch.Generator().manual_seed(derived_seed(seed, 1, step))
     t = torch.rand(batch_size, generator=g)
     eps = torch.randn((batch_size,) + tuple(shape), generator=g)
@@ -226,17 +242,38 @@ def batch_noise(seed, step, batch_size, shape):
 
 
 # -- the loop -----------------------------------------------------------------------------------
-def build_model(opts, channels):
-    """UNet and process from the options (weights from the global torch RNG)."""
+def build_model(opts, channels, stats=None):
+    """UNet and process from the options (weights from the global torch RNG).
+
+    ``stats`` is ``(data_mean, data_std)`` for ``param = "spectral"`` (B14): from
+    :func:`spectral_statistics` for a new run, from the checkpoint for a resumed one.
+    """
     from .diffusion import BlurringDiffusion
     from .unet import UNet
 
+    mean, std = stats if opts["param"] == "spectral" else (None, None)
     model = UNet(in_channels=channels, image_size=opts["image_size"], ch=opts["ch"], ch_mult=opts["ch_mult"],
                  num_res_blocks=opts["num_res_blocks"], attn_resolutions=opts["attn"], dropout=opts["dropout"],
-                 num_classes=opts["num_classes"])
+                 num_classes=opts["num_classes"], param=opts["param"], data_mean=mean, data_std=std)
     process = BlurringDiffusion(opts["image_size"], blur_sigma_max=opts["blur_sigma_max"],
                                 min_scale=opts["min_scale"])
     return model, process
+
+
+def spectral_statistics(images, image_size, seed, limit=STATS_IMAGES):
+    """B14's per-frequency data mean and std, from a fixed subset of at most ``limit`` images.
+
+    The subset is drawn with numpy from ``seed`` (the torch RNG, which draws the initial weights,
+    is untouched), so the statistics, like the rest of a run, follow from the options alone.
+    """
+    import torch
+
+    from .diffusion import BlurringDiffusion, data_statistics
+
+    n = len(images)
+    idx = np.sort(np.random.default_rng([int(seed), 14]).permutation(n)[:min(n, limit)])
+    x = datalib.to_float(torch.from_numpy(images[idx]))
+    return data_statistics(x, BlurringDiffusion(image_size))
 
 
 def make_config(model, process, opts, ds, data_path):
@@ -250,6 +287,8 @@ def make_config(model, process, opts, ds, data_path):
 
 def ema_update(ema, model, decay, step):
     """``ema <- d ema + (1 - d) theta`` with ``d = min(decay, (1 + step) / (10 + step))`` (warm-up)."""
+    import torch
+
     d = min(decay, (1.0 + step) / (10.0 + step))
     with torch.no_grad():
         e = list(ema.parameters())
@@ -258,7 +297,7 @@ def ema_update(ema, model, decay, step):
 
 def write_samples(path, ema, process, opts, device):
     """A grid of EMA samples (seed 0, the checkpoint's sampler settings)."""
-    from runtime.images import save_grid, to_uint8
+    from bdm_runtime.images import save_grid, to_uint8
 
     from .sampling import sample
 
@@ -279,6 +318,10 @@ def train(data, out, resume=False, progress=True, **options):
     Options are those of ``bdm-train`` with underscores (``batch_size=64``, ``ch_mult=(1, 2, 2)``, ...);
     ``resume=True`` continues ``out/model.pt`` up to ``steps`` total steps (``data=None``: the stored path).
     """
+    import torch
+
+    from . import checkpoint as ckpt
+
     out = os.fspath(out)
     path = os.path.join(out, "model.pt")
     state = _previous(path, resume)
@@ -307,7 +350,9 @@ def train(data, out, resume=False, progress=True, **options):
 
 def _previous(path, resume):
     """The checkpoint to continue (``resume``), else ``None``; refuses to replace a trained model silently."""
-    from runtime.io import remove_stale
+    from bdm_runtime.io import remove_stale
+
+    from . import checkpoint as ckpt
 
     remove_stale(os.path.dirname(path))  # temporary files of a killed run: never read, removed here
     if not resume:
@@ -335,6 +380,10 @@ def _append_log(out, record):
 
 
 def _train(data, out, path, opts, state, dist, progress):
+    import torch
+
+    from . import checkpoint as ckpt
+
     device = dist.device
     ds = datalib.load(data, opts["image_size"], opts["fit"], opts["workers"])
     opts["image_size"] = ds.size[0]
@@ -353,8 +402,13 @@ def _train(data, out, path, opts, state, dist, progress):
         raise BdmError(f"--batch-size {B} is not divisible by the {dist.world} processes")
     b, lo = B // dist.world, dist.rank * (B // dist.world)
 
+    stats = None
+    if opts["param"] == "spectral":   # B14: measured before step 1; a resumed run keeps the stored ones
+        m = state["config"]["model"] if state is not None else None
+        stats = ((m["data_mean"], m["data_std"]) if m is not None
+                 else spectral_statistics(ds.images, opts["image_size"], opts["seed"]))
     torch.manual_seed(opts["seed"])  # same initial weights on every rank
-    model, process = build_model(opts, ds.channels)
+    model, process = build_model(opts, ds.channels, stats)
     try:
         model, process = model.to(device), process.to(device)
     except RuntimeError as e:
@@ -422,7 +476,7 @@ def _train(data, out, path, opts, state, dist, progress):
         if nc:
             y = torch.where(drop < opts["p_uncond"], torch.full_like(labels[idx], nc), labels[idx])  # B12
         torch.manual_seed(derived_seed(opts["seed"], 2, step) + dist.rank)  # dropout masks
-        loss = process.loss(forward, x, y, t=t, eps=eps)                    # B8, mean over this rank's slice
+        loss = process.loss(forward, x, y, t=t, eps=eps, spec=model)        # B8 / B14, mean over this rank's slice
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if opts["grad_clip"] > 0:
@@ -489,6 +543,8 @@ def _opt(*names, **kw):
 @_opt("--ema-decay", type=float, help=f"[{DEFAULTS['ema_decay']}]")
 @_opt("--blur-sigma-max", type=float, help=f"sigma_B_max (B4); 0 = plain DDPM [{DEFAULTS['blur_sigma_max']}].")
 @_opt("--min-scale", type=float, help=f"d_min (B4) [{DEFAULTS['min_scale']}].")
+@_opt("--param", type=click.Choice(PARAMS), help="How the network's output is read: eps (B8) or spectral "
+      "(B14: per-frequency preconditioning with the data's DCT statistics) [spectral; resumed runs keep theirs].")
 @_opt("--num-classes", type=int, help="Class-conditional with this many classes (labels from the data); 0 = off.")
 @_opt("--p-uncond", type=float, help=f"Label dropout to the null label for guidance (B12) [{DEFAULTS['p_uncond']}].")
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flips [off].")

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdm_runtime.format import PARAMS
+
 SKIP_SCALE = 1.0 / math.sqrt(2.0)  # DDPM++ "skip_rescale": keeps the residual sum at unit variance
 
 
@@ -118,15 +120,32 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps-prediction UNet ``model(z, t, labels=None) -> eps`` with ``z`` [B,C,H,W], ``t`` [B] in [0, 1].
+    """UNet ``model(z, t, labels=None) -> out`` with ``z`` [B,C,H,W], ``t`` [B] in [0, 1].
 
     ``num_classes > 0`` adds a label embedding with ``num_classes + 1`` rows; row ``num_classes`` is
     the null label (classifier-free guidance, B12) and ``labels=None`` means all-null.
+    ``param`` says how ``out`` is read (``bdm_train.diffusion.read_output``): ``"eps"`` (B8) or
+    ``"spectral"`` (B14), which needs the data's per-frequency ``data_mean`` and ``data_std``
+    (``[C, H, W]``, DCT space; kept as buffers, so they travel with the weights and into the graph).
     """
 
     def __init__(self, in_channels=1, image_size=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, num_classes=0):
+                 attn_resolutions=(16,), dropout=0.1, num_classes=0, param="eps", data_mean=None, data_std=None):
         super().__init__()
+        self.param = str(param)
+        if self.param not in PARAMS:
+            raise ValueError(f"param must be one of {', '.join(PARAMS)}, got {param!r}")
+        if self.param == "spectral":
+            shape = (int(in_channels), int(image_size), int(image_size))
+            stats = [torch.as_tensor(v, dtype=torch.float32) if v is not None else None for v in (data_mean, data_std)]
+            if any(v is None or tuple(v.shape) != shape for v in stats):
+                raise ValueError(f"param='spectral' needs data_mean and data_std of shape {list(shape)} (B14)")
+            if not bool((stats[1] > 0).all()):
+                raise ValueError("data_std must be positive (B14 floors it)")
+            self.register_buffer("data_mean", stats[0].clone())
+            self.register_buffer("data_std", stats[1].clone())
+        elif data_mean is not None or data_std is not None:
+            raise ValueError("data_mean/data_std belong to param='spectral'")
         image_size = int(image_size)
         ch_mult = tuple(int(m) for m in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -186,7 +205,13 @@ class UNet(nn.Module):
         return dict(in_channels=self.in_channels, image_size=self.image_size, ch=self.ch,
                     ch_mult=list(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     attn_resolutions=list(self.attn_resolutions), dropout=self.dropout,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, **self.param_config())
+
+    def param_config(self):
+        """The parameterisation as plain types: ``{"param": "eps"}`` or with the B14 statistics."""
+        if self.param == "eps":
+            return {"param": "eps"}
+        return {"param": self.param, "data_mean": self.data_mean.tolist(), "data_std": self.data_std.tolist()}
 
     @property
     def dtype(self):
@@ -201,7 +226,7 @@ class UNet(nn.Module):
         return self
 
     def forward(self, z, t, labels=None):
-        """eps prediction, float32 ``[B, C, H, W]``."""
+        """The network output (read per ``param``), float32 ``[B, C, H, W]``."""
         dtype = self.dtype
         temb = self.temb(timestep_embedding(t, self.ch).to(dtype))   # sinusoids from float32 t
         if self.label_emb is not None:

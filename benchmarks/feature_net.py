@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "assets", "fmnist_features.pt")
@@ -179,7 +179,7 @@ def train(out=WEIGHTS, epochs=3, batch_size=128, lr=3e-3, seed=0, threads=1, pro
             print(f"epoch {epoch + 1}/{epochs}: train loss {total / steps_per_epoch:.4f}, test accuracy {acc:.4f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     acc = evaluate(net, x_test, y_test)
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic_path(out) as tmp:
@@ -230,7 +230,7 @@ def accuracy_cmd(weights):
 
 
 def main(args=None):
-    from bdm_train.train import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)
 

@@ -83,7 +83,7 @@ def forward_process(out=FORWARD_PNG, index=0, times=TIMES, blur_sigma_max=20.0, 
 
 def _save(fig, out):
     """Write ``fig`` as a PNG atomically, close it, return ``out``."""
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     plt = _pyplot()
 
@@ -97,60 +97,58 @@ def _save(fig, out):
 
 # -- the study plot -----------------------------------------------------------------------------
 def plot_study(study_json, out=STUDY_PNG):
-    """FD-FMNIST and KID vs network evaluations, one line per model and sampler; writes ``out``.
+    """FD-FMNIST vs network evaluations: one panel per model, one line per sampler (solver, grid, eta,
+    clip); writes ``out``.
 
-    ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe,
-    fd, kid, kid_std, optional clip; optional ``reference.fd_train_<n>``: the score of real images).
+    ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe, fd,
+    optional solver, grid, clip; optional ``reference.fd_train_<n>``: the score of real images).
     """
     study = study_json
     if not isinstance(study, dict):
         with open(study_json) as f:
             study = json.load(f)
     points = [p for p in study["points"] if p.get("fd") is not None]
+    models = list(dict.fromkeys(p["model"] for p in points))
     plt = _pyplot()
-    fig, (ax_fd, ax_kid) = plt.subplots(1, 2, figsize=(11, 4.5))
-    styles = {0.0: "-", 1.0: "--"}
-    colors = {}
-    clipped = {bool(p.get("clip", True)) for p in points}
-
-    def key_of(p):
-        return p["model"], not p.get("clip", True), float(p["eta"])
-
-    for key in sorted({key_of(p) for p in points}):
-        model, noclip, eta = key
-        color = colors.setdefault((model, noclip), "C%d" % len(colors))
-        pts = sorted((p for p in points if key_of(p) == key), key=lambda p: p["nfe"])
-        nfe = [p["nfe"] for p in pts]
-        sampler = "deterministic (η=0)" if eta == 0 else "ancestral (η=1)" if eta == 1 else f"η={eta:g}"
-        label = f"{model}, {sampler}" + (("" if not noclip else ", x̂ not clipped") if len(clipped) > 1 else "")
-        kw = dict(color=color, linestyle=styles.get(eta, ":"), marker="o", label=label)
-        ax_fd.plot(nfe, [p["fd"] for p in pts], **kw)
-        ax_kid.errorbar(nfe, [p["kid"] for p in pts], yerr=[p["kid_std"] for p in pts], capsize=3, **kw)
+    cols = min(3, max(1, len(models)))
+    rows = (len(models) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False, sharey=True)
     n = study.get("n_samples") or (points[0]["n"] if points else None)
     floor = study.get("reference", {}).get(f"fd_train_{n}")
-    if floor is not None:
-        ax_fd.axhline(floor, color="gray", linewidth=0.8, linestyle=":", label=f"real training images (n={n})")
-    for ax, name in ((ax_fd, "FD-FMNIST"), (ax_kid, "KID")):
-        ax.set_xscale("log")
-        ax.set_xlabel("network evaluations (sampler steps)")
-        ax.set_ylabel(name + " (lower is better)")
-        ax.grid(True, which="both", alpha=0.3)
-        xt = sorted({p["nfe"] for p in points})
-        if xt:
-            ax.set_xticks(xt)
-            ax.set_xticklabels([str(v) for v in xt])
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    ax_fd.set_yscale("log")
-    if points and min(p["kid"] for p in points) > 0:  # KID is unbiased: it can dip below 0 near the floor
-        ax_kid.set_yscale("log")
-    for ax in (ax_fd, ax_kid):
-        if ax.get_yscale() == "log":
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
-    ax_fd.legend(fontsize=8, handlelength=3.5)
-    fig.suptitle(f"Fashion-MNIST 32x32: sample quality vs steps ({n} samples per point; "
+    def key_of(p):
+        return p.get("solver", "ddim"), p.get("grid", "uniform"), float(p["eta"]), bool(p.get("clip", True))
+
+    keys = sorted({key_of(p) for p in points})
+    colors = {k: "C%d" % i for i, k in enumerate(dict.fromkeys((sv, g) for sv, g, _, _ in keys))}
+    for ax, model in zip(axes.flat, models):
+        own = [p for p in points if p["model"] == model]
+        for key in keys:
+            pts = sorted((p for p in own if key_of(p) == key), key=lambda p: p["nfe"])
+            if not pts:
+                continue
+            solver, grid, eta, clip = key
+            name = f"{solver}{f' η={eta:g}' if solver == 'ddim' else ''}, {grid}" + ("" if clip else ", x̂ not clipped")
+            ax.plot([p["nfe"] for p in pts], [p["fd"] for p in pts], color=colors[(solver, grid)],
+                    linestyle="--" if eta > 0 else (":" if not clip else "-"),
+                    marker="s" if solver == "dpmpp2m" else "o", markersize=4, label=name)
+        if floor is not None:
+            ax.axhline(floor, color="gray", linewidth=0.8, linestyle=":", label=f"real images (n={n})")
+        info = study.get("models", {}).get(model, {})
+        ax.set_title(f"{model} (blur {info.get('blur_sigma_max', '?')}, {info.get('param', 'eps')})", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations")
+        ax.grid(True, which="both", alpha=0.3)
+        xt = sorted({p["nfe"] for p in own})
+        ax.set_xticks(xt)
+        ax.set_xticklabels([str(v) for v in xt])
+        ax.legend(fontsize=6, handlelength=3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("FD-FMNIST (lower is better)")
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle(f"Fashion-MNIST 32x32: sample quality vs network evaluations ({n} samples per point; "
                  f"own feature network, not Inception)", fontsize=10)
     return _save(fig, out)
 
@@ -180,7 +178,7 @@ def study_cmd(study_json, out):
 
 
 def main(args=None):
-    from bdm_train.train import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)
 

@@ -6,7 +6,7 @@ Decoding and fitting are ``bdm_train.data``'s, so the benchmark sees exactly wha
 """
 import os
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 SIZE = 32

@@ -16,7 +16,7 @@ import os
 import click
 import numpy as np
 
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATS = os.path.join(HERE, "assets", "fmnist_test_stats.npz")
@@ -120,7 +120,7 @@ def write_reference_stats(path=STATS, seed=0):
     Also stores the metric's floor: FD and KID of real training images (1,000 and 10,000 drawn
     with ``seed``) against the test set, i.e. what a perfect generator would score at those counts.
     """
-    from runtime.io import atomic_path
+    from bdm_runtime.io import atomic_path
 
     from . import feature_net, fmnist
 
@@ -191,7 +191,7 @@ def eval_cmd(npz, key):
 
 
 def main(args=None):
-    from bdm_train.train import run_cli
+    from bdm_runtime.errors import run_cli
 
     run_cli(cli, args)
 

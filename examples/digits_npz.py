@@ -4,7 +4,7 @@ import sys
 import numpy as np
 from sklearn.datasets import load_digits
 
-from runtime.images import save_npz
+from bdm_runtime.images import save_npz
 
 
 def main(path):

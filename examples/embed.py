@@ -3,11 +3,11 @@ import sys
 
 import numpy as np
 
-import runtime
-from runtime.images import save_grid
+import bdm_runtime
+from bdm_runtime.images import save_grid
 
 path, out = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "embed.png")
-with runtime.load(path) as sampler:                       # .onnx: ONNX Runtime; .plan: TensorRT
+with bdm_runtime.load(path) as sampler:                       # .onnx: ONNX Runtime; .plan: TensorRT
     c, h, w = sampler.image_shape
     images = np.empty((16, h, w, c), dtype=np.uint8)      # the host application's own buffer
     sampler.generate(16, seed=0, out=images)              # same seed -> same images on every backend

@@ -1,10 +1,16 @@
-"""bdm export: one whole sampler step as an ONNX graph (``export_onnx``) and TensorRT engines.
+"""bdm export (installed as ``bdm_export``): one whole sampler step as an ONNX graph (``export_onnx``).
 
-Lazy (PEP 562): ``import export`` and ``from export.trt import build_engine`` do not import torch,
-so that engines can be built on a target without it (a Jetson). ``export_onnx`` needs torch.
+Lazy (PEP 562): ``import bdm_export`` does not import torch, so that ``bdm-export --onnx X --out
+Y.plan`` builds engines on a target without it (a Jetson). The engine builder itself lives in the
+runtime (``bdm_runtime.trt_build``), because it runs on the target; ``export_onnx`` needs torch.
 """
 
-__all__ = ["export_onnx", "build_graph", "read_metadata", "StepGraph", "build_engine", "check_onnx"]
+# The folder is export/, the package is bdm_export (setup.cfg package_dir): see bdm_runtime/__init__.py.
+if __name__ != "bdm_export":
+    raise ImportError(f"import bdm_export, not {__name__} (the folder export/ installs as bdm_export)",
+                      name=__name__)
+
+__all__ = ["export_onnx", "build_graph", "read_metadata", "StepGraph", "check_onnx"]
 
 # bdm-export --check: an element fails when it differs by more than ATOL and by more than
 # RTOL * |reference| (Polygraphy CompareFunc.simple, elemwise); outputs are O(1) latents/images.
@@ -18,7 +24,6 @@ _WHERE = {
     "build_graph": "onnx_export",
     "read_metadata": "onnx_export",
     "StepGraph": "step",
-    "build_engine": "trt",
     "check_onnx": "check",
 }
 
@@ -28,4 +33,4 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module("." + _WHERE[name], __name__), name)
-    raise AttributeError(f"module 'export' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,8 +21,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from runtime import format as fmt
-from runtime.errors import BdmError
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 from . import CHECK_TOLERANCES
 from .fp16 import half_model
@@ -128,7 +128,7 @@ def check_onnx(onnx_path, model, process, *, plan_path=None, iterations=2, batch
 
 def _profile_batch(plan_path, batch):
     """``batch`` clamped to the ``min..max`` of the engine's profile (from ``X.plan.json``)."""
-    from runtime.sampler import read_side_file
+    from bdm_runtime.step_info import read_side_file
 
     profile = read_side_file(str(plan_path)).get(fmt.K_PROFILE)
     if not isinstance(profile, dict):

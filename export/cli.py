@@ -12,7 +12,8 @@ import os
 
 import click
 
-from runtime.errors import BdmError, run_cli
+from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.limits import MAX_STEPS
 
 from . import CHECK_TOLERANCES
 
@@ -21,13 +22,15 @@ _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES
 
 def _out_dir(out_dir, ckpt):
     """The output folder (default: the checkpoint's); ``BdmError`` if it cannot be written or created."""
-    from runtime.io import creatable_folder
+    from bdm_runtime.io import check_writable_dir
 
-    return creatable_folder("--out-dir", out_dir or os.path.dirname(os.path.abspath(ckpt)))
+    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
+    check_writable_dir("--out-dir", out_dir)
+    return out_dir
 
 
 def _describe(meta):
-    from runtime import format as fmt
+    from bdm_runtime import format as fmt
 
     c, h, w = meta[fmt.K_IMAGE_SHAPE]
     k = meta[fmt.K_NUM_CLASSES]
@@ -38,9 +41,8 @@ def _describe(meta):
 
 def _engine(onnx_path, plan, batch, workspace, timing_cache, shown):
     """Build engine ``plan`` (a staged path); returns the line that reports it as ``shown``."""
-    from runtime import format as fmt
-
-    from .trt import build_engine
+    from bdm_runtime import format as fmt
+    from bdm_runtime.trt_build import build_engine
 
     side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
     p = side[fmt.K_PROFILE]
@@ -54,8 +56,8 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 
     Everything is checked before anything is created; the files are staged and appear together.
     """
+    from bdm_runtime.io import Staging
     from bdm_train import checkpoint
-    from runtime.io import Staging
 
     model, process, config = checkpoint.load(ckpt, ema=ema)
     steps, eta, clip = checkpoint.sampler_settings(config, ckpt, steps, eta, clip)
@@ -77,8 +79,9 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
                    timing_cache, check, engine):
     """Graphs (and engines) into the staging ``folder``, checked if asked; returns the lines to report."""
+    from bdm_runtime.trt_build import unavailable_reason
+
     from .onnx_export import export_onnx
-    from .trt import unavailable_reason
 
     lines, plans = [], {}
     for name in names:
@@ -124,9 +127,10 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
-@click.option("--steps", type=int, default=None, help="Default sampler steps stored in the graph "
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Default sampler steps stored in the graph "
               "(default: the checkpoint's sampler config).")
-@click.option("--eta", type=float, default=None, help="Default eta stored in the graph (default: the checkpoint's).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="Default eta stored in the graph (default: the checkpoint's).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
               "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
@@ -147,7 +151,7 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
 def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, batch, workspace, timing_cache,
         engine, check):
     """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
-    from .trt import parse_batch
+    from bdm_runtime.trt_build import parse_batch
 
     if (ckpt is None) == (onnx_path is None):
         raise BdmError("give either --ckpt CHECKPOINT (export) or --onnx GRAPH.onnx --out ENGINE.plan (engine only)")
@@ -162,7 +166,7 @@ def cli(ckpt, ema, out_dir, fp16, guidance, steps, eta, clip, onnx_path, out, ba
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise BdmError(f"--out {out}: folder {folder} does not exist or is not writable")
-        from runtime.io import Staging
+        from bdm_runtime.io import Staging
 
         with Staging() as stage:  # the engine and its side file appear together
             line = _engine(onnx_path, os.path.join(stage.folder(folder), os.path.basename(out)), batch, workspace,

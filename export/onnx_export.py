@@ -1,4 +1,4 @@
-"""Export one whole sampler step (``export.step.StepGraph``) as an ONNX graph, format version 1.
+"""Export one whole sampler step (``bdm_export.step.StepGraph``) as an ONNX graph, format version 1.
 
 Exporter: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) at opset 17. The
 dynamo exporter (torch 2.13) emits opset 18 and converts down; on the FP16 UNet that conversion
@@ -13,9 +13,11 @@ import warnings
 import torch
 
 import bdm_train
-from runtime import format as fmt
-from runtime.io import atomic_path
-from runtime.noise import check_positive_int
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
+from bdm_runtime.io import atomic_path
+from bdm_runtime.noise import check_positive_int
+from bdm_train.diffusion import param_of
 
 from .fp16 import half_model
 from .step import StepGraph
@@ -24,8 +26,9 @@ OPSET = 17
 BATCH = "batch"
 
 
-def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision):
-    """The ``bdm.*`` metadata of a step graph (``runtime.format``), as plain values."""
+def metadata(process, *, channels, num_classes, guided, clip_denoised, default_steps, default_eta, precision,
+             param="eps"):
+    """The ``bdm.*`` metadata of a step graph (``bdm_runtime.format``), as plain values."""
     h, w = process.image_size
     return {
         fmt.K_FORMAT_VERSION: fmt.FORMAT_VERSION,
@@ -38,20 +41,21 @@ def metadata(process, *, channels, num_classes, guided, clip_denoised, default_s
         fmt.K_DEFAULT_ETA: float(default_eta),
         fmt.K_PRECISION: precision,
         fmt.K_VERSION: bdm_train.__version__,
+        fmt.K_PARAM: param,
     }
 
 
 def _check_args(model, channels, num_classes, guidance, default_steps, default_eta):
     check_positive_int(channels, "channels")
     if getattr(model, "in_channels", channels) != channels:
-        raise ValueError(f"channels={channels} but the model has in_channels={model.in_channels}")
+        raise BdmError(f"channels={channels} but the model has in_channels={model.in_channels}")
     if getattr(model, "num_classes", num_classes) != num_classes:
-        raise ValueError(f"num_classes={num_classes} but the model has num_classes={model.num_classes}")
+        raise BdmError(f"num_classes={num_classes} but the model has num_classes={model.num_classes}")
     if guidance and num_classes <= 0:
-        raise ValueError("guidance=True needs a conditional model (num_classes > 0)")
+        raise BdmError("guidance=True needs a conditional model (num_classes > 0)")
     check_positive_int(default_steps, "default_steps")
     if not 0.0 <= float(default_eta) <= 1.0:
-        raise ValueError(f"default_eta must be in [0, 1], got {default_eta!r}")
+        raise BdmError(f"default_eta must be in [0, 1], got {default_eta!r}")
 
 
 def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance=None, clip_denoised=True,
@@ -85,7 +89,7 @@ def build_graph(model, process, *, channels, num_classes=0, fp16=False, guidance
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     meta = metadata(process, channels=channels, num_classes=num_classes, guided=guided,
                     clip_denoised=clip_denoised, default_steps=default_steps, default_eta=default_eta,
-                    precision="fp16" if fp16 else "fp32")
+                    precision="fp16" if fp16 else "fp32", param=param_of(model))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, fmt.encode(meta))
     proto.producer_name = "bdm"

@@ -3,13 +3,14 @@
 It only wires ``bdm_train.sampling`` together (one source of truth): the schedule (B3, B4), the
 DCTs (B1) and the DDIM-eta update (B10) are the very functions the torch sampler runs, computed
 inside the graph from the scalar times ``t`` and ``s``. Its forward takes the inputs of
-``runtime.format`` in their order and returns ``(z_next, x0)``.
+``bdm_runtime.format`` in their order and returns ``(z_next, x0)``.
 """
 import torch
 from torch import nn
 
 from bdm_train.sampling import conditioned, ddim_step, guided
-from runtime import format as fmt
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 
 class StepGraph(nn.Module):
@@ -22,7 +23,7 @@ class StepGraph(nn.Module):
     def __init__(self, model, process, num_classes=0, guided=False, clip_denoised=True):
         super().__init__()
         if guided and num_classes <= 0:
-            raise ValueError("guidance needs a conditional model (num_classes > 0)")
+            raise BdmError("guidance needs a conditional model (num_classes > 0)")
         self.model = model
         self.process = process
         self.num_classes = int(num_classes)
@@ -31,7 +32,7 @@ class StepGraph(nn.Module):
 
     @property
     def input_names(self):
-        """Graph input names in forward order (``runtime.format``)."""
+        """Graph input names in forward order (``bdm_runtime.format``)."""
         names = list(fmt.INPUTS)
         if self.num_classes > 0:
             names.append(fmt.LABEL)
@@ -48,7 +49,9 @@ class StepGraph(nn.Module):
             eps_model = guided(self.model, label, guidance, self.num_classes)   # B12
         else:
             eps_model = conditioned(self.model, label if self.num_classes > 0 else None)
-        return ddim_step(eps_model, self.process, z, t, s, eta, noise, self.clip_denoised)  # B10
+        # B8 / B14: the model's parameterisation (and its data statistics, as constants) is read
+        # by the same function as in the torch sampler; the graph's interface does not change.
+        return ddim_step(eps_model, self.process, z, t, s, eta, noise, self.clip_denoised, spec=self.model)  # B10
 
     def example_inputs(self, channels, batch=2, seed=0):
         """Realistic example inputs (a latent at ``t = 0.5``, adjacent ``s``), as a tuple in input order."""

@@ -11,56 +11,36 @@ failure, Ctrl-C or SIGTERM removes them.
 """
 import contextlib
 import itertools
-import os
 import time
 
 import click
 
 from .errors import BdmError, run_cli
-from .io import creatable_folder
+from .io import check_outputs
 from .labels import normalize_labels, parse_labels
-
-
-def _check_outputs(out, out_dir, npz):
-    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing)."""
-    if not (out or out_dir or npz):
-        raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
-    for flag, path in (("--out", out), ("--npz", npz)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise BdmError(f"{flag} {path} is a directory")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise BdmError(f"{flag} {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise BdmError(f"{flag} {path}: folder {folder} is not writable")
-    if out and not out.lower().endswith(".png"):
-        raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
-    if npz and not npz.lower().endswith(".npz"):
-        raise BdmError(f"--npz {npz}: name it *.npz")
-    if out_dir:
-        creatable_folder("--out-dir", out_dir)
+from .limits import MAX_STEPS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
               help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise protocol.")
-@click.option("--first-index", type=int, default=0, show_default=True,
+@click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
+@click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the first image in the seed's sequence (to split a run across processes).")
-@click.option("--steps", type=int, default=None, help="Sampler steps (default: the model's own; at most 1000000).")
-@click.option("--eta", type=float, default=None, help="0 deterministic .. 1 ancestral (default: the model's own).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
+              help="Sampler steps (default: the model's own).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="0 deterministic .. 1 ancestral (default: the model's own).")
 @click.option("--label", default=None, help="Class label for conditional models: one id, or one per image "
               "(comma-separated). Default: the null label (unconditional).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance weight w (needs a guided "
-              "graph and --label).")
-@click.option("--batch", type=int, default=None, help="Images per chunk (default: the engine's profile maximum, "
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance weight w of B12 (needs a guided graph and --label).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
               "or 64 for ONNX Runtime).")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime CPU threads (default: one per core; at most 4 per core; 1 suits a busy, "
                    "shared machine).")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
@@ -75,14 +55,12 @@ def _check_outputs(out, out_dir, npz):
 def cli(engine, n, seed, first_index, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
         out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
-    import runtime
+    import bdm_runtime
 
-    _check_outputs(out, out_dir, npz)
-    if n < 1:
-        raise BdmError(f"--n must be at least 1, got {n}")
+    check_outputs(out, out_dir, npz)
     labels = parse_labels(label)
-    with runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
-                      threads=threads) as sampler:
+    with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
+                          threads=threads) as sampler:
         labels = _check_labels(labels, n, sampler.num_classes)
         _check_sizes(sampler, n, labels, out, npz, grid_scale)
         used = f"{sampler.backend} ({sampler.provider})"

@@ -1,8 +1,12 @@
 """User-facing errors: one clear line, never a traceback, from every CLI."""
 
 
-class BdmError(Exception):
-    """A user mistake or a refused file; the message says what was wrong and what to do."""
+class BdmError(ValueError):
+    """A user mistake or a refused file; the message says what was wrong and what to do.
+
+    A ``ValueError``, so that library callers who catch bad values catch it too; the CLIs turn only
+    this (not every ``ValueError``) into one line, so a bug keeps its traceback.
+    """
 
 
 class Terminated(KeyboardInterrupt):
@@ -17,7 +21,7 @@ def _raise_terminated(signum, frame):
 PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
              # an unpinned torch pulls a multi-GB CUDA build: name the CPU build
              "torch": "torch==2.13.0 (the CPU build; any torch >= 2.1 with CUDA on a GPU machine)"}
-OWN_PACKAGES = ("bdm_train", "export", "runtime")
+OWN_PACKAGES = ("bdm_train", "bdm_export", "bdm_runtime")
 
 
 def describe_import_error(e):
@@ -42,11 +46,11 @@ def describe_os_error(e):
 def run_cli(command, args=None, prog_name=None):
     """Run a click command: user mistakes become one ``Error: ...`` line and a non-zero exit.
 
-    Exit codes: 1 for a refused input (``BdmError``, ``ValueError``), a missing third-party module
-    (``ImportError``) or an unreadable/unwritable file (``OSError``); click's own (2) for usage
-    errors, 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM, handled like Ctrl-C:
-    temporary files are removed on the way out). An ``ImportError`` of bdm's own packages is a
-    bug: it propagates.
+    Exit codes: 1 for a refused input (``BdmError``), a missing third-party module (``ImportError``)
+    or an unreadable/unwritable file (``OSError``): the user's environment, not our code; click's own
+    (2) for usage errors, 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM, handled like
+    Ctrl-C: temporary files are removed on the way out). Anything else is a bug and keeps its
+    traceback: a plain ``ValueError``, ``TypeError``, ..., and an ``ImportError`` of bdm's own packages.
     """
     import signal
     import sys
@@ -69,7 +73,7 @@ def run_cli(command, args=None, prog_name=None):
         fail("interrupted", 130)
     except click.ClickException as e:
         fail(e.format_message(), e.exit_code)
-    except (BdmError, ValueError) as e:
+    except BdmError as e:
         fail(e, 1)
     except ImportError as e:
         if (e.name or "").split(".")[0] in OWN_PACKAGES:

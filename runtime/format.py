@@ -33,11 +33,17 @@ K_DEFAULT_STEPS = "bdm.default_steps"
 K_DEFAULT_ETA = "bdm.default_eta"
 K_PRECISION = "bdm.precision"            # "fp32" or "fp16"
 K_VERSION = "bdm.version"                # bdm package version that wrote it
+K_PARAM = "bdm.param"                    # how the network output is read (PARAMS); optional, "eps" if absent
+
+# Parameterisations of the network output: eps (B8) and spectral (B14). Graphs compute x_hat
+# inside, so the runtime only reports this; training and export take the names from here.
+PARAMS = ("eps", "spectral")
 REQUIRED_KEYS = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
                  K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)
 # Engine side files only.
 K_TRT_VERSION = "bdm.tensorrt_version"
 K_PROFILE = "bdm.profile"                # {"min": b, "opt": b, "max": b}, in images
+K_TRT_DEVICE = "bdm.tensorrt_device"     # {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
 
 
 def encode(meta):

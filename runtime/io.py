@@ -1,8 +1,9 @@
-"""Output files: atomic writes, and a command's outputs published together or not at all.
+"""Output files: atomic writes, a command's outputs published together or not at all, and the checks
+made before any work, so that a mistake costs no compute and writes nothing.
 
 Temporary names are hidden, carry the writer's process id (``.NAME.PID.XXXXXXXX.tmp.EXT``) and
 are removed when the writer fails or is interrupted (Ctrl-C, SIGTERM: see
-``runtime.errors.run_cli``). Those of a process that was killed outright (SIGKILL, power loss)
+``bdm_runtime.errors.run_cli``). Those of a process that was killed outright (SIGKILL, power loss)
 are ignored by every reader and removed by the next writer to the same folder
 (:func:`remove_stale`).
 """
@@ -12,6 +13,8 @@ import re
 import shutil
 import signal
 import tempfile
+
+from .errors import BdmError
 
 # .NAME.PID.XXXXXXXX.tmp[.EXT]: mkstemp/mkdtemp fill XXXXXXXX from [a-z0-9_].
 _TEMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
@@ -61,8 +64,6 @@ def atomic_path(path):
 @contextlib.contextmanager
 def writing(target):
     """An ``OSError`` while writing ``target`` (through temporary files) becomes one line naming ``target``."""
-    from .errors import BdmError
-
     try:
         yield
     except OSError as e:
@@ -214,25 +215,8 @@ class Staging:
             self.discard()
 
 
-def creatable_folder(flag, path):
-    """Refuse ``path`` unless it is a writable folder or can be created (its nearest existing ancestor is
-    one); creates nothing."""
-    from .errors import BdmError
-
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
-    return path
-
-
 def writable_folder(folder, what):
     """Create ``folder`` if missing and check it is a writable folder; ``BdmError`` naming ``what`` if not."""
-    from .errors import BdmError
-
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise BdmError(f"{what} {folder} exists and is not a folder")
     try:
@@ -242,3 +226,41 @@ def writable_folder(folder, what):
     if not os.access(folder, os.W_OK):
         raise BdmError(f"{what} {folder} is not writable")
     return folder
+
+
+def check_writable_dir(flag, path):
+    """``BdmError`` (naming ``flag``) unless ``path`` is a writable folder or can be created (its
+    nearest existing ancestor is one); creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise BdmError(f"{flag} {path}: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BdmError(f"{flag} {path}: folder {probe} is not writable")
+
+
+def check_outputs(out, out_dir, npz):
+    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing).
+
+    ``out`` a grid ``*.png``, ``out_dir`` a folder for one PNG per image, ``npz`` a ``*.npz`` (each
+    may be ``None``, not all); the checks of ``bdm-run`` and ``bdm-sample``.
+    """
+    if not (out or out_dir or npz):
+        raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
+    for flag, path in (("--out", out), ("--npz", npz)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise BdmError(f"{flag} {path} is a directory")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise BdmError(f"{flag} {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise BdmError(f"{flag} {path}: folder {folder} is not writable")
+    if out and not out.lower().endswith(".png"):
+        raise BdmError(f"--out {out}: the grid is a PNG, name it *.png")
+    if npz and not npz.lower().endswith(".npz"):
+        raise BdmError(f"--npz {npz}: name it *.npz")
+    if out_dir:
+        check_writable_dir("--out-dir", out_dir)

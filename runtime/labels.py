@@ -8,7 +8,7 @@ import numpy as np
 from .errors import BdmError
 
 
-def normalize_labels(labels, n, num_classes, error=ValueError):
+def normalize_labels(labels, n, num_classes, error=BdmError):
     """One int64 label per image (``[n]``), or ``None`` for an unconditional model; raises ``error``.
 
     ``labels``: ``None`` (the null label ``num_classes`` for every image), one label for all

@@ -8,8 +8,10 @@ any batch size or chunking, or split across processes (``first_index``).
 """
 import numpy as np
 
+from .errors import BdmError
 
-def check_positive_int(v, name, error=ValueError):
+
+def check_positive_int(v, name, error=BdmError):
     """``int(v)`` if ``v`` is an integer >= 1 (not a bool), else raise ``error`` naming ``name``."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
         raise error(f"{name} must be a positive integer, got {v!r}")
@@ -17,10 +19,10 @@ def check_positive_int(v, name, error=ValueError):
 
 
 def check_seed(seed, first_index=0):
-    """Raise ``ValueError`` unless ``seed`` and ``first_index`` are non-negative integers."""
+    """Raise ``BdmError`` (a ``ValueError``) unless ``seed`` and ``first_index`` are non-negative integers."""
     for name, v in (("seed", seed), ("first_index", first_index)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+            raise BdmError(f"{name} must be a non-negative integer, got {v!r}")
 
 
 class NoiseStream:

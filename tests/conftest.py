@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 # The architecture of the tiny checkpoints: 16x16 -> 8x8 with attention at 8 (and in the middle).
 TINY_MODEL = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn=(8,))
-TINY_TRAIN = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, blur_sigma_max=3.0, dropout=0.0, seed=0,
+TINY_TRAIN = dict(steps=30, batch_size=16, lr=2e-3, warmup=5, blur_sigma_max=3.0, dropout=0.0, seed=0, param="eps",
                   log_every=10, ckpt_every=0)
 
 
@@ -50,7 +50,7 @@ def tiny_data(tmp_path_factory):
 def _train_tiny(tmp_path_factory, data, name, **extra):
     from bdm_train.train import train
 
-    return train(data, tmp_path_factory.mktemp(name), progress=False, **TINY_MODEL, **TINY_TRAIN, **extra)
+    return train(data, tmp_path_factory.mktemp(name), progress=False, **TINY_MODEL, **dict(TINY_TRAIN, **extra))
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,12 @@ def tiny_checkpoint(tmp_path_factory, tiny_data):
     """Path of an unconditional 16x16x1 checkpoint trained 30 steps (``OUT/model.pt``; log.jsonl and
     samples_000030.png beside it)."""
     return _train_tiny(tmp_path_factory, tiny_data, "tiny_ckpt", sample_every=30, sample_n=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_spectral_checkpoint(tmp_path_factory, tiny_data):
+    """Path of the same unconditional model with the spectral parameterisation (B14)."""
+    return _train_tiny(tmp_path_factory, tiny_data, "tiny_spectral_ckpt", param="spectral")
 
 
 @pytest.fixture(scope="session")

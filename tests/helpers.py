@@ -11,7 +11,7 @@ def export_mixture(folder, default_steps, default_eta=1.0):
 
     from bdm_train.analytic import MixtureDenoiser
     from bdm_train.diffusion import BlurringDiffusion
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     process = BlurringDiffusion(8)
     images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()

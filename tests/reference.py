@@ -1,4 +1,4 @@
-"""Independent float64 numpy references for the maths tests (written from bdm-math.md, not from the package)."""
+"""Independent float64 numpy references for the maths tests (written from docs/maths.md, not from the package)."""
 import numpy as np
 import scipy.fft
 

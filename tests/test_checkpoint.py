@@ -10,7 +10,7 @@ import torch
 from bdm_train import checkpoint
 from bdm_train.diffusion import BlurringDiffusion
 from bdm_train.unet import UNet
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 
 def _config(model, process):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bdm_train import data
-from runtime.errors import BdmError
+from bdm_runtime.errors import BdmError
 
 
 def rand_images(n=5, c=1, h=6, w=6, seed=0):

@@ -1,4 +1,4 @@
-"""The exported step graph (FP32): equal to the torch step, interface and metadata per runtime.format,
+"""The exported step graph (FP32): equal to the torch step, interface and metadata per bdm_runtime.format,
 an op set TensorRT 8.5 parses, the DCTs as MatMul with constant initializers."""
 import copy
 
@@ -14,12 +14,12 @@ from bdm_train import checkpoint
 from bdm_train.analytic import MixtureDenoiser
 from bdm_train.diffusion import BlurringDiffusion
 from bdm_train.sampling import sample
-from export import export_onnx, read_metadata
-from export.fp16 import relative_error
-from export.step import StepGraph
-from runtime import format as fmt
-from runtime import onnx_meta
-from runtime.noise import NoiseStream, time_grid
+from bdm_export import export_onnx, read_metadata
+from bdm_export.fp16 import relative_error
+from bdm_export.step import StepGraph
+from bdm_runtime import format as fmt
+from bdm_runtime import onnx_meta
+from bdm_runtime.noise import NoiseStream, time_grid
 
 # Rows marked "Y" in onnx-tensorrt docs/operators.md for TensorRT 8.5 (release/8.5, commit 6d0ab7b),
 # the parser of JetPack 5. ConstantOfShape is listed for FP32, but its 8.5 importer converts any
@@ -65,7 +65,7 @@ def run_step(sess, z, t, s, eta, noise, label=None, guidance=None):
 
 
 def ort_sample(sess, shape, n, seed, steps, eta, labels=None, guidance=None, first_index=0):
-    """The runtime's loop, written out: the noise protocol of runtime.noise, one graph call per step."""
+    """The runtime's loop, written out: the noise protocol of bdm_runtime.noise, one graph call per step."""
     noise = NoiseStream(seed, first_index, n, shape)
     z = noise.draw()
     xi = np.zeros_like(z)
@@ -84,9 +84,11 @@ def images(tiny_data):
     return torch.from_numpy(d["images"].astype(np.float32) / 127.5 - 1), torch.from_numpy(d["labels"])
 
 
-@pytest.fixture(scope="module")
-def uncond(tiny_checkpoint, tmp_path_factory):
-    model, process, config = checkpoint.load(tiny_checkpoint)
+@pytest.fixture(scope="module", params=["eps", "spectral"])
+def uncond(request, tmp_path_factory):
+    """An unconditional trained model per parameterisation (B8, B14), exported: the same tolerances hold."""
+    ckpt = request.getfixturevalue("tiny_checkpoint" if request.param == "eps" else "tiny_spectral_checkpoint")
+    model, process, config = checkpoint.load(ckpt)
     path = tmp_path_factory.mktemp("export") / "bdm.onnx"
     meta = export_onnx(model, process, path, channels=1, default_steps=17, default_eta=0.25)
     return model, process, config, path, meta
@@ -269,7 +271,9 @@ def test_metadata_round_trip(uncond, cond):
         fmt.K_DEFAULT_ETA: 0.25,
         fmt.K_PRECISION: "fp32",
         fmt.K_VERSION: bdm_train.__version__,
+        fmt.K_PARAM: model.param,
     }
+    assert model.param in fmt.PARAMS
     assert meta == want
     assert read_metadata(path) == want
     assert fmt.missing_keys(read_metadata(path)) == []

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from bdm_train import checkpoint
-from export import export_onnx, read_metadata
-from export.check import check_onnx
-from export.cli import main
-from export.fp16 import value_types
-from export.trt import parse_batch, unavailable_reason
-from runtime import onnx_meta
-from runtime import format as fmt
-from runtime.errors import BdmError
+from bdm_export import export_onnx, read_metadata
+from bdm_export.check import check_onnx
+from bdm_export.cli import main
+from bdm_export.fp16 import value_types
+from bdm_runtime.trt_build import parse_batch, unavailable_reason
+from bdm_runtime import onnx_meta
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_TRT = unavailable_reason()
@@ -150,7 +150,7 @@ def test_engine_path_never_imports_torch(uncond_graph, tmp_path):
     _, _, path = uncond_graph
     plan = tmp_path / "bdm.plan"
     block = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
-    r = _python(block + f"from export.cli import main; main(['--onnx', {str(path)!r}, '--out', {str(plan)!r}, "
+    r = _python(block + f"from bdm_export.cli import main; main(['--onnx', {str(path)!r}, '--out', {str(plan)!r}, "
                         "'--batch', '1:2:4'])")
     if NO_TRT:
         assert r.returncode == 1
@@ -160,11 +160,11 @@ def test_engine_path_never_imports_torch(uncond_graph, tmp_path):
         assert r.returncode == 0, r.stderr
         side = json.loads((tmp_path / "bdm.plan.json").read_text())
         assert side[fmt.K_PROFILE] == {"min": 1, "opt": 2, "max": 4}
-    r = _python(block + "import export, export.trt\nfrom export.trt import build_engine\nimport export.cli\n"
+    r = _python(block + "import bdm_export, bdm_runtime.trt_build\nfrom bdm_runtime.trt_build import build_engine\nimport bdm_export.cli\n"
                         "assert sys.modules['torch'] is None and sys.modules['onnx'] is None\n"
                         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')))")
     assert r.returncode == 0 and r.stdout.strip() == "['onnx', 'torch']", r.stderr
-    r = _python(block + f"from export.cli import main; main(['--onnx', {str(tmp_path / 'no.onnx')!r}, "
+    r = _python(block + f"from bdm_export.cli import main; main(['--onnx', {str(tmp_path / 'no.onnx')!r}, "
                         f"'--out', {str(plan)!r}])")
     assert r.returncode == 1 and r.stderr.strip().startswith("Error: ") and "no.onnx" in r.stderr
 
@@ -181,7 +181,7 @@ def test_engine_path_refuses_foreign_onnx(tmp_path, capsys):
 
 def test_python38_compatible():
     """The files a Jetson (JetPack 5, Python 3.8) runs: the engine builder and the CLI."""
-    files = [os.path.join(ROOT, "export", f) for f in ("trt.py", "__init__.py", "cli.py")]
+    files = [os.path.join(ROOT, "runtime", "trt_build.py")] + [os.path.join(ROOT, "export", f) for f in ("__init__.py", "cli.py")]
     pytest.importorskip("vermin")
     vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-t=3.8-", "--no-tips",
               "--violations", "--eval-annotations"]
@@ -212,7 +212,7 @@ def test_parse_batch():
 
 def test_check_batch_follows_the_engine_profile(tmp_path):
     """--check feeds TensorRT a batch inside the engine's profile (a 4:8:8 engine refuses batch 3)."""
-    from export.check import _profile_batch
+    from bdm_export.check import _profile_batch
 
     plan = tmp_path / "e.plan"
     for (lo, hi), want in [((4, 8), 4), ((1, 2), 2), ((1, 64), 3)]:

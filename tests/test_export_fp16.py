@@ -14,10 +14,10 @@ import torch
 from bdm_train import checkpoint
 from bdm_train.analytic import MixtureDenoiser
 from bdm_train.sampling import sample
-from export import export_onnx
-from export.fp16 import F16, F32, half_model, node_input_types, relative_error, value_types
-from export.step import StepGraph
-from runtime import format as fmt
+from bdm_export import export_onnx
+from bdm_export.fp16 import F16, F32, half_model, node_input_types, relative_error, value_types
+from bdm_export.step import StepGraph
+from bdm_runtime import format as fmt
 from test_export import ALLOWED, GRID, N, dct_initializers, ort_sample, run_step, session
 
 

@@ -1,8 +1,8 @@
-"""The noise protocol (runtime.noise): per-image generators and the time grid."""
+"""The noise protocol (bdm_runtime.noise): per-image generators and the time grid."""
 import numpy as np
 import pytest
 
-from runtime.noise import NoiseStream, check_seed, time_grid
+from bdm_runtime.noise import NoiseStream, check_seed, time_grid
 
 
 def test_numpy_stream_is_pinned():

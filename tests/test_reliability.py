@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
+import bdm_runtime
 from bdm_train import checkpoint
 from bdm_train.sample_cli import main as sample_main
 from bdm_train.train import main as train_main
 from bdm_train.train import train
 from conftest import ROOT
-from export.cli import main as export_main
+from bdm_export.cli import main as export_main
 from helpers import export_mixture
-from runtime import format as fmt
-from runtime.errors import BdmError
+from bdm_runtime import format as fmt
+from bdm_runtime.errors import BdmError
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -113,7 +113,7 @@ def dead_pid():
 def graphs(tmp_path_factory, tiny_cond_checkpoint):
     """``{name: path}``: the mixture graph, a conditional guided graph, a NaN graph and crafted metadata."""
     from bdm_train.diffusion import BlurringDiffusion
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("graphs")
@@ -167,7 +167,7 @@ def run_dir(tiny_checkpoint, tmp_path):
 RUN_CASES = {
     "n_huge_npz": (["--engine", "mix", "--n", HUGE_N, "--npz", "OUT/s.npz"], ["--npz", "TiB of disk"]),
     "n_huge_grid": (["--engine", "mix", "--n", HUGE_N, "--out", "OUT/g.png"], ["--out", "of memory"]),
-    "steps_huge": (["--engine", "mix", "--steps", 10 ** 9, "--out", "OUT/g.png"], ["steps", "1..1000000"]),
+    "steps_huge": (["--engine", "mix", "--steps", 10 ** 9, "--out", "OUT/g.png"], ["--steps", "1000000"]),
     "threads_huge": (["--engine", "mix", "--threads", 100000, "--out", "OUT/g.png"], ["threads", "per CPU core"]),
     "default_steps_huge": (["--engine", "default_steps_huge", "--out", "OUT/g.png"], ["bdm.default_steps"]),
     "shape_mismatch": (["--engine", "shape_mismatch", "--out", "OUT/g.png"], ["1x16x16", "z is ?x1x8x8"]),
@@ -189,28 +189,28 @@ def test_bdm_run_refusals(case, graphs, tmp_path):
     args = [graphs.get(a, a) if isinstance(a, str) else a for a in args]
     args = [a.replace("OUT", str(tmp_path)) if isinstance(a, str) else a for a in args]
     before = snapshot(tmp_path)
-    code, _, err = finished(command("runtime.cli", *args, "--quiet"), timeout=60)
+    code, _, err = finished(command("bdm_runtime.cli", *args, "--quiet"), timeout=60)
     one_line(code, err, *words)
     assert snapshot(tmp_path) == before
 
 
 def test_sampler_api_refuses_absurd_requests(graphs):
     with pytest.raises(BdmError, match="at most .* per CPU core"):
-        runtime.load(graphs["mix"], threads=100000)
-    with runtime.load(graphs["mix"]) as s:
+        bdm_runtime.load(graphs["mix"], threads=100000)
+    with bdm_runtime.load(graphs["mix"]) as s:
         with pytest.raises(BdmError, match="of memory"):
             s.sample(HUGE_N)
         with pytest.raises(BdmError, match=r"1\.\.1000000"):
             s.sample(1, steps=10 ** 9)
         out = np.empty((2, 1, 8, 8), np.float32)
         s.sample(2, out=out, steps=1)  # a caller's buffer: nothing more to allocate
-    with runtime.load(graphs["cond"]) as s:
+    with bdm_runtime.load(graphs["cond"]) as s:
         with pytest.raises(BdmError, match="guidance needs labels"):
             s.sample(1, guidance=2.0)
         assert np.isfinite(s.sample(1, guidance=2.0, labels=[1])).all()
     for name in ("shape_mismatch", "version_float"):
         with pytest.raises(BdmError, match=name):
-            runtime.load(graphs[name])
+            bdm_runtime.load(graphs[name])
 
 
 def test_bdm_run_streams_and_sigterm_leaves_nothing(graphs, tmp_path):
@@ -227,7 +227,7 @@ def test_bdm_run_streams_and_sigterm_leaves_nothing(graphs, tmp_path):
         d.mkdir()
         (d / "000000.png").write_bytes(b"x")
     before = snapshot(out)
-    proc = command("runtime.cli", "--engine", graphs["mix"], "--n", HUGE_N, "--out-dir", out, "--quiet")
+    proc = command("bdm_runtime.cli", "--engine", graphs["mix"], "--n", HUGE_N, "--out-dir", out, "--quiet")
     wait_for(proc, lambda: any(len(os.listdir(out / d)) > 100 for d in os.listdir(out)
                                if d.startswith(f".staged.{proc.pid}.")))
     proc.send_signal(signal.SIGTERM)
@@ -242,7 +242,7 @@ def test_bdm_run_full_disk_leaves_nothing(graphs, tmp_path):
     """The .npz fills the 'disk' after the first chunk: one line naming it, no PNG or grid left behind."""
     (tmp_path / "keep.txt").write_text("the user's file")
     before = snapshot(tmp_path)
-    code, _, err = finished(command("runtime.cli", "--engine", graphs["mix"], "--n", 200, "--steps", 1, "--quiet",
+    code, _, err = finished(command("bdm_runtime.cli", "--engine", graphs["mix"], "--n", 200, "--steps", 1, "--quiet",
                                     "--out-dir", tmp_path / "d", "--out", tmp_path / "g.png", "--npz",
                                     tmp_path / "s.npz", fsize=8192))
     one_line(code, err, f"cannot write {tmp_path / 's.npz'}", "File too large")
@@ -251,10 +251,10 @@ def test_bdm_run_full_disk_leaves_nothing(graphs, tmp_path):
 
 def test_bdm_run_streamed_files_hold_the_library_images(graphs, tmp_path):
     """Streaming changes nothing in the files: chunked .npz, folder and grid hold the library's images."""
-    code, out, err = finished(command("runtime.cli", "--engine", graphs["cond"], "--n", 5, "--batch", 2, "--quiet",
+    code, out, err = finished(command("bdm_runtime.cli", "--engine", graphs["cond"], "--n", 5, "--batch", 2, "--quiet",
                                       "--label", "0,1,2,1,0", "--npz", tmp_path / "s.npz", "--out-dir", tmp_path / "d"))
     assert code == 0, err
-    with runtime.load(graphs["cond"]) as s:
+    with bdm_runtime.load(graphs["cond"]) as s:
         ref = s.generate(5, labels=[0, 1, 2, 1, 0])
     with np.load(tmp_path / "s.npz") as z:
         assert np.array_equal(z["images"], ref) and z["labels"].tolist() == [0, 1, 2, 1, 0]
@@ -402,8 +402,8 @@ def test_bdm_export_refusals_create_nothing(tiny_checkpoint, bad_checkpoints, tm
     before = snapshot(tmp_path)
     cases = [
         (["--ckpt", tmp_path / "typo" / "model.pt"], ["does not exist"]),
-        (["--ckpt", tiny_checkpoint, "--steps", 0, "--out-dir", tmp_path / "x1"], ["--steps 0"]),
-        (["--ckpt", tiny_checkpoint, "--steps", 10 ** 9, "--out-dir", tmp_path / "x1"], ["--steps", "1..1000000"]),
+        (["--ckpt", tiny_checkpoint, "--steps", 0, "--out-dir", tmp_path / "x1"], ["--steps"]),
+        (["--ckpt", tiny_checkpoint, "--steps", 10 ** 9, "--out-dir", tmp_path / "x1"], ["--steps", "1000000"]),
         (["--ckpt", bad_checkpoints["steps"], "--out-dir", tmp_path / "x1"], ["stored sampler steps -3",
                                                                                 "give --steps"]),
         (["--ckpt", bad_checkpoints["config_string"], "--out-dir", tmp_path / "x1"], ["config is a str"]),

@@ -1,4 +1,4 @@
-"""The torch-free runtime (``runtime.load`` / ``Sampler``) through ONNX Runtime on the CPU.
+"""The torch-free runtime (``bdm_runtime.load`` / ``Sampler``) through ONNX Runtime on the CPU.
 
 References are independent of the runtime: ``bdm_train.sampling.sample`` (the torch loop) for
 parity, files written by the ``onnx`` package for the metadata reader, and the noise protocol's
@@ -14,10 +14,10 @@ import pytest
 from helpers import export_mixture
 import torch
 
-import runtime
-from runtime import format as fmt
-from runtime import onnx_meta
-from runtime.errors import BdmError
+import bdm_runtime
+from bdm_runtime import format as fmt
+from bdm_runtime import onnx_meta
+from bdm_runtime.errors import BdmError
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -39,9 +39,9 @@ def _one_thread():
 
 # -- models -----------------------------------------------------------------------------------------
 def _export_checkpoint(ckpt, path, **kw):
-    """Export a bdm_train checkpoint with ``export.export_onnx``; returns ``(model, process, config)``."""
+    """Export a bdm_train checkpoint with ``bdm_export.export_onnx``; returns ``(model, process, config)``."""
     from bdm_train.checkpoint import load
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     model, process, config = load(ckpt)
     s = config["sampler"]
@@ -171,19 +171,19 @@ def test_load_refuses_what_it_cannot_run(mixture_onnx, tmp_path):
     ]
     for path, what in cases:
         with pytest.raises(BdmError) as e:
-            runtime.load(path)
+            bdm_runtime.load(path)
         assert what in str(e.value) and os.path.basename(path) in str(e.value)
     with pytest.raises(BdmError, match="backend"):
-        runtime.load(src, backend="cuda")
+        bdm_runtime.load(src, backend="cuda")
 
 
 def test_plan_refusals(tmp_path, mixture_onnx):
     plan = tmp_path / "random.plan"
     plan.write_bytes(np.random.default_rng(0).bytes(2048))
     with pytest.raises(BdmError, match="random.plan.json is missing"):
-        runtime.load(plan)
+        bdm_runtime.load(plan)
     with pytest.raises(BdmError, match="--backend trt"):
-        runtime.load(plan, backend="ort")
+        bdm_runtime.load(plan, backend="ort")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -193,16 +193,16 @@ def test_plan_refusals(tmp_path, mixture_onnx):
         side.update({fmt.K_TRT_VERSION: "10.0.0", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 8}})
         (tmp_path / "random.plan.json").write_text(json.dumps(side))
         with pytest.raises(BdmError, match="--backend ort"):
-            runtime.load(plan)
+            bdm_runtime.load(plan)
         with pytest.raises(BdmError, match="--backend ort"):
-            runtime.load(mixture_onnx[0], backend="trt")
+            bdm_runtime.load(mixture_onnx[0], backend="trt")
 
 
 # -- parity with the torch loop ----------------------------------------------------------------------
 def _parity(path, model, process, n, steps, **kw):
     from bdm_train.sampling import sample
 
-    with runtime.load(path) as s:
+    with bdm_runtime.load(path) as s:
         got = s.sample(n, seed=11, steps=steps, **kw)
     ref = sample(model, process, n, seed=11, steps=steps, channels=s.image_shape[0], **kw).numpy()
     assert got.shape == ref.shape and got.dtype == np.float32
@@ -236,7 +236,7 @@ def test_parity_conditional(cond_onnx, eta, labels, guidance):
 
 def test_guidance_changes_the_images(cond_onnx):
     # Guarding the parity test above: w really reaches the graph (else w=0 and w=3 would coincide).
-    with runtime.load(cond_onnx[0]) as s:
+    with bdm_runtime.load(cond_onnx[0]) as s:
         a = s.sample(3, seed=2, steps=4, eta=0.0, labels=[0, 1, 2], guidance=0.0)
         b = s.sample(3, seed=2, steps=4, eta=0.0, labels=[0, 1, 2], guidance=3.0)
     assert np.abs(a - b).max() > 1e-3
@@ -245,17 +245,17 @@ def test_guidance_changes_the_images(cond_onnx):
 # -- determinism ---------------------------------------------------------------------------------------
 def test_determinism_and_chunking(mixture_onnx):
     path = mixture_onnx[0]
-    with runtime.load(path) as s:
+    with bdm_runtime.load(path) as s:
         a = s.sample(7, seed=5, steps=6, eta=1.0)
         b = s.sample(7, seed=5, steps=6, eta=1.0)
         assert np.array_equal(a, b)                               # same seed twice: identical
         assert not np.array_equal(a, s.sample(7, seed=6, steps=6, eta=1.0))
         head = s.sample(3, seed=5, steps=6, eta=1.0)
         tail = s.sample(4, seed=5, steps=6, eta=1.0, first_index=3)
-    with runtime.load(path, batch=2) as s2:                        # chunks of 2, 2, 2, 1
+    with bdm_runtime.load(path, batch=2) as s2:                        # chunks of 2, 2, 2, 1
         assert s2.batch == 2
         chunked = s2.sample(7, seed=5, steps=6, eta=1.0)
-    # Chunks and first_index splits draw exactly the same noise per image (runtime.noise); ORT's
+    # Chunks and first_index splits draw exactly the same noise per image (bdm_runtime.noise); ORT's
     # CPU kernels may round differently at another batch size (seen: 1 ulp, 1.2e-7), hence 1e-6.
     np.testing.assert_allclose(chunked, a, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([head, tail]), a, rtol=0, atol=1e-6)
@@ -264,18 +264,18 @@ def test_determinism_and_chunking(mixture_onnx):
 def test_threads_reach_the_session(mixture_onnx):
     """``threads`` sets ONNX Runtime's intra-op threads; the images do not depend on it."""
     path = mixture_onnx[0]
-    with runtime.load(path, threads=1) as one, runtime.load(path, threads=2) as two:
+    with bdm_runtime.load(path, threads=1) as one, bdm_runtime.load(path, threads=2) as two:
         assert one._backend.session.get_session_options().intra_op_num_threads == 1
         assert two._backend.session.get_session_options().intra_op_num_threads == 2
         # one thread vs two only reorders float32 sums inside kernels (~1 ulp)
         np.testing.assert_allclose(one.sample(3, seed=1, steps=4), two.sample(3, seed=1, steps=4), atol=1e-6)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(BdmError, match="threads"):
-            runtime.load(path, threads=bad)
+            bdm_runtime.load(path, threads=bad)
 
 
 def test_defaults_come_from_the_metadata(mixture_onnx):
-    with runtime.load(mixture_onnx[0]) as s:
+    with bdm_runtime.load(mixture_onnx[0]) as s:
         assert s.info.default_steps == 12 and s.info.default_eta == 1.0
         assert np.array_equal(s.sample(2, seed=1), s.sample(2, seed=1, steps=12, eta=1.0))
         assert s.image_shape == (1, 8, 8) and s.num_classes == 0
@@ -284,7 +284,7 @@ def test_defaults_come_from_the_metadata(mixture_onnx):
 
 
 def test_out_arrays_and_generate(mixture_onnx):
-    with runtime.load(mixture_onnx[0]) as s:
+    with bdm_runtime.load(mixture_onnx[0]) as s:
         ref = s.sample(3, seed=4, steps=5)
         buf = np.full((3, 1, 8, 8), 7.0, dtype=np.float32)
         assert s.sample(3, seed=4, steps=5, out=buf) is buf
@@ -299,13 +299,13 @@ def test_out_arrays_and_generate(mixture_onnx):
 
 def test_progress_callback(mixture_onnx):
     seen = []
-    with runtime.load(mixture_onnx[0], batch=2) as s:
+    with bdm_runtime.load(mixture_onnx[0], batch=2) as s:
         s.sample(3, steps=4, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(k, 8) for k in range(1, 9)]  # 4 steps x 2 chunks
 
 
 def test_bad_arguments(mixture_onnx):
-    with runtime.load(mixture_onnx[0]) as s:
+    with bdm_runtime.load(mixture_onnx[0]) as s:
         for kw, what in [({"n": 0}, "n must"), ({"n": -2}, "n must"), ({"n": 2.5}, "n must"),
                          ({"steps": 0}, "steps"), ({"eta": 2.0}, "eta"), ({"eta": -0.1}, "eta"),
                          ({"eta": float("nan")}, "eta"), ({"seed": -1}, "seed"), ({"first_index": -3}, "first_index"),
@@ -319,7 +319,7 @@ def test_bad_arguments(mixture_onnx):
 def test_bad_labels_and_guidance(cond_onnx, tmp_path):
     path, model, process = cond_onnx
     k = model.num_classes
-    with runtime.load(path) as s:
+    with bdm_runtime.load(path) as s:
         assert s.num_classes == k and s.info.guided
         for labels in ([k + 1], [-1], [0, 1], "x", 1.5, [0.5, 1, 2]):
             with pytest.raises(BdmError, match="label"):
@@ -328,7 +328,7 @@ def test_bad_labels_and_guidance(cond_onnx, tmp_path):
         assert np.array_equal(s.sample(2, steps=2, eta=0.0), s.sample(2, steps=2, eta=0.0, labels=[k, k]))
     plain = str(tmp_path / "noguide.onnx")
     _export_checkpoint_model(model, process, plain, guidance=False)
-    with runtime.load(plain) as s:
+    with bdm_runtime.load(plain) as s:
         assert not s.info.guided
         s.sample(1, steps=2, labels=[0], guidance=0.0)  # w = 0 needs no guided branch
         with pytest.raises(BdmError, match="guid"):
@@ -336,13 +336,13 @@ def test_bad_labels_and_guidance(cond_onnx, tmp_path):
 
 
 def _export_checkpoint_model(model, process, path, **kw):
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes, **kw)
 
 
 def test_close_and_context_manager(mixture_onnx):
-    s = runtime.load(mixture_onnx[0])
+    s = bdm_runtime.load(mixture_onnx[0])
     with s as same:
         assert same is s
         s.sample(1, steps=1)
@@ -354,7 +354,7 @@ def test_close_and_context_manager(mixture_onnx):
 
 # -- shared argument rules --------------------------------------------------------------------------
 def test_normalize_labels_is_strict():
-    from runtime.labels import normalize_labels
+    from bdm_runtime.labels import normalize_labels
 
     assert normalize_labels(None, 3, 0) is None
     assert normalize_labels(None, 3, 5).tolist() == [5, 5, 5]          # the null label
@@ -372,7 +372,7 @@ def test_normalize_labels_is_strict():
 
 
 def test_parse_labels():
-    from runtime.labels import parse_labels
+    from bdm_runtime.labels import parse_labels
 
     assert parse_labels(None) is None
     assert parse_labels("3") == [3] and parse_labels(" 0, 1,2 ") == [0, 1, 2]
@@ -382,7 +382,7 @@ def test_parse_labels():
 
 
 def test_check_positive_int():
-    from runtime.noise import check_positive_int
+    from bdm_runtime.noise import check_positive_int
 
     assert check_positive_int(3, "n") == 3 and check_positive_int(np.int64(2), "n") == 2
     for bad in (0, -1, 2.0, True, np.bool_(True), "3", None):
@@ -396,7 +396,7 @@ def _run_cli_error(exc, capsys):
     """``(exit status, stderr)`` of ``run_cli`` on a command that raises ``exc``."""
     import click
 
-    from runtime.errors import run_cli
+    from bdm_runtime.errors import run_cli
 
     @click.command()
     def cmd():
@@ -421,14 +421,25 @@ def test_run_cli_maps_missing_modules_and_os_errors(capsys, tmp_path):
     code, err = _run_cli_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path), capsys)
     assert code == 1 and err.strip() == f"Error: {path}: {os.strerror(errno.ENOSPC)}"
     with pytest.raises(ModuleNotFoundError):  # bdm's own modules missing: a bug, with its traceback
-        _run_cli_error(ModuleNotFoundError("No module named 'runtime.nope'", name="runtime.nope"), capsys)
+        _run_cli_error(ModuleNotFoundError("No module named 'bdm_runtime.nope'", name="bdm_runtime.nope"), capsys)
+
+
+def test_run_cli_turns_only_user_errors_into_one_line(capsys):
+    """``BdmError`` (a ``ValueError``) is one line; any other ``ValueError`` is a bug and keeps its traceback."""
+    assert issubclass(BdmError, ValueError)
+    code, err = _run_cli_error(BdmError("x.onnx: not a bdm step graph"), capsys)
+    assert code == 1 and err == "Error: x.onnx: not a bdm step graph\n"
+    for bug in (ValueError("operands could not be broadcast together"), TypeError("'NoneType' object"),
+                KeyError("bdm.image_shape")):
+        with pytest.raises(type(bug)):
+            _run_cli_error(bug, capsys)
 
 
 # -- TensorRT helpers that need no TensorRT ----------------------------------------------------------
 def test_trt_version_refuses_before_8_5():
     from types import SimpleNamespace
 
-    from runtime.backends.trt import trt_version
+    from bdm_runtime.backends.trt import trt_version
 
     assert trt_version(SimpleNamespace(__version__="8.5.2.2")) == (8, 5)
     assert trt_version(SimpleNamespace(__version__="10.13.0.35")) == (10, 13)
@@ -437,24 +448,31 @@ def test_trt_version_refuses_before_8_5():
             trt_version(SimpleNamespace(__version__=old))
 
 
-def test_engine_cache_key_includes_the_profile(tmp_path):
-    from runtime.backends.trt import _is_current
+def test_engine_cache_key_includes_the_profile_and_the_gpu(tmp_path):
+    from bdm_runtime.backends.trt import device_tag
+    from bdm_runtime.trt_build import _is_current
 
+    orin = {"name": "NVIDIA Orin", "compute_capability": [8, 7]}
     onnx_path, plan = tmp_path / "m.onnx", tmp_path / "m.plan"
     onnx_path.write_bytes(b"x")
     plan.write_bytes(b"y")
-    side = {fmt.K_TRT_VERSION: "10.0.1", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 4}}
+    side = {fmt.K_TRT_VERSION: "10.0.1", fmt.K_PROFILE: {"min": 1, "opt": 4, "max": 4}, fmt.K_TRT_DEVICE: orin}
     (tmp_path / "m.plan.json").write_text(json.dumps(side))
     os.utime(onnx_path, (1, 1))
-    assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8))   # another batch profile
-    assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4))   # another TensorRT
+    assert _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 8, 8), orin)   # another batch profile
+    assert not _is_current(str(plan), str(onnx_path), "10.3.0", (1, 4, 4), orin)   # another TensorRT
+    for other in ({"name": "NVIDIA Orin", "compute_capability": [8, 6]},
+                  {"name": "Orin (nvgpu)", "compute_capability": [8, 7]}):
+        assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), other)  # another GPU
     os.utime(onnx_path, None)
     os.utime(plan, (1, 1))
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # older than the .onnx
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)   # older than the .onnx
     os.utime(plan, None)
     (tmp_path / "m.plan.json").write_text("{not json")
-    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4))   # unreadable side file
+    assert not _is_current(str(plan), str(onnx_path), "10.0.1", (1, 4, 4), orin)   # unreadable side file
+    assert device_tag(orin) == "nvidia-orin-sm87"
+    assert device_tag({"name": " Tesla T4 (PCIe) ", "compute_capability": [7, 5]}) == "tesla-t4-pcie-sm75"
 
 
 # -- Python 3.8 ------------------------------------------------------------------------------------
@@ -463,7 +481,7 @@ def test_runtime_is_python38_compatible(tmp_path):
     # JetPack 5 ships Python 3.8; no 3.8 interpreter can be installed here, so vermin checks the syntax
     # and standard-library use of runtime/ (and the torch-free engine builder) against a 3.8 target.
     # --eval-annotations: annotations are evaluated at definition time on 3.8 (no PEP 563 default).
-    targets = ["runtime/"] + (["export/trt.py"] if os.path.exists(os.path.join(ROOT, "export", "trt.py")) else [])
+    targets = ["runtime/"]  # the engine builder, runtime/trt_build.py, included
     vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-t=3.8-", "--no-tips", "--violations", "--eval-annotations"]
     proc = subprocess.run(vermin + targets, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

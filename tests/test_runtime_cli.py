@@ -8,7 +8,7 @@ import pytest
 from helpers import export_mixture
 import torch
 
-import runtime
+import bdm_runtime
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL")
@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bdm_run(*args):
-    """Run ``bdm-run`` (as ``python -m runtime.cli``) from the repository root."""
-    return subprocess.run([sys.executable, "-m", "runtime.cli"] + [str(a) for a in args], cwd=ROOT,
+    """Run ``bdm-run`` (as ``python -m bdm_runtime.cli``) from the repository root."""
+    return subprocess.run([sys.executable, "-m", "bdm_runtime.cli"] + [str(a) for a in args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -32,7 +32,7 @@ def mixture_onnx(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cond_onnx(tiny_cond_checkpoint, tmp_path_factory):
     from bdm_train.checkpoint import load
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     model, process, config = load(tiny_cond_checkpoint)
     path = str(tmp_path_factory.mktemp("cond") / "cond.onnx")
@@ -51,7 +51,7 @@ def test_full_run_writes_grid_pngs_and_npz(mixture_onnx, tmp_path):
     assert "5 images" in summary[0] and "images/s" in summary[0] and "backend ort (CPUExecutionProvider)" in summary[0]
     assert "sampling" in proc.stderr  # the progress bar goes to stderr
     # The files hold exactly what the library produces for the same seed, index and steps.
-    with runtime.load(mixture_onnx) as s:
+    with bdm_runtime.load(mixture_onnx) as s:
         ref = s.generate(5, seed=3, first_index=2, steps=6)
     with np.load(out / "s.npz") as z:
         assert np.array_equal(z["images"], ref) and "labels" not in z
@@ -75,7 +75,7 @@ def test_conditional_run_with_labels_and_guidance(cond_onnx, tmp_path):
     with np.load(tmp_path / "c.npz") as z:
         images, labels = z["images"], z["labels"]
     assert labels.tolist() == [0, 1, 0] and images.shape[0] == 3
-    with runtime.load(path) as s:
+    with bdm_runtime.load(path) as s:
         assert np.array_equal(images, s.generate(3, labels=[0, 1, 0], guidance=1.5))
 
 
@@ -149,6 +149,10 @@ def test_help():
     for flag in ("--engine", "--n", "--seed", "--first-index", "--steps", "--eta", "--label", "--guidance",
                  "--batch", "--backend", "--cuda-graph", "--out", "--out-dir", "--npz"):
         assert flag in proc.stdout
+    # Numeric options say their range and default (click's IntRange/FloatRange, show_default).
+    text = " ".join(proc.stdout.split())
+    for shown in ("[default: 16; x>=1]", "[default: 0; x>=0]", "[0<=x<=1]"):
+        assert shown in text, shown
 
 
 def test_embedding_example(mixture_onnx, tmp_path):
@@ -160,7 +164,7 @@ def test_embedding_example(mixture_onnx, tmp_path):
     assert "ort (CPUExecutionProvider)" in proc.stdout
     from PIL import Image
 
-    with runtime.load(mixture_onnx) as s:
+    with bdm_runtime.load(mixture_onnx) as s:
         ref = s.generate(16, seed=0)
     grid = np.asarray(Image.open(out))
     assert np.array_equal(grid[2:10, 2:10], ref[0, ..., 0])  # the example's seed-0 images, first tile

@@ -16,7 +16,7 @@ from torch import nn
 from bdm_train.analytic import MixtureDenoiser
 from bdm_train.diffusion import BlurringDiffusion
 from bdm_train.sampling import ddim_step, guided, sample
-from runtime.noise import NoiseStream, time_grid
+from bdm_runtime.noise import NoiseStream, time_grid
 
 TOL = 1e-3
 BLURS = [20.0, 0.0]                       # BDM and the DDPM baseline
@@ -100,7 +100,7 @@ def test_multichannel_non_square():
 
 
 def test_sample_follows_the_noise_protocol():
-    # The loop written out from B9/B10 and runtime.noise: z_1 is the first draw of each image's
+    # The loop written out from B9/B10 and bdm_runtime.noise: z_1 is the first draw of each image's
     # generator, then one xi per step (eta > 0); the last step returns the clipped x_hat.
     images = _images()
     process = BlurringDiffusion(8)

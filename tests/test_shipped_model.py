@@ -25,7 +25,10 @@ def test_shipped_model_is_the_recommended_one_with_its_sampler_defaults(study):
 
     state = checkpoint.load_state(os.path.join(FOLDER, "model.pt"))
     rec = study["recommended"]
-    assert state["config"]["sampler"] == dict(clip_denoised=rec["clip"], steps=rec["steps"], eta=rec["eta"])
+    want = dict(clip_denoised=rec["clip"], steps=rec["steps"], eta=rec["eta"])
+    if "solver" in rec:   # studies since issue 11 also choose the solver and the time grid
+        want.update(solver=rec["solver"], grid=rec["grid"])
+    assert state["config"]["sampler"] == want
     assert state["config"]["process"]["blur_sigma_max"] == study["models"][rec["model"]]["blur_sigma_max"]
     assert state["step"] == study["models"][rec["model"]]["trained_steps"]
     assert state["optimizer"] is None  # a release: EMA weights only
@@ -44,17 +47,17 @@ def test_model_card_names_the_file_and_the_measured_quality(study):
 
 def test_shipped_model_samples_garments_not_noise(tmp_path):
     """Through the deployment path (ONNX step graph + runtime) at its default settings, on 8 images."""
-    import runtime
+    import bdm_runtime
     from bdm_train import checkpoint
     from benchmarks.study import roughness
-    from export import export_onnx
+    from bdm_export import export_onnx
 
     model, process, config = checkpoint.load(os.path.join(FOLDER, "model.pt"))
     path = str(tmp_path / "bdm.onnx")
     s = config["sampler"]
     export_onnx(model, process, path, channels=1, num_classes=0, clip_denoised=s["clip_denoised"],
                 default_steps=s["steps"], default_eta=s["eta"])
-    with runtime.load(path) as sampler:
+    with bdm_runtime.load(path) as sampler:
         x = sampler.sample(8, seed=0)
     images = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
     # Real Fashion-MNIST images: median roughness 0.06, 99.9% below 0.16; uniform noise is ~0.33.

@@ -5,8 +5,12 @@ import pytest
 from benchmarks import study
 
 
-def _point(model, eta, steps, fd, clip=True):
-    return dict(model=model, eta=eta, steps=steps, nfe=steps, fd=fd, kid=fd / 100, kid_std=0.001, n=1000, clip=clip)
+BLUR = {"bdm": 20.0, "ddpm": 0.0}
+
+
+def _point(model, eta, steps, fd, clip=True, solver="ddim", grid="uniform"):
+    return dict(model=model, blur_sigma_max=BLUR[model], param="eps", solver=solver, grid=grid, eta=eta, steps=steps,
+                nfe=steps, fd=fd, kid=fd / 100, kid_std=0.001, n=1000, clip=clip, noisy=0.01)
 
 
 POINTS = [_point("bdm", 0.0, 10, 30.0), _point("bdm", 0.0, 20, 20.5), _point("bdm", 0.0, 50, 19.0),
@@ -21,25 +25,66 @@ def test_recommend_takes_the_better_model_and_its_cheapest_point_within_toleranc
     assert (rec["model"], rec["eta"], rec["steps"], rec["fd"]) == ("bdm", 0.0, 20, 20.5)
     tight = study.recommend(POINTS, tolerance=1.0)
     assert (tight["model"], tight["eta"], tight["steps"]) == ("bdm", 1.0, 100)
-    flipped = [dict(p, fd=p["fd"] - 5 if p["model"] == "ddpm" else p["fd"]) for p in POINTS]
-    assert study.recommend(flipped)["model"] == "ddpm"
     assert study.recommend([]) is None
     unclipped = POINTS + [_point("bdm", 0.0, 50, 12.0, clip=False), _point("bdm", 1.0, 100, 13.0, clip=False)]
     rec = study.recommend(unclipped)  # 1.1 x 12 = 13.2 admits only those two; 50 steps is cheaper
     assert (rec["model"], rec["eta"], rec["steps"], rec["clip"]) == ("bdm", 0.0, 50, False)
+    swept = POINTS + [_point("bdm", 0.0, 10, 19.9, solver="dpmpp2m", grid="spectral")]
+    rec = study.recommend(swept)
+    assert (rec["solver"], rec["grid"], rec["steps"]) == ("dpmpp2m", "spectral", 10)
+
+
+def test_recommend_ships_a_blurring_model_within_ten_percent_of_the_best():
+    """Issue 12's rule: DDPM best at 17.5; bdm's 18.8 is within 1.1 x 17.5 = 19.25, so bdm ships."""
+    close = [dict(p, fd=p["fd"] - 2) if p["model"] == "ddpm" else p for p in POINTS]
+    rec = study.recommend(close)
+    assert rec["model"] == "bdm" and "blurring" in rec["rule"]
+    far = [dict(p, fd=p["fd"] - 5) if p["model"] == "ddpm" else p for p in POINTS]   # best 14.5: 18.8 is 30% off
+    rec = study.recommend(far)
+    assert rec["model"] == "ddpm" and (rec["eta"], rec["steps"]) == (0.0, 50)   # 1.1 x 14.5 = 15.95 admits 15.0
 
 
 def test_markdown_has_one_row_per_model_and_marks_missing_points():
-    models = {m: dict(blur_sigma_max=b, trained_steps=6000, train_seconds=3600.0, devices=["cpu"])
-              for m, b in (("bdm", 20.0), ("ddpm", 0.0))}
+    models = {m: dict(blur_sigma_max=b, param="eps", trained_steps=6000, train_seconds=3600.0, devices=["cpu"])
+              for m, b in BLUR.items()}
     points = POINTS[:-1] + [_point("bdm", 0.0, 10, 40.0, clip=False)]
-    text = study.markdown(dict(n_samples=1000, models=models, points=points, reference={"fd_train_1000": 1.2},
-                               recommended=study.recommend(points), parity=None))
-    rows = [line for line in text.splitlines() if line.startswith("| bdm") or line.startswith("| ddpm")]
-    assert len(rows) == 4 and all(r.count("|") == 5 + 5 for r in rows)  # model x clip, 5 sampler columns
-    assert "| yes | 30.00 / 0.300" in rows[0] and "| no | 40.00 / 0.400 | - |" in rows[1]
-    assert rows[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
-    assert "FD 1.20" in text and "Recommended default: bdm" in text and "clipped" in text
+    points += [_point("bdm", 0.0, k, 30.0 - k / 10, solver="dpmpp2m", grid="spectral", clip=False) for k in (5, 10)]
+    res = dict(n_samples=1000, models=models, points=points, reference={"fd_train_1000": 1.2},
+               legacy_points=[[0.0, 10], [0.0, 20], [0.0, 50], [1.0, 50], [1.0, 100]],
+               recommended=study.recommend(points), cheapest=study.report.cheapest_per_model(points), parity=None)
+    text = study.markdown(res)
+    legacy = [line for line in text.splitlines() if line.startswith(("| bdm | 20", "| ddpm | 0"))]
+    assert len(legacy) == 4 and all(r.count("|") == 6 + 5 for r in legacy)  # model x clip, 5 sampler columns
+    assert "| yes | 30.00 / 0.300" in legacy[0] and "| no | 40.00 / 0.400 | - |" in legacy[1]
+    assert legacy[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
+    sweep = [line for line in text.splitlines() if line.startswith("| bdm | dpmpp2m | spectral")]
+    assert sweep == ["| bdm | dpmpp2m | spectral | no | 29.50 (1.0%) | 29.00 (1.0%) | - | - |"]
+    assert "FD 1.20" in text and "Recommended (shipped): bdm" in text and "cheapest within 10%" in text
+
+
+def test_settings_sweep_waits_for_the_measured_clip(tmp_path):
+    """The solver x grid sweep runs at the clip that gave the better best FD on the legacy points."""
+    import json
+    import os
+
+    import torch
+
+    s = study.Study(runs=str(tmp_path), models={"bdm": study.MODELS["bdm"]}, n=4, grids=("uniform", "spectral"),
+                    nfes=(5,))
+    assert all((x.solver, x.grid) == ("ddim", "uniform") for x in s.settings("bdm"))   # nothing measured yet
+    ck = s.ckpt("bdm")
+    os.makedirs(os.path.dirname(ck))
+    torch.save({"format": "bdm.checkpoint", "version": 1, "step": 7, "config": {"model": {}, "process": {},
+                "sampler": {}}, "model": {}, "ema": {}}, ck)
+    for setting in study.common.legacy_settings():
+        folder = s.point_dir("bdm", 7, setting)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "eval.json"), "w") as f:
+            json.dump(dict(n=4, fd=10.0 if setting.clip else 9.0), f)
+    assert s.sweep_clip("bdm") is False
+    sweep = [x for x in s.settings("bdm") if x.grid == "spectral" or x.steps == 5]
+    assert {(x.solver, x.grid, x.steps, x.clip) for x in sweep} == {
+        (sv, g, 5, False) for sv in ("ddim", "dpmpp2m") for g in ("uniform", "spectral")}
 
 
 def test_noisy_fraction_flags_noise_not_smooth_images():

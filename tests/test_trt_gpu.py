@@ -1,10 +1,13 @@
-"""TensorRT engines from step graphs (export.trt): run where TensorRT and an NVIDIA GPU exist.
+"""TensorRT engines from step graphs (bdm_runtime.trt_build): run where TensorRT and an NVIDIA GPU exist.
 
-Per TensorRT major version the builder takes a different path (8/9: FP16 flag + precision
-constraints pinned from the graph's types; 10: STRONGLY_TYPED; 11: always strongly typed); these
-tests check the result, whatever the path: the engine's interface, its metadata side file, that an
-FP16 graph gives an engine with FP16 layers and an FP32 graph one without, and that engines agree
-with ONNX Runtime and torch on realistic inputs (also through ``check_onnx``).
+Per TensorRT major version the builder takes a different path (8/9: FP16 flag + "prefer"
+precision constraints pinned from the graph's types; 10: STRONGLY_TYPED; 11: always strongly
+typed); ``test_trt_fake.py`` checks the path's API calls per version on the CPU. These tests check
+the result, whatever the path: the engine's interface, its metadata side file, that an FP16 graph
+gives an engine with FP16 layers and an FP32 graph one without, that every tensor the graph keeps
+float32 (update, DCTs, GroupNorm statistics, time embedding) is FP32 in the engine (engine
+inspector, per layer), and that engines agree with ONNX Runtime and torch on realistic inputs
+(also through ``check_onnx``).
 """
 import json
 import os
@@ -16,18 +19,19 @@ pytestmark = pytest.mark.gpu
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU machines with TensorRT only)")
 
-from export.trt import build_engine, unavailable_reason  # noqa: E402
+from bdm_runtime.trt_build import build_engine, unavailable_reason  # noqa: E402
 
 _reason = unavailable_reason()
 if _reason:
     pytest.skip(f"cannot build TensorRT engines here: {_reason}", allow_module_level=True)
 
 from bdm_train import checkpoint  # noqa: E402
-from export import export_onnx  # noqa: E402
-from export.check import check_onnx, make_inputs  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.fp16 import relative_error  # noqa: E402
-from runtime import format as fmt  # noqa: E402
+from bdm_export import export_onnx  # noqa: E402
+from bdm_export.check import check_onnx, make_inputs  # noqa: E402
+from bdm_export.cli import main  # noqa: E402
+from bdm_export.fp16 import relative_error  # noqa: E402
+from bdm_runtime import format as fmt  # noqa: E402
+from bdm_runtime import onnx_meta  # noqa: E402
 from test_export import session  # noqa: E402
 
 BATCH = (1, 4, 8)
@@ -52,23 +56,49 @@ def built(tiny_checkpoint, tiny_cond_checkpoint, tmp_path_factory):
 
 
 def _engine(plan):
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    with open(plan, "rb") as f:
-        return runtime.deserialize_cuda_engine(f.read())
+    """Deserialized as the runtime does (Polygraphy's logger; EngineFromBytes registers the plugins)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes
+
+    return EngineFromBytes(BytesFromPath(str(plan)))()
 
 
 def _layer_info(engine):
-    """The engine inspector's JSON (Polygraphy builds with ProfilingVerbosity.DETAILED)."""
+    """The engine inspector's JSON (Polygraphy builds with ProfilingVerbosity.DETAILED), with every
+    input at its profile's optimum shape, so that tensor formats are concrete, not "N/A due to
+    dynamic shapes"."""
+    context = engine.create_execution_context()
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            shape = tuple(engine.get_tensor_shape(name))
+            if -1 in shape:
+                shape = tuple(engine.get_tensor_profile_shape(name, 0)[1])
+            assert context.set_input_shape(name, shape), name
     inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
     return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+
+
+def _tensor_kinds(info):
+    """``{tensor name: {"half" | "float" | other format}}`` from the inspector's per-layer inputs and outputs."""
+    kinds = {}
+    for layer in json.loads(info)["Layers"]:
+        for t in (layer.get("Inputs", []) + layer.get("Outputs", [])) if isinstance(layer, dict) else []:
+            f = str(t.get("Format/Datatype", "")).lower()
+            kind = "half" if ("fp16" in f or "half" in f) else "float" if ("fp32" in f or "float" in f) else f
+            kinds.setdefault(t.get("Name"), set()).add(kind)
+    return kinds
 
 
 def test_engines_and_side_files(built):
     for name, b in built.items():
         side = json.loads(open(str(b["plan"]) + ".json").read())
         assert side == b["side"]
-        assert set(side) == set(fmt.REQUIRED_KEYS) | {fmt.K_TRT_VERSION, fmt.K_PROFILE}
+        assert set(side) == set(fmt.REQUIRED_KEYS) | {fmt.K_TRT_VERSION, fmt.K_PROFILE, fmt.K_TRT_DEVICE}
         assert side[fmt.K_TRT_VERSION] == trt.__version__
+        device = side[fmt.K_TRT_DEVICE]
+        assert device["name"] and len(device["compute_capability"]) == 2
         assert side[fmt.K_PROFILE] == {"min": 1, "opt": 4, "max": 8}
         engine = _engine(b["plan"])
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -87,6 +117,25 @@ def test_precision_follows_the_graph(built):
     assert "half" in info["fp16"] or "fp16" in info["fp16"]
     assert "half" in info["guided16"] or "fp16" in info["guided16"]
     assert "half" not in info["fp32"] and "fp16" not in info["fp32"]
+
+
+def test_float32_islands_stay_float32(built):
+    """FP16 engines: every tensor the graph types float32 is FP32 in the engine (per layer, both sides).
+
+    On TensorRT 8.x the builder only *prefers* the pinned precisions ("obey" aborts builds where a
+    layer has no FP16 kernel); this checks that the preference held for the update, the DCTs and
+    the GroupNorm statistics. On 10/11 strong typing guarantees it.
+    """
+    for name in ("fp16", "guided16"):
+        b = built[name]
+        types = onnx_meta.value_types(str(b["onnx"]))
+        kinds = _tensor_kinds(_layer_info(_engine(b["plan"])))
+        floats = {n: k for n, k in kinds.items() if types.get(n) == 1}  # onnx.TensorProto.FLOAT
+        print(f"\n{name}: {len(floats)} float32 graph tensors named in the engine, "
+              f"{sum('half' in k for k in kinds.values())} FP16 tensors")
+        assert len(floats) >= 5, sorted(kinds)[:20]
+        assert not [n for n, k in floats.items() if "half" in k]
+        assert any("half" in k for k in kinds.values())
 
 
 def _trt_run(plan, feed):

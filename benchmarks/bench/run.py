@@ -1,0 +1,109 @@
+"""One benchmark run: the stages in order (machine, imports, each network, sweep, GPU, targets), and
+the result written as JSON and markdown."""
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+from .config import ETA, NETWORKS, QUICK_NETWORKS, SCHEMA, SEED, TARGET_NET
+from .fresh import baseline_rss, fresh_process_figures, import_times
+from .gpu import gpu_section
+from .machine import CpuShare, loadavg, machine_info, matmul_peak
+from .networks import build, eps_std, export_graphs, flops_check
+from .report import markdown, targets
+from .timing import ort_sweep, time_network
+
+
+def run(quick=False, threads=2, networks=None, sweep=True, log=print):
+    """Measure everything; returns the result dict (see the package docstring)."""
+    t_start = time.perf_counter()
+    share = CpuShare()
+    nets = QUICK_NETWORKS if quick else NETWORKS
+    if networks:
+        pool = {n["name"]: n for n in NETWORKS + QUICK_NETWORKS}
+        nets = tuple(pool[n] for n in networks)
+    res = _setup(quick, threads, log)
+    pk = res["matmul_peak"]
+    res["networks"], models, paths_all = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="bdm-bench-") as folder:
+        for net in nets:
+            entry, models[net["name"]], paths_all[net["name"]] = _network(net, folder, threads, quick, pk, log)
+            res["networks"].append(entry)
+        target = next((n for n in nets if n["name"] == TARGET_NET), None)
+        if sweep and not quick and target is not None:
+            model, process = models[TARGET_NET]
+            res["ort_sweep"] = ort_sweep(target, model, process, paths_all[TARGET_NET]["fp32"], threads,
+                                         target["repeats"], log)
+        res["gpu"] = gpu_section(nets, models, paths_all, quick, log)
+    res["targets"] = targets(res)
+    res["run"]["load_after"] = loadavg()
+    res["run"]["cpu_share"] = share.result()
+    res["run"]["duration_s"] = round(time.perf_counter() - t_start, 1)
+    return res
+
+
+def _setup(quick, threads, log):
+    """The result's head: run settings, machine, threads, matmul peak, import time, baseline memory."""
+    import torch
+
+    torch.set_num_threads(threads)
+    res = {"schema": SCHEMA,
+           "run": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "quick": bool(quick), "argv": sys.argv[1:], "pid": os.getpid(), "eta": ETA, "seed": SEED,
+                   "load_before": loadavg()},
+           "machine": machine_info(),
+           "threads": {"torch_num_threads": torch.get_num_threads(),
+                       "torch_interop_threads": torch.get_num_interop_threads(),
+                       "ort_intra_op_num_threads": threads, "ort_graph_optimization_level": "ORT_ENABLE_ALL",
+                       "how": "ORT settings injected into bdm_runtime.load's SessionOptions by "
+                              "benchmarks.bench.ort_settings.ort_options"}}
+    log(f"machine: {res['machine'].get('cpu_model')}, load {res['run']['load_before']}, threads {threads}")
+    res["matmul_peak"] = pk = matmul_peak(threads, 512 if quick else 2048, 3 if quick else 5)
+    log(f"matmul peak: {pk['peak_gflops']} GFLOP/s")
+    res["import_runtime"] = import_times(3 if quick else 7)
+    res["baseline_rss_mib"] = baseline_rss()
+    return res
+
+
+def _network(net, folder, threads, quick, pk, log):
+    """``(entry, (model, process), paths)``: one network built, exported, counted, timed and cold-started."""
+    from benchmarks.flops import count_flops
+
+    t = time.perf_counter()
+    model, process = build(net)
+    paths, export_s = export_graphs(model, process, net, folder)
+    flops, by_op = count_flops(paths["fp32"], batch=1)
+    entry = {"name": net["name"], "about": net["about"],
+             "unet": dict(net["unet"], ch_mult=list(net["unet"]["ch_mult"]),
+                          attn_resolutions=list(net["unet"]["attn_resolutions"])),
+             "blur_sigma_max": net["blur_sigma_max"], "steps": net["steps"], "eta": ETA,
+             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+             "eps_std": round(eps_std(model, net), 4),
+             "gflop_per_eval": flops / 1e9, "gflop_by_op": {k: v / 1e9 for k, v in by_op.items()},
+             "gflop_torch_counter": flops_check(model, process, net) / 1e9,
+             "onnx_mib": {k: os.path.getsize(p) / 2 ** 20 for k, p in paths.items()}, "export_s": export_s,
+             "load_before": loadavg()}
+    log(f"{net['name']}: exported in {sum(export_s.values()):.0f} s, {entry['gflop_per_eval']:.4f} GFLOP/eval")
+    net_share = CpuShare()
+    entry["rows"], entry["ort_session_options"] = time_network(net, model, process, paths, threads, quick,
+                                                               pk["peak_gflops"], flops, log)
+    entry["cpu_share"] = net_share.result()
+    entry["fresh_process"] = fresh_process_figures(net, model, paths, folder, threads, quick)
+    entry["seconds"] = round(time.perf_counter() - t, 1)
+    return entry, (model, process), paths
+
+
+def write(res, out):
+    """``out.json`` and ``out.md`` (atomically)."""
+    from bdm_runtime.io import atomic_path
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_path(out + ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+    with atomic_path(out + ".md") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(markdown(res))

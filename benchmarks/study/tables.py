@@ -1,0 +1,159 @@
+"""The study's text: the markdown tables (``study.md``) and the shipped model's card."""
+import os
+
+from .common import point_name
+
+
+def _sampler_name(eta, steps):
+    return f"{'ancestral' if eta == 1 else 'deterministic' if eta == 0 else f'eta={eta:g}'} {steps}"
+
+
+def _cell(points, **key):
+    return next((p for p in points if all(p.get(k, d) == v for k, (v, d) in key.items())), None)
+
+
+def legacy_table(study):
+    """Rows model x clip, columns the first study's (eta, steps) on the uniform grid: FD / KID, then noise."""
+    points = [p for p in study["points"] if (p.get("solver", "ddim"), p.get("grid", "uniform")) == ("ddim", "uniform")]
+    legacy = {tuple(c) for c in study.get("legacy_points") or [(p["eta"], p["steps"]) for p in points]}
+    cols = sorted({(p["eta"], p["steps"]) for p in points} & legacy)
+    clips = sorted({p.get("clip", True) for p in points}, reverse=True) or [True]
+    head = "| model | blur_sigma_max | param | trained steps | x_hat clipped | " + " | ".join(
+        _sampler_name(e, k) for e, k in cols) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cols))]
+    noise = ["| model | x_hat clipped | " + " | ".join(_sampler_name(e, k) for e, k in cols) + " |",
+             "|" + "---|" * (2 + len(cols))]
+    for model, info in study["models"].items():
+        for clip in clips:
+            cells = [_cell(points, model=(model, None), eta=(e, None), steps=(k, None), clip=(clip, True))
+                     for e, k in cols]
+            lines.append(f"| {model} | {info['blur_sigma_max']:g} | {info.get('param', 'eps')} | "
+                         f"{info['trained_steps']} | {'yes' if clip else 'no'} | " + " | ".join(
+                             "-" if p is None else f"{p['fd']:.2f} / {p['kid']:.3f}" for p in cells) + " |")
+            noise.append(f"| {model} | {'yes' if clip else 'no'} | " + " | ".join(
+                "-" if p is None or "noisy" not in p else f"{100 * p['noisy']:.1f}%" for p in cells) + " |")
+    return lines, noise
+
+
+def sweep_table(study):
+    """Rows model x solver x grid (deterministic), columns network evaluations: FD (share of noise)."""
+    points = [p for p in study["points"] if p["eta"] == 0]
+    nfes = sorted({p["steps"] for p in points})
+    rows = sorted({(p["model"], p.get("solver", "ddim"), p.get("grid", "uniform"), p.get("clip", True))
+                   for p in points}, key=lambda r: (list(study["models"]).index(r[0]), r[1], r[2], not r[3]))
+    lines = ["| model | solver | grid | x_hat clipped | " + " | ".join(f"{k} evals" for k in nfes) + " |",
+             "|" + "---|" * (4 + len(nfes))]
+    for model, solver, grid, clip in rows:
+        cells = [_cell(points, model=(model, None), solver=(solver, "ddim"), grid=(grid, "uniform"),
+                       steps=(k, None), clip=(clip, True)) for k in nfes]
+        if sum(c is not None for c in cells) < 2:
+            continue
+        lines.append(f"| {model} | {solver} | {grid} | {'yes' if clip else 'no'} | " + " | ".join(
+            "-" if p is None else f"{p['fd']:.2f} ({100 * p.get('noisy', 0):.1f}%)" for p in cells) + " |")
+    return lines
+
+
+def markdown(study):
+    """``study.md``: the legacy table, the noise table, the solver x grid sweep, and the per-model picks."""
+    n = study["n_samples"]
+    legacy, noise = legacy_table(study)
+    lines = [f"Fashion-MNIST 32x32, {n} samples per point, FD-FMNIST / KID (own feature network: comparable "
+             "within this table, not with Inception FIDs).", "",
+             "B10 on the uniform grid (the first study's settings):", ""] + legacy
+    lines += ["", "Share of samples that ended as noise (rougher than 99.9% of the test images; 10,000 real "
+              "training images: 0.07%):", ""] + noise
+    sweep = sweep_table(study)
+    if len(sweep) > 2:
+        lines += ["", "Deterministic solvers (B10 `ddim` at eta 0, B11 `dpmpp2m`) x time grids (B15) x network "
+                  "evaluations: FD-FMNIST (share of samples that ended as noise):", ""] + sweep
+    ref = study.get("reference", {})
+    if f"fd_train_{n}" in ref:
+        lines += ["", f"Real training images (n={n}) against the test set: FD {ref[f'fd_train_{n}']:.2f}, "
+                  f"KID {ref.get(f'kid_train_{n}', float('nan')):.3f} (the floor at this sample count)."]
+    lines.append("")
+    for model, info in study["models"].items():
+        line = (f"- {model}: {info['trained_steps']} steps, {info['train_seconds'] / 3600:.2f} h of training on "
+                f"{', '.join(info['devices']) or 'unknown'}")
+        picks = study.get("cheapest", {}).get(model)
+        if picks:
+            b, c = picks["best"], picks["cheapest"]
+            line += (f"; best FD {b['fd']:.2f} ({_describe(b)}); cheapest within 10%: {_describe(c)}, "
+                     f"FD {c['fd']:.2f}")
+        lines.append(line + ".")
+    if study.get("recommended"):
+        r = study["recommended"]
+        lines.append(f"- Recommended (shipped): {r['model']}, {_describe(r)} (FD {r['fd']:.2f}; {r['rule']}).")
+    for model, p in (study.get("parity") or {}).items():
+        lines.append(f"- Runtime (ONNX) vs PyTorch sampler, {model}: max |difference| {p['max_abs_diff']:.1e} "
+                     f"over {p['n']} images ({p['steps']} steps, eta={p['eta']:g}).")
+    lines += ["", "Regenerate: `python -m benchmarks.study run` (resumable; see benchmarks/study/__init__.py).", ""]
+    return "\n".join(lines)
+
+
+def _describe(p):
+    solver, grid = p.get("solver", "ddim"), p.get("grid", "uniform")
+    eta = f", eta {p['eta']:g}" if solver == "ddim" else ""
+    return f"{solver}{eta} on the {grid} grid, {p['steps']} evaluations, x_hat {'' if p.get('clip', True) else 'not '}clipped"
+
+
+def model_card(study, state, path):
+    """The shipped model's card: data, network, budget, default sampler and its measured quality."""
+    import hashlib
+
+    rec = study["recommended"]
+    name, info = rec["model"], study["models"][rec["model"]]
+    cfg = state["config"]
+    point = next(p for p in study["points"] if p["model"] == name and point_name(_key(p)) == point_name(_key(rec)))
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    params = sum(v.numel() for k, v in state["ema"].items() if k not in ("data_mean", "data_std"))
+    n = study["n_samples"]
+    floor = study.get("reference", {}).get(f"fd_train_{n}")
+    kind = "blurring diffusion" if info["blur_sigma_max"] else "DDPM"
+    param = cfg["model"].get("param", "eps")
+    reading = ("eps prediction (B8)" if param == "eps" else
+               "spectral preconditioning (B14: per-frequency Wiener skip and unit-variance target, with the "
+               "training data's DCT mean and std stored as buffers in `model.pt`)")
+    lines = [
+        f"# Model card: `{os.path.basename(os.path.dirname(os.path.abspath(path)))}`",
+        "",
+        f"- **What**: an unconditional {kind} model (`blur_sigma_max = {info['blur_sigma_max']:g}`, "
+        f"`param = {param}`) of Fashion-MNIST at 32x32x1 (28x28 centre-padded with black), the model "
+        "recommended by the quality study (`benchmarks/study/`, `benchmarks/results/study.md`): "
+        f"{rec['rule']}.",
+        "- **Data**: the 60,000 Fashion-MNIST training images (Debian's `dataset-fashion-mnist`), no labels, "
+        "no augmentation.",
+        f"- **Network**: UNet read as {reading}; `ch {cfg['model']['ch']}`, multipliers "
+        f"`{','.join(map(str, cfg['model']['ch_mult']))}`, {cfg['model']['num_res_blocks']} residual block(s) per "
+        f"level, attention at {list(cfg['model']['attn_resolutions']) or 'none'}, {params / 1e6:.2f} M parameters; "
+        f"EMA weights (decay {cfg['train']['ema_decay']:g}) only: no optimizer state, so it samples and exports "
+        "but cannot be resumed.",
+        f"- **Training**: {info['trained_steps']} steps of batch {cfg['train']['batch_size']} "
+        f"({info['trained_steps'] * cfg['train']['batch_size'] / 60000:.1f} epochs), AdamW lr "
+        f"{cfg['train']['lr']:g} (warm-up {cfg['train']['warmup']}), seed {cfg['train']['seed']}; "
+        f"{info['train_seconds'] / 3600:.2f} h on {', '.join(info['devices'])}.",
+        f"- **Default sampler** (stored here and in every graph `bdm-export` makes of it): {_describe(rec)}.",
+        f"- **Measured at the default** ({point['n']} samples through the runtime on the exported FP32 ONNX, "
+        f"ONNX Runtime CPU): FD-FMNIST {point['fd']:.2f}, KID {point['kid']:.4f} +- {point['kid_std']:.4f}"
+        + (f" (real training images: FD {floor:.2f} at the same count)" if floor is not None else "") + "; "
+        f"{100 * point.get('noisy', 0):.1f}% of samples ended as noise. "
+        "FD-FMNIST is the Frechet distance on the project's own Fashion-MNIST classifier "
+        "(`benchmarks/feature_net.py`): comparable within this project, not with Inception FIDs.",
+        f"- **Class histogram** of those samples (classifier's labels, T-shirt .. ankle boot): {point['hist']} "
+        f"(total variation from the test set's {point['hist_tv']:.3f}).",
+        f"- **File**: `model.pt`, sha256 `{sha}`; `config.json` is its config in readable form (without the "
+        "data statistics, which are in `model.pt`).",
+        "- **Use**: `bdm-export --ckpt models/fmnist32/model.pt --out-dir out && "
+        "bdm-run --engine out/bdm.onnx --n 64 --out grid.png` (what `make demo` does).",
+        "- **Limits**: a small network trained for a CPU budget: samples are recognisable garments with "
+        "artefacts, not state of the art. Regenerate with `python -m benchmarks.study run` then "
+        "`python -m benchmarks.study run --stages ship`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _key(p):
+    from .common import Setting
+
+    return Setting(p.get("solver", "ddim"), p.get("grid", "uniform"), p["eta"], p["steps"], p.get("clip", True))

@@ -1,0 +1,70 @@
+"""Small hand-made bdm step graphs (format 1 interface and metadata) for the fake-TensorRT tests.
+
+Not a diffusion step: a cheap function of every input, so that a misbound address, a stale time
+row, a wrong batch or a dropped label shows in the output. It contains what matters to TensorRT:
+``InstanceNormalization`` (GroupNorm's ONNX form), constants, a shape-dependent reshape and, for
+``fp16=True``, a float16 island (``Cast`` to FLOAT16 and back), with inferred ``value_info`` as the
+exporter stores it.
+"""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bdm_runtime import format as fmt
+
+
+def _const(name, value):
+    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value), name))
+
+
+def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6):
+    """Write the graph to ``path`` and return it."""
+    c, h, w = image_shape
+    guided = num_classes > 0
+    img = ["B", c, h, w]
+    inputs = [helper.make_tensor_value_info(fmt.Z, TensorProto.FLOAT, img),
+              helper.make_tensor_value_info(fmt.T, TensorProto.FLOAT, ["B"]),
+              helper.make_tensor_value_info(fmt.S, TensorProto.FLOAT, ["B"]),
+              helper.make_tensor_value_info(fmt.ETA, TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info(fmt.NOISE, TensorProto.FLOAT, img)]
+    nodes = [_const("shape4", np.array([-1, 1, 1, 1], np.int64)), _const("scale", np.ones(c, np.float32)),
+             _const("bias", np.zeros(c, np.float32)), _const("c001", np.float32(0.01)),
+             _const("c05", np.float32(0.5)),
+             helper.make_node("Div", [fmt.S, fmt.T], ["r"], name="ratio"),
+             helper.make_node("Reshape", ["r", "shape4"], ["r4"], name="r4"),
+             helper.make_node("Reshape", [fmt.T, "shape4"], ["t4"], name="t4"),
+             helper.make_node("Mul", [fmt.Z, "r4"], ["zr"], name="scale_z"),
+             helper.make_node("InstanceNormalization", [fmt.Z, "scale", "bias"], ["norm"], name="norm", epsilon=1e-5),
+             helper.make_node("Mul", ["norm", "c001"], ["norm_s"], name="norm_s"),
+             helper.make_node("Add", ["zr", "norm_s"], ["zn"], name="add_norm"),
+             helper.make_node("Mul", [fmt.NOISE, fmt.ETA], ["en"], name="noise_eta"),
+             helper.make_node("Mul", ["en", "c05"], ["en_s"], name="noise_s"),
+             helper.make_node("Add", ["zn", "en_s"], ["zn2"], name="add_noise"),
+             helper.make_node("Mul", [fmt.Z, "t4"], [fmt.X0], name="x0")]
+    last = "zn2"
+    if fp16:
+        nodes += [helper.make_node("Cast", [last], ["half"], name="to_half", to=TensorProto.FLOAT16),
+                  helper.make_node("Cast", ["half"], ["back"], name="to_float", to=TensorProto.FLOAT)]
+        last = "back"
+    if guided:
+        inputs += [helper.make_tensor_value_info(fmt.LABEL, TensorProto.INT64, ["B"]),
+                   helper.make_tensor_value_info(fmt.GUIDANCE, TensorProto.FLOAT, [1])]
+        nodes += [_const("c01", np.float32(0.1)),
+                  helper.make_node("Cast", [fmt.LABEL], ["labf"], name="label_f", to=TensorProto.FLOAT),
+                  helper.make_node("Reshape", ["labf", "shape4"], ["lab4"], name="lab4"),
+                  helper.make_node("Mul", ["lab4", fmt.GUIDANCE], ["lg"], name="label_w"),
+                  helper.make_node("Mul", ["lg", "c01"], ["lg_s"], name="label_s"),
+                  helper.make_node("Add", [last, "lg_s"], ["zg"], name="add_label")]
+        last = "zg"
+    nodes.append(helper.make_node("Mul", [last, "c05"], [fmt.Z_NEXT], name="z_next"))  # keeps |z| bounded
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, img) for n in (fmt.Z_NEXT, fmt.X0)]
+    graph = helper.make_graph(nodes, "fake_step", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    meta = {fmt.K_FORMAT_VERSION: 1, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: {"kind": "test"},
+            fmt.K_NUM_CLASSES: num_classes, fmt.K_GUIDANCE: guided, fmt.K_CLIP_DENOISED: True,
+            fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "fp32",
+            fmt.K_VERSION: "0.1.0"}
+    helper.set_model_props(model, fmt.encode(meta))
+    onnx.save(model, str(path))
+    return str(path)

@@ -18,6 +18,7 @@ import torch
 
 from bdm_runtime.errors import BdmError
 from bdm_runtime.io import atomic_path
+from bdm_runtime.limits import MAX_STEPS
 
 FORMAT = "bdm.checkpoint"
 VERSION = 1
@@ -65,9 +66,20 @@ def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=Non
     }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    _write(state, path)
     return path
+
+
+def _write(state, path):
+    """``torch.save`` atomically; a full disk (or any write failure) is one line naming ``path``."""
+    existed = os.path.exists(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError("... file write failed")
+        reason = getattr(e, "strerror", None) or "the write failed"  # torch's own text is internal detail
+        kept = "the previous checkpoint is unchanged" if existed else "nothing was written"
+        raise BdmError(f"cannot write checkpoint {path}: {reason} (is the disk full?); {kept}") from None
 
 
 def release(src, dst, sampler=None):
@@ -81,8 +93,7 @@ def release(src, dst, sampler=None):
     out = {"format": FORMAT, "version": VERSION, "config": config, "model": state["ema"], "ema": state["ema"],
            "optimizer": None, "scheduler": None, "rng": None, "step": int(state["step"]), "release": True}
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with atomic_path(dst) as tmp:
-        torch.save(out, tmp)
+    _write(out, dst)
     return dst
 
 
@@ -94,6 +105,10 @@ def _cpu(state_dict):
 def load_state(path, map_location="cpu"):
     """The raw checkpoint dict, validated; :class:`BdmError` naming the file for anything not ours."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.pt")
+        hint = f": give {inside}" if os.path.isfile(inside) else ": give the model.pt file of a run"
+        raise BdmError(f"checkpoint {path} is a folder{hint}")
     if not os.path.isfile(path):
         raise BdmError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
@@ -118,10 +133,35 @@ def load_state(path, map_location="cpu"):
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise BdmError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(state["config"], dict):
+        raise BdmError(f"{path}: checkpoint config is a {type(state['config']).__name__}, not a dict")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise BdmError(f"{path}: bad checkpoint step {state['step']!r}")
     for key in ("model", "process", "sampler"):
         if not isinstance(state["config"].get(key), dict):
             raise BdmError(f"{path}: checkpoint config lacks {key!r}")
     return state
+
+
+def sampler_settings(config, path, steps=None, eta=None, clip_denoised=None):
+    """``(steps, eta, clip_denoised)``: the given values, else the checkpoint's sampler config; checked.
+
+    A bad value says where it came from: the option, or the checkpoint (which a user did not type).
+    """
+    stored = config["sampler"]
+    steps_from = "--steps" if steps is not None else f"{path}: its stored sampler steps"
+    eta_from = "--eta" if eta is not None else f"{path}: its stored sampler eta"
+    steps = stored.get("steps") if steps is None else steps
+    eta = stored.get("eta") if eta is None else eta
+    clip_denoised = stored.get("clip_denoised", True) if clip_denoised is None else clip_denoised
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise BdmError(f"{steps_from} {steps!r} is not in 1..{MAX_STEPS}"
+                       + ("" if steps_from == "--steps" else ": give --steps"))
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise BdmError(f"{eta_from} {eta!r} is not in [0, 1]" + ("" if eta_from == "--eta" else ": give --eta"))
+    if not isinstance(clip_denoised, bool):
+        raise BdmError(f"{path}: its stored clip_denoised {clip_denoised!r} is not true/false: give --clip or --no-clip")
+    return steps, float(eta), clip_denoised
 
 
 def build(config):

@@ -24,6 +24,7 @@ import numpy as np
 
 from bdm_runtime.errors import BdmError, run_cli
 from bdm_runtime.format import PARAMS
+from bdm_runtime.limits import MAX_STEPS, check_threads
 
 from . import data as datalib
 
@@ -36,6 +37,7 @@ DEFAULTS = dict(
     sample_every=0, sample_n=64, sample_steps=50, sample_eta=0.0, ckpt_every=1000, log_every=100,
     device="auto", workers=0, threads=0,
 )
+SEED_MAX = 2 ** 64 - 1  # torch.manual_seed takes 0 .. 2^64 - 1
 # Options that define the network or the data: a resumed run cannot change them.
 FIXED = ("image_size", "fit", "ch", "ch_mult", "num_res_blocks", "attn", "blur_sigma_max", "min_scale",
          "num_classes", "param")
@@ -91,7 +93,10 @@ def normalize(opts):
     o["flip"] = bool(o["flip"])
     if o["image_size"] is not None:
         o["image_size"] = int(o["image_size"])
+    check_threads(o["threads"], "--threads", allow_zero=True)
+    check_threads(o["workers"], "--workers", allow_zero=True)
     checks = [
+        (0 <= o["seed"] <= SEED_MAX, f"--seed must be in 0..{SEED_MAX} (torch.manual_seed's range), got {o['seed']}"),
         (o["steps"] >= 0, "--steps must be >= 0"),
         (o["batch_size"] >= 1, "--batch-size must be >= 1"),
         (o["lr"] > 0, "--lr must be > 0"),
@@ -105,14 +110,14 @@ def normalize(opts):
         (o["blur_sigma_max"] >= 0, "--blur-sigma-max must be >= 0"),
         (o["param"] in PARAMS, f"--param must be one of {', '.join(PARAMS)}, got {o['param']!r}"),
         (0 < o["min_scale"] <= 1, "--min-scale must be in (0, 1]"),
-        (o["sample_steps"] >= 1 and 0 <= o["sample_eta"] <= 1, "--sample-steps >= 1, --sample-eta in [0, 1]"),
+        (1 <= o["sample_steps"] <= MAX_STEPS and 0 <= o["sample_eta"] <= 1,
+         f"--sample-steps must be in 1..{MAX_STEPS}, --sample-eta in [0, 1]"),
         (o["image_size"] is None or o["image_size"] >= 1, "--image-size must be positive"),
         (o["fit"] in (None,) + datalib.FITS, f"--fit must be one of {', '.join(datalib.FITS)}"),
         (o["log_every"] >= 1, "--log-every must be >= 1"),
         (o["sample_n"] >= 1, "--sample-n must be >= 1"),
         (o["ckpt_every"] >= 0, "--ckpt-every must be >= 0 (0 = only at the end)"),
         (o["sample_every"] >= 0, "--sample-every must be >= 0 (0 = never)"),
-        (o["workers"] >= 0 and o["threads"] >= 0, "--workers and --threads must be >= 0"),
         (valid_device(o["device"]), f"--device must be auto, cpu, cuda or cuda:N, got {o['device']!r}"),
     ]
     for ok, msg in checks:
@@ -301,7 +306,10 @@ def write_samples(path, ema, process, opts, device):
     x = sample(ema, process, n, seed=0, steps=opts["sample_steps"], eta=opts["sample_eta"], labels=labels,
                clip_denoised=True, device=device)
     size = opts["image_size"]
-    save_grid(to_uint8(x.cpu().numpy()), path, ncols=int(math.ceil(math.sqrt(n))), scale=max(1, 64 // size))
+    try:
+        save_grid(to_uint8(x.cpu().numpy()), path, ncols=int(math.ceil(math.sqrt(n))), scale=max(1, 64 // size))
+    except OSError as e:
+        raise BdmError(f"cannot write {path}: {e.strerror or e} (is the disk full?)") from None
 
 
 def train(data, out, resume=False, progress=True, **options):
@@ -316,12 +324,16 @@ def train(data, out, resume=False, progress=True, **options):
 
     out = os.fspath(out)
     path = os.path.join(out, "model.pt")
-    state = ckpt.load_state(path) if resume else None
+    state = _previous(path, resume)
     if state is not None and state.get("optimizer") is None:
         raise BdmError(f"{path} is a release checkpoint (EMA weights only, no optimizer state): it samples and "
                        "exports but cannot be resumed; resume the training checkpoint it was made from, or train "
                        "anew into another --out")
     opts = resolve_options(options, state["config"]["train"] if state else None)
+    if state is not None and state["step"] >= opts["steps"]:
+        print(f"note: {path} is already at step {state['step']}, --steps is {opts['steps']}: nothing to train; "
+              "the checkpoint and its options are unchanged", file=sys.stderr)
+        return path
     if data is None:
         if state is None:
             raise BdmError("no --data given")
@@ -334,6 +346,37 @@ def train(data, out, resume=False, progress=True, **options):
         return _train(data, out, path, opts, state, dist, progress)
     finally:
         dist.close()
+
+
+def _previous(path, resume):
+    """The checkpoint to continue (``resume``), else ``None``; refuses to replace a trained model silently."""
+    from bdm_runtime.io import remove_stale
+
+    from . import checkpoint as ckpt
+
+    remove_stale(os.path.dirname(path))  # temporary files of a killed run: never read, removed here
+    if not resume:
+        if os.path.exists(path):
+            raise BdmError(f"{path} already holds a model: continue it with --resume, or train into another --out "
+                           "(or delete it first to start over)")
+        return None
+    if not os.path.lexists(path):
+        raise BdmError(f"--resume: {path} does not exist (the run stopped before its first checkpoint?): "
+                       "start it without --resume")
+    state = ckpt.load_state(path)
+    if not isinstance(state["config"].get("train"), dict):
+        raise BdmError(f"{path}: checkpoint config lacks its training options: it cannot be resumed")
+    return state
+
+
+def _append_log(out, record):
+    """One line of ``OUT/log.jsonl``; a full disk is one line naming the file."""
+    path = os.path.join(out, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise BdmError(f"cannot write {path}: {e.strerror or e} (is the disk full?)") from None
 
 
 def _train(data, out, path, opts, state, dist, progress):
@@ -458,8 +501,7 @@ def _train(data, out, path, opts, state, dist, progress):
             rate = (step - s0) * B / dt if dt > 0 else float("nan")
             if dist.main:
                 rec = dict(step=step, loss=round(mean, 6), lr=opt.param_groups[0]["lr"], img_per_s=round(rate, 1))
-                with open(os.path.join(out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                _append_log(out, rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}")
             loss_sum.zero_()
@@ -512,8 +554,9 @@ def _opt(*names, **kw):
 @_opt("--sample-eta", type=float, help=f"Sampler eta (0 deterministic, 1 ancestral) [{DEFAULTS['sample_eta']}].")
 @_opt("--ckpt-every", type=int, help=f"Write OUT/model.pt every N steps [{DEFAULTS['ckpt_every']}].")
 @_opt("--log-every", type=int, help=f"Log loss and img/s every N steps [{DEFAULTS['log_every']}].")
-@_opt("--seed", type=int, help="[0]")
-@click.option("--resume", is_flag=True, help="Continue OUT/model.pt (to --steps total).")
+@_opt("--seed", type=int, help="Seed of the weights, data order and noise, 0 .. 2^64-1 [0].")
+@click.option("--resume", is_flag=True, help="Continue OUT/model.pt (to --steps total). Without it, an existing "
+              "OUT/model.pt is refused, never replaced.")
 @_opt("--device", help="auto, cpu or cuda [auto].")
 @_opt("--workers", type=int, help="Threads decoding an image folder [0].")
 @_opt("--threads", type=int, help="torch CPU threads (0 = torch's default) [0].")

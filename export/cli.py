@@ -3,8 +3,10 @@
     bdm-export --ckpt runs/x/model.pt --fp16 --check
     bdm-export --onnx bdm_fp16.onnx --out bdm.plan          # on the target; no torch needed
 
-User mistakes print one line ``Error: ...`` on stderr and exit non-zero; every file is written
-atomically, so nothing is left half-written. torch is imported only on the ``--ckpt`` path.
+User mistakes print one line ``Error: ...`` on stderr and exit non-zero, having created nothing.
+A run's files (graphs, engines and their side files) are written under temporary names and
+appear together when all are done (and, with ``--check``, checked), or not at all: a failure,
+Ctrl-C or SIGTERM leaves nothing. torch is imported only on the ``--ckpt`` path.
 """
 import os
 
@@ -12,6 +14,7 @@ import click
 
 from bdm_runtime.errors import BdmError, run_cli
 from bdm_runtime.grids import GRIDS, SOLVERS
+from bdm_runtime.limits import MAX_STEPS
 
 from . import CHECK_TOLERANCES
 
@@ -19,10 +22,12 @@ _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES
 
 
 def _out_dir(out_dir, ckpt):
-    """The output folder (default: the checkpoint's), created if missing; ``BdmError`` if unusable."""
-    from bdm_runtime.io import writable_folder
+    """The output folder (default: the checkpoint's); ``BdmError`` if it cannot be written or created."""
+    from bdm_runtime.io import check_writable_dir
 
-    return writable_folder(out_dir or os.path.dirname(os.path.abspath(ckpt)), "--out-dir")
+    out_dir = out_dir or os.path.dirname(os.path.abspath(ckpt))
+    check_writable_dir("--out-dir", out_dir)
+    return out_dir
 
 
 def _describe(meta):
@@ -37,68 +42,88 @@ def _describe(meta):
             f"steps on the {meta.get(fmt.K_DEFAULT_GRID, 'uniform')} grid")
 
 
-def _engine(onnx_path, plan, batch, workspace, timing_cache):
+def _engine(onnx_path, plan, batch, workspace, timing_cache, shown):
+    """Build engine ``plan`` (a staged path); returns the line that reports it as ``shown``."""
     from bdm_runtime import format as fmt
 
     from bdm_runtime.trt_build import build_engine
 
     side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
     p = side[fmt.K_PROFILE]
-    click.echo(f"wrote {plan} (+ .json): TensorRT {side[fmt.K_TRT_VERSION]} engine, {side[fmt.K_PRECISION]}, "
-               f"batch profile {p['min']}:{p['opt']}:{p['max']} images")
+    return (f"wrote {shown} (+ .json): TensorRT {side[fmt.K_TRT_VERSION]} engine, {side[fmt.K_PRECISION]}, "
+            f"batch profile {p['min']}:{p['opt']}:{p['max']} images")
 
 
 def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
                       engine, clip=None, solver=None, grid=None):
-    """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status."""
+    """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status.
+
+    Everything is checked before anything is created; the files are staged and appear together.
+    """
+    from bdm_runtime.io import Staging
     from bdm_train import checkpoint
     from bdm_runtime.grids import settings
 
-    from .onnx_export import export_onnx
-    from bdm_runtime.trt_build import unavailable_reason
-
-    out_dir = _out_dir(out_dir, ckpt)
     model, process, config = checkpoint.load(ckpt, ema=ema)
-    sampler = config["sampler"]
+    steps, _, clip = checkpoint.sampler_settings(config, ckpt, steps, eta, clip)   # checked, named
     try:
-        solver, grid, steps, eta = settings(sampler, solver, grid, steps, eta)
+        solver, grid, steps, eta = settings(config["sampler"], solver, grid, steps, eta)
     except ValueError as e:
         raise BdmError(f"{ckpt}: {e}")
     if guidance and model.num_classes <= 0:
         raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
-    graphs = [(os.path.join(out_dir, "bdm.onnx"), False)]
-    if fp16:
-        graphs.append((os.path.join(out_dir, "bdm_fp16.onnx"), True))
-    for path, half in graphs:
+    out_dir = _out_dir(out_dir, ckpt)
+    names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else [])
+    with Staging() as stage:
+        folder = stage.folder(out_dir)
+        lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
+                               workspace, timing_cache, check, engine, solver, grid)
+    for line in lines:
+        click.echo(line)
+    if check:
+        click.echo("check passed")
+    return 0
+
+
+def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
+                   timing_cache, check, engine, solver="ddim", grid="uniform"):
+    """Graphs (and engines) into the staging ``folder``, checked if asked; returns the lines to report."""
+    from bdm_runtime.trt_build import unavailable_reason
+
+    from .onnx_export import export_onnx
+
+    lines, plans = [], {}
+    for name in names:
+        path = os.path.join(folder, name)
         try:
             meta = export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
-                               fp16=half, guidance=guidance,
-                               clip_denoised=sampler["clip_denoised"] if clip is None else clip,
+                               fp16=name.endswith("_fp16.onnx"), guidance=guidance, clip_denoised=clip,
                                default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
         except OSError as e:
-            raise BdmError(f"cannot write {path}: {e.strerror or e}")
-        click.echo(f"wrote {path} ({_describe(meta)}, {os.path.getsize(path) / 2**20:.1f} MiB)")
-    plans = {}
+            raise BdmError(f"cannot write {os.path.join(out_dir, name)}: {e.strerror or e}")
+        lines.append(f"wrote {os.path.join(out_dir, name)} ({_describe(meta)}, "
+                     f"{os.path.getsize(path) / 2**20:.1f} MiB)")
     reason = unavailable_reason() if engine else "--no-engine"
     if reason:
-        click.echo(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
+        lines.append(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
     else:
-        for path, _ in graphs:
-            plans[path] = os.path.splitext(path)[0] + ".plan"
-            _engine(path, plans[path], batch, workspace, timing_cache)
+        for name in names:
+            plan = os.path.splitext(name)[0] + ".plan"
+            plans[name] = os.path.join(folder, plan)
+            lines.append(_engine(os.path.join(folder, name), plans[name], batch, workspace, timing_cache,
+                                 os.path.join(out_dir, plan)))
     if check:
         from .check import check_onnx
 
         failed = []
-        for path, _ in graphs:
-            click.echo(f"check {os.path.basename(path)}: torch vs ONNX Runtime"
-                       + (" vs TensorRT" if path in plans else ""))
-            if not check_onnx(path, model, process, plan_path=plans.get(path), log=click.echo):
-                failed.append(os.path.basename(path))
+        for name in names:
+            click.echo(f"check {name}: torch vs ONNX Runtime" + (" vs TensorRT" if name in plans else ""))
+            if not check_onnx(os.path.join(folder, name), model, process, plan_path=plans.get(name), log=click.echo):
+                failed.append(name)
         if failed:
-            raise BdmError(f"check failed for {', '.join(failed)}: errors over the tolerances ({_TOL})")
-        click.echo("check passed")
-    return 0
+            raise BdmError(f"check failed for {', '.join(failed)}: errors over the tolerances ({_TOL}); nothing "
+                           "was written (export without --check to keep the graphs)")
+    return lines
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,7 +141,7 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
                    "the runtime can choose either (default: the checkpoint's sampler config, else ddim).")
 @click.option("--grid", type=click.Choice(GRIDS), default=None,
               help="Default time grid stored in the graph (B15; default: the checkpoint's, else uniform).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampler steps (network "
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Default sampler steps (network "
               "evaluations) stored in the graph (default: the checkpoint's sampler config).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
               help="Default eta of the ddim solver stored in the graph (default: the checkpoint's; 0 for dpmpp2m).")
@@ -155,7 +180,12 @@ def cli(ckpt, ema, out_dir, fp16, guidance, solver, grid, steps, eta, clip, onnx
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise BdmError(f"--out {out}: folder {folder} does not exist or is not writable")
-        _engine(onnx_path, out, batch, workspace, timing_cache)
+        from bdm_runtime.io import Staging
+
+        with Staging() as stage:  # the engine and its side file appear together
+            line = _engine(onnx_path, os.path.join(stage.folder(folder), os.path.basename(out)), batch, workspace,
+                           timing_cache, out)
+        click.echo(line)
         return 0
     if out is not None:
         raise BdmError("--out is for --onnx; with --ckpt use --out-dir")

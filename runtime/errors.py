@@ -9,6 +9,14 @@ class BdmError(ValueError):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's ``KeyboardInterrupt`` so that the same clean-up runs on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 # Import names whose pip package is named differently.
 PIP_NAMES = {"PIL": "Pillow", "sklearn": "scikit-learn", "onnxruntime": "onnxruntime (or onnxruntime-gpu)",
              # an unpinned torch pulls a multi-GB CUDA build: name the CPU build
@@ -40,9 +48,11 @@ def run_cli(command, args=None, prog_name=None):
 
     Exit codes: 1 for a refused input (``BdmError``), a missing third-party module (``ImportError``)
     or an unreadable/unwritable file (``OSError``): the user's environment, not our code; click's own
-    (2) for usage errors, 130 when interrupted. Anything else is a bug and keeps its traceback: a
-    plain ``ValueError``, ``TypeError``, ..., and an ``ImportError`` of bdm's own packages.
+    (2) for usage errors, 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM, handled like
+    Ctrl-C: temporary files are removed on the way out). Anything else is a bug and keeps its
+    traceback: a plain ``ValueError``, ``TypeError``, ..., and an ``ImportError`` of bdm's own packages.
     """
+    import signal
     import sys
 
     import click
@@ -52,8 +62,14 @@ def run_cli(command, args=None, prog_name=None):
         sys.exit(code)
 
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+            fail("terminated (SIGTERM)", 143)
         fail("interrupted", 130)
     except click.ClickException as e:
         fail(e.format_message(), e.exit_code)
@@ -65,3 +81,6 @@ def run_cli(command, args=None, prog_name=None):
         fail(describe_import_error(e), 1)
     except OSError as e:
         fail(describe_os_error(e), 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,12 @@ def normalize_labels(labels, n, num_classes, error=BdmError):
     if labels is None:  # the null label: unconditional sampling (B12)
         return np.full((n,), num_classes, dtype=np.int64)
     arr = np.asarray(labels)
+    if arr.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                                     for v in arr.reshape(-1)):  # whole numbers too large for int64
+        values = [int(v) for v in arr.reshape(-1)]
+        raise error(_out_of_range(num_classes, min(values), max(values)))
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > num_classes:  # before int64 wraps them around
+        raise error(_out_of_range(num_classes, int(arr.min()), int(arr.max())))
     whole = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr)))
                                        and bool(np.all(arr == np.round(arr))))
     if not whole:
@@ -31,9 +37,12 @@ def normalize_labels(labels, n, num_classes, error=BdmError):
     if arr.size != n:
         raise error(f"need 1 or n={n} labels, got {arr.size}")
     if arr.min() < 0 or arr.max() > num_classes:
-        raise error(f"labels must be in 0..{num_classes - 1} ({num_classes} is the null label), "
-                    f"got {int(arr.min())}..{int(arr.max())}")
+        raise error(_out_of_range(num_classes, int(arr.min()), int(arr.max())))
     return arr
+
+
+def _out_of_range(num_classes, lo, hi):
+    return f"labels must be in 0..{num_classes - 1} ({num_classes} is the null label), got {lo}..{hi}"
 
 
 def parse_labels(text, flag="--label"):

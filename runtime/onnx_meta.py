@@ -1,8 +1,9 @@
-"""Read an ONNX file's ``metadata_props`` and graph input names without the ``onnx`` package.
+"""Read an ONNX file's ``metadata_props`` and graph inputs/outputs (names, declared shapes) without ``onnx``.
 
 A minimal protobuf walker over the top-level ``ModelProto`` (onnx.proto3): field 14 is
 ``metadata_props`` (``StringStringEntryProto``: key = 1, value = 2), field 7 the ``graph``
-(``GraphProto``: input = 11, ``ValueInfoProto.name`` = 1). Everything else is skipped by its
+(``GraphProto``: input = 11, output = 12, ``ValueInfoProto.name`` = 1, ``.type`` = 2, whose tensor
+shape lists ``dim_value``/``dim_param`` per dimension). Everything else is skipped by its
 wire type, so the weights are never copied. A Jetson running TensorRT may have neither ``onnx``
 nor ONNX Runtime, yet must read the metadata to build and label an engine.
 """
@@ -17,7 +18,8 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MODEL_IR_VERSION, _MODEL_GRAPH, _MODEL_METADATA = 1, 7, 14
 _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 11, 12, 13
 _VALUE_INFO_NAME, _VALUE_INFO_TYPE = 1, 2
-_TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 1  # TypeProto.tensor_type, TypeProto.Tensor.elem_type
+_TYPE_TENSOR, _TENSOR_ELEM_TYPE, _TENSOR_SHAPE = 1, 1, 2  # TypeProto.tensor_type, Tensor.elem_type/.shape
+_SHAPE_DIM, _DIM_VALUE = 1, 1  # TensorShapeProto.dim, Dimension.dim_value (dim_param = 2: symbolic)
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 
 
@@ -111,6 +113,30 @@ def _elem_type(buf, value_info):
     return None
 
 
+def _shape(buf, value_info):
+    """Declared shape of a tensor ``ValueInfoProto``: a list with an int per fixed dimension and
+    ``None`` per symbolic one (``dim_param``), or ``None`` when no shape is declared."""
+    for tp in _sub(buf, value_info, _VALUE_INFO_TYPE):
+        for tensor in _sub(buf, tp, _TYPE_TENSOR):
+            for shape in _sub(buf, tensor, _TENSOR_SHAPE):
+                dims = []
+                for dim in _sub(buf, shape, _SHAPE_DIM):
+                    values = [v for n, w, v in _fields(buf, dim[0], dim[1]) if n == _DIM_VALUE and w == _VARINT]
+                    dims.append(values[0] if values else None)
+                return dims
+    return None
+
+
+def _value_shapes(buf, span, field):
+    """``{name: declared shape}`` of the ``ValueInfoProto`` entries in field ``field`` of a ``GraphProto``."""
+    shapes = {}
+    for vi in _sub(buf, span, field):
+        names = [_string(buf, v) for v in _sub(buf, vi, _VALUE_INFO_NAME)]
+        if names:
+            shapes[names[0]] = _shape(buf, vi)
+    return shapes
+
+
 def value_types(path):
     """``{tensor name: ONNX elem type}`` of the graph's inputs, outputs and ``value_info``."""
     path = os.fspath(path)
@@ -130,13 +156,15 @@ def value_types(path):
 
 
 class OnnxInfo:
-    """What the runtime needs from an ``.onnx``: ``metadata`` (raw strings), ``inputs``, ``outputs``."""
+    """What the runtime needs from an ``.onnx``: ``metadata`` (raw strings), ``inputs``, ``outputs`` and
+    ``shapes`` (``{input or output name: declared shape}``, see :func:`_shape`)."""
 
-    def __init__(self, ir_version, metadata, inputs, outputs):
+    def __init__(self, ir_version, metadata, inputs, outputs, shapes=None):
         self.ir_version = ir_version
         self.metadata = metadata
         self.inputs = inputs
         self.outputs = outputs
+        self.shapes = shapes or {}
 
 
 def parse(buf):
@@ -155,9 +183,11 @@ def parse(buf):
             raise _Malformed("no ir_version or graph")
         inputs = _value_names(buf, graph, _GRAPH_INPUT)
         outputs = _value_names(buf, graph, _GRAPH_OUTPUT)
+        shapes = _value_shapes(buf, graph, _GRAPH_INPUT)
+        shapes.update(_value_shapes(buf, graph, _GRAPH_OUTPUT))
     except (_Malformed, UnicodeDecodeError) as e:
         raise ValueError(f"not an ONNX model ({e})")
-    return OnnxInfo(ir_version, metadata, inputs, outputs)
+    return OnnxInfo(ir_version, metadata, inputs, outputs, shapes)
 
 
 def read(path):

@@ -15,12 +15,13 @@ from .errors import BdmError
 from .grids import SOLVERS, previous_times, resolve, solver_eta
 from .step_info import StepInfo, engine_info, onnx_info, read_side_file, side_file  # noqa: F401 (public here too)
 from .labels import normalize_labels
+from .limits import DEFAULT_BATCH, check_sample_memory, check_steps, check_threads
 from .loop import Plan, run_chunk
 from .noise import NoiseStream, check_positive_int, check_seed
 
 BACKENDS = ("auto", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
-ORT_DEFAULT_BATCH = 64  # chunk size when the backend has no profile maximum (bounds host memory)
+ORT_DEFAULT_BATCH = DEFAULT_BATCH  # chunk size when the backend has no profile maximum (bounds host memory)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
     if os.path.isdir(path):
         raise BdmError(f"{path}: is a directory, not a model file")
     if threads is not None:
-        threads = check_positive_int(threads, "threads", BdmError)
+        threads = check_threads(threads)
     if batch is not None:
         batch = check_positive_int(batch, "batch", BdmError)
     stream = _stream_handle(cuda_stream)
@@ -178,10 +179,13 @@ class Sampler:
             pass
 
     # -- arguments ----------------------------------------------------------------------------
-    def _guidance(self, guidance):
+    def _guidance(self, guidance, labels):
         if guidance is None:
             return 0.0 if self.info.guided else None
         w = _finite(guidance, "guidance")
+        if w != 0.0 and labels is None and self.info.num_classes > 0:
+            raise BdmError("guidance needs labels (--label): without them every image gets the null label, "
+                           "where guidance has no effect (B12)")
         if self.info.num_classes == 0:
             if w != 0.0:
                 raise BdmError("guidance needs a conditional model; this one is unconditional")
@@ -225,7 +229,7 @@ class Sampler:
             raise BdmError(f"{self.info.path}: a format-{self.info.format_version} step graph runs only the ddim "
                            f"solver; re-export it with this bdm (bdm-export) to sample with {solver}")
         if steps is not None:
-            steps = check_positive_int(steps, "steps", BdmError)
+            steps = check_steps(steps)
         try:
             eta = solver_eta(solver, None if eta is None else _finite(eta, "eta"), self.info.default_eta)
             times = resolve(steps, self.info.default_grid if grid is None else grid, self.info.process,
@@ -250,13 +254,14 @@ class Sampler:
         uploads and noise draws; asynchronous backends are synchronised around each timed step).
         """
         n = check_positive_int(n, "n", BdmError)
+        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None)
         plan = self.plan(steps, eta, solver, grid)
         try:
             check_seed(seed, first_index)
         except ValueError as e:
             raise BdmError(str(e))
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
-        w = self._guidance(guidance)
+        w = self._guidance(guidance, labels)
         host, device = self._destination(out, n)
         with self._lock:
             backend = self._require()

@@ -9,6 +9,7 @@ import os
 from . import format as fmt
 from .errors import BdmError
 from .grids import GRIDS, SOLVERS, solver_eta
+from .limits import MAX_STEPS
 
 
 def _is_int(v):
@@ -36,14 +37,16 @@ class StepInfo:
         self.inputs = inputs
 
     @classmethod
-    def from_meta(cls, path, meta, inputs=None, outputs=None):
-        """Validate decoded ``bdm.*`` metadata (and graph input/output names when known)."""
+    def from_meta(cls, path, meta, inputs=None, outputs=None, shapes=None):
+        """Validate decoded ``bdm.*`` metadata (and graph input/output names and declared shapes when known)."""
         if not meta:
             raise BdmError(f"{path}: not a bdm step graph (no bdm.* metadata)")
         missing = fmt.missing_keys(meta)
         if missing:
             raise BdmError(f"{path}: not a bdm step graph (metadata {', '.join(missing)} missing)")
         version = meta[fmt.K_FORMAT_VERSION]
+        if not _is_int(version):  # 1.0 and true equal 1 in Python: still not a format version
+            raise BdmError(f"{path}: bad {fmt.K_FORMAT_VERSION} {version!r}: not an integer")
         if version not in fmt.SUPPORTED_VERSIONS:
             raise BdmError(f"{path}: step-graph format version {version!r}, this runtime reads "
                            f"{', '.join(str(v) for v in fmt.SUPPORTED_VERSIONS)}: upgrade bdm")
@@ -54,8 +57,8 @@ class StepInfo:
         if not (_is_int(k) and k >= 0):
             raise BdmError(f"{path}: bad {fmt.K_NUM_CLASSES} {k!r}")
         steps = meta[fmt.K_DEFAULT_STEPS]
-        if not (_is_int(steps) and steps > 0):
-            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r}")
+        if not (_is_int(steps) and 0 < steps <= MAX_STEPS):
+            raise BdmError(f"{path}: bad {fmt.K_DEFAULT_STEPS} {steps!r} (want 1..{MAX_STEPS})")
         eta = meta[fmt.K_DEFAULT_ETA]
         if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0.0 <= eta <= 1.0):
             raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA} {eta!r}")
@@ -70,6 +73,7 @@ class StepInfo:
         if outputs is not None and sorted(outputs) != sorted(fmt.outputs(version)):
             raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has "
                            f"{sorted(fmt.outputs(version))}")
+        _check_image_shapes(path, shape, shapes or {})
         return cls(path, meta, inputs)
 
 
@@ -89,6 +93,18 @@ def _check_defaults(path, meta):
         raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA}: {e}")
 
 
+def _check_image_shapes(path, image_shape, shapes):
+    """Refuse metadata whose ``[C, H, W]`` disagrees with the image tensors the graph declares ``[B, C, H, W]``."""
+    for name in (fmt.Z, fmt.NOISE, fmt.Z_NEXT, fmt.X0):
+        declared = shapes.get(name)
+        if declared is None:
+            continue
+        shown = "x".join("?" if d is None else str(d) for d in declared)
+        if len(declared) != 4 or any(d is not None and d != m for d, m in zip(declared[1:], image_shape)):
+            raise BdmError(f"{path}: its metadata says images are {'x'.join(map(str, image_shape))} (C x H x W), "
+                           f"but the graph's {name} is {shown}: the file was altered; export it again")
+
+
 def _decode(path, props):
     try:
         return fmt.decode(props)
@@ -101,7 +117,7 @@ def onnx_info(path):
     from . import onnx_meta
 
     info = onnx_meta.read(path)
-    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs)
+    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs, info.shapes)
 
 
 def side_file(plan_path):

@@ -31,7 +31,7 @@ RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt
 # The runtime's torch-free core, all that training may use of it.
 RUNTIME_CORE = {"bdm_runtime", "bdm_runtime.errors", "bdm_runtime.io", "bdm_runtime.labels",
                 "bdm_runtime.noise", "bdm_runtime.images", "bdm_runtime.format",
-                "bdm_runtime.grids"}
+                "bdm_runtime.grids", "bdm_runtime.limits"}
 
 
 def module_name(rel):

@@ -138,6 +138,9 @@ class TrtBackend:
             raise BdmError(f"{plan_path}: engine tensors {sorted(names)} do not match its metadata")
         self._dtype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
         lo, _, hi = self._engine.get_tensor_profile_shape(fmt.Z, 0)
+        if tuple(int(d) for d in lo[1:]) != tuple(info.image_shape):  # z's profile is [b, C, H, W]
+            raise BdmError(f"{plan_path}: its side file says images are {'x'.join(map(str, info.image_shape))} "
+                           f"(C x H x W), but the engine's z is {'x'.join(map(str, lo[1:]))}: build it again")
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         if batch is not None:
             self.max_batch = max(self.min_batch, min(self.max_batch, batch))

@@ -405,6 +405,16 @@ def test_device_out_of_memory_is_one_line(memory, graphs, tmp_path, monkeypatch)
     assert env.cudart.live == {} and not env.cudart.streams and not env.cudart.events  # nothing left behind
 
 
+def test_side_file_image_shape_must_match_the_engine(graphs, tmp_path, monkeypatch):
+    """A side file whose image shape disagrees with the engine's z is refused in one line (issue 13)."""
+    env = Env(monkeypatch, "10.3")
+    plan, side = _build(env, graphs["fp32"], tmp_path)
+    with open(plan + ".json", "w") as f:
+        json.dump(dict(side, **{fmt.K_IMAGE_SHAPE: [1, 100000, 100000]}), f)
+    with pytest.raises(BdmError, match=r"1x100000x100000 \(C x H x W\), but the engine's z is 1x4x4"):
+        bdm_runtime.load(plan)
+
+
 # -- the engine cache ------------------------------------------------------------------------------
 def test_engine_cache_follows_the_gpu(graphs, tmp_path, monkeypatch):
     env = Env(monkeypatch, "10.3")

@@ -14,6 +14,7 @@ and every backend step through exactly these times. ``B`` labels refer to ``docs
   ``ell_k = log(alpha_k / sigma)`` (B11), which bounds the factor ``alpha_s / alpha_t`` by which a
   step multiplies the remaining error where a frequency un-blurs. Without blur it equals ``logsnr``.
 """
+import json
 import math
 from functools import lru_cache
 
@@ -69,9 +70,9 @@ class Schedule:
 
 
 def _key(process):
-    """A hashable form of a process config (for the grid cache)."""
+    """A hashable form of a process config (for the grid cache): its JSON text."""
     try:
-        return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(process).items()))
+        return json.dumps(dict(process), sort_keys=True)
     except (TypeError, ValueError):
         raise BdmError(f"not a blurring-diffusion process config: {process!r}")
 
@@ -102,7 +103,7 @@ def time_grid(steps, grid="uniform", process=None, rho=None):
 
 @lru_cache(maxsize=64)
 def _cached(steps, grid, key, rho):
-    sched = Schedule(dict(key))
+    sched = Schedule(json.loads(key))
     if grid == "logsnr":
         logsnr = np.linspace(sched.logsnr_min, sched.logsnr_max, steps + 1)
     elif grid == "edm":

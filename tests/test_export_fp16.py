@@ -18,6 +18,7 @@ from bdm_export import export_onnx
 from bdm_export.fp16 import F16, F32, half_model, node_input_types, relative_error, value_types
 from bdm_export.step import StepGraph
 from bdm_runtime import format as fmt
+from helpers import graph_step
 from test_export import ALLOWED, GRID, N, dct_initializers, ort_sample, run_step, session
 
 
@@ -92,11 +93,10 @@ def test_fp16_drift(graphs, images):
         z = process.q_sample(x, t, torch.randn(x.shape, generator=gen))
         noise = torch.randn(x.shape, generator=gen)
         eta = torch.tensor([0.0])
-        with torch.no_grad():
-            t32, _ = g32(z, t, s, eta, noise)
-            t16, _ = g16(z, t, s, eta, noise)
-        o32, _ = run_step(s32, z.numpy(), t.numpy(), s.numpy(), 0.0, noise.numpy())
-        o16, _ = run_step(s16, z.numpy(), t.numpy(), s.numpy(), 0.0, noise.numpy())
+        t32 = graph_step(g32, z=z, t=t, s=s, eta=eta, noise=noise)[0]
+        t16 = graph_step(g16, z=z, t=t, s=s, eta=eta, noise=noise)[0]
+        o32 = run_step(s32, z.numpy(), t.numpy(), s.numpy(), 0.0, noise.numpy())[0]
+        o16 = run_step(s16, z.numpy(), t.numpy(), s.numpy(), 0.0, noise.numpy())[0]
         for key, err in (("torch16 vs torch32", relative_error(t16, t32)),
                          ("onnx16 vs onnx32", relative_error(o16, o32)),
                          ("onnx16 vs torch16", relative_error(o16, t16))):

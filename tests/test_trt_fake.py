@@ -267,7 +267,7 @@ def test_multistep_state_stays_on_the_device(key, cuda_graph, graphs, tmp_path, 
     want = _reference(graphs["fmt2"], 11, **kw)
     # the history reaches the graph: the first-order run differs by far more than the tolerance below
     assert np.abs(want - _reference(graphs["fmt2"], 11, seed=5, steps=5, eta=0.0)).max() > 0.01 * np.abs(want).max()
-    with runtime.load(plan, cuda_graph=cuda_graph) as s:
+    with bdm_runtime.load(plan, cuda_graph=cuda_graph) as s:
         got = [s.sample(11, **kw) for _ in range(2)]
         ddim = s.sample(3, seed=2, steps=4, eta=1.0)
     for g in got:

@@ -2,7 +2,7 @@
 
 Every grid runs from ``t = 1`` (where the initial latent is drawn) to ``t = 0`` in ``steps`` steps,
 one network evaluation per step, as float32 (the dtype the step graph reads): the torch sampler
-and every backend step through exactly these times. ``B`` labels refer to ``docs``' maths (B1-B15).
+and every backend step through exactly these times. ``B`` labels refer to ``docs/maths.md``.
 
 - ``uniform``: ``t_i = i / N`` (the paper's grid; ``bdm_runtime.noise.time_grid``).
 - ``power``: ``t_i = (i / N)^rho``, ``rho = 2`` by default: denser near ``t = 0``, where the high
@@ -268,7 +268,7 @@ def settings(sampler, solver=None, grid=None, steps=None, eta=None):
     """``(solver, grid, steps, eta)``: those given, else a checkpoint's ``sampler`` config, else ddim/uniform.
 
     ``eta`` belongs to the ddim solver: a deterministic solver without ``eta`` gets 0, and a
-    non-zero ``eta`` with it is refused (``ValueError``, as for every inconsistent setting).
+    non-zero ``eta`` with it is refused (``BdmError``, a ``ValueError``, as for every inconsistent setting).
     """
     solver = sampler.get("solver", "ddim") if solver is None else solver
     grid = sampler.get("grid", "uniform") if grid is None else grid

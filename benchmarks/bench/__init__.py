@@ -15,9 +15,10 @@ per-pair ratios, times the medians. Loop overhead comes from the same timed call
 public step-timing hook (``Sampler.sample(..., timing=)``) gives each step's own time, and overhead
 = (sampling time - sum of step times) / sum of step times. Thread settings are pinned:
 ``torch.set_num_threads(T)`` and ONNX Runtime ``intra_op_num_threads = T``, in an ONNX Runtime
-``SessionOptions`` given to ``bdm_runtime.load(..., session_options=)`` (``ort_settings``). The
-sampler default section (``benchmarks.defaults``) times the shipped model at its sampler default
-against the old one (100 ancestral DDIM steps) in the same run. Cold start, peak
+``SessionOptions`` given to ``bdm_runtime.load(..., session_options=)``
+(``ort_settings.ort_session_options``). The sampler-default section (``benchmarks.defaults``) times
+the shipped model at its sampler default against the old one (100 ancestral DDIM steps) in the
+same run. Cold start, peak
 RSS and ``import bdm_runtime`` are measured in fresh subprocesses (the runtime ones check that torch
 never enters ``sys.modules``). FLOPs per network evaluation come from the exported graph's
 shapes (``benchmarks.flops``), the peak from a float32 matmul with the same thread count.

@@ -1,5 +1,7 @@
-"""ONNX Runtime settings as ONNX Runtime's own ``SessionOptions``, given to ``bdm_runtime.load(session_options=)``,
-and per-step timing through the runtime's public timing hook (``Sampler.sample(..., timing=)``).
+"""ONNX Runtime settings as ONNX Runtime's own ``SessionOptions``, given to ``bdm_runtime.load``.
+
+Step times come from the runtime's public hook (``Sampler.sample(..., timing=)``), the options the
+session really runs with from ``Sampler.session_options``: nothing of ONNX Runtime is patched.
 """
 
 

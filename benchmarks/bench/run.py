@@ -19,10 +19,11 @@ from .timing import ort_sweep, time_network
 def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=None):
     """Measure everything; returns the result dict (see the package docstring).
 
-    ``default``: the new sampler default to time against the old one (``benchmarks.defaults``;
+    ``default``: the new sampler default timed against the old one (``benchmarks.defaults``;
     ``None``: the shipped model's own).
     """
     from benchmarks import defaults
+
     t_start = time.perf_counter()
     share = CpuShare()
     nets = QUICK_NETWORKS if quick else NETWORKS

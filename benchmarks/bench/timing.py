@@ -9,7 +9,7 @@ from .ort_settings import load_timed, session_options
 
 
 class Runner:
-    """One way of sampling: ``call(b, steps) -> images``; ``step_sum()`` for the runtime's own step time."""
+    """One way of sampling: ``call(b, steps) -> images``; ``step_times``: the list the runtime's timing hook fills."""
 
     def __init__(self, name, call, step_times=None):
         self.name, self.call, self.step_times = name, call, step_times

@@ -50,7 +50,7 @@ def graph_step(graph, **named):
 
 def ort_sample(sess, shape, n, seed, steps, eta, labels=None, guidance=None, first_index=0, solver="ddim",
                times=None):
-    """The runtime's loop, written out: the noise protocol of bdm_runtime.noise, one graph call per step; with
+    """The runtime's loop, written out: the noise protocol of runtime.noise, one graph call per step; with
     ``solver="dpmpp2m"`` every step after the first gets the previous step's time and ``u_x`` (B11)."""
     noise = NoiseStream(seed, first_index, n, shape)
     z = noise.draw()

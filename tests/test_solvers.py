@@ -1,6 +1,6 @@
 """Few-step sampling: DPM-Solver++(2M) (B11) beside DDIM (B10), the time grids (B15), in torch.
 
-References: B11 written out in float64 numpy from bdm-math (scipy's DCT, ``tests/reference.py``);
+References: B11 written out in float64 numpy from docs/maths.md (scipy's DCT, ``tests/reference.py``);
 the exact denoiser of an image mixture (``MixtureDenoiser``); a 1,000-step solution of the same
 ODE for the order of convergence; B3/B15 re-derived here for the grids.
 """
@@ -119,7 +119,7 @@ H = W = 6
 
 
 def _b11(z, eps, t, s, t_prev, u_prev, blur, clip):
-    """DPM-Solver++(2M) as bdm-math B11 writes it, per frequency, in numpy (clipping as in B10)."""
+    """DPM-Solver++(2M) as docs/maths.md B11 writes it, per frequency, in numpy (clipping as in B10)."""
     a_t, s_t = ref_alpha_sigma(t, H, W, blur)
     a_s, s_s = ref_alpha_sigma(s, H, W, blur)
     u_t = dctn(z)

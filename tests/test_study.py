@@ -82,6 +82,10 @@ def test_settings_sweep_waits_for_the_measured_clip(tmp_path):
         with open(os.path.join(folder, "eval.json"), "w") as f:
             json.dump(dict(n=4, fd=10.0 if setting.clip else 9.0), f)
     assert s.sweep_clip("bdm") is False
+    # Evaluated points are not sampled again (a fresh machine has the committed eval.json, not the images).
+    s.trained = lambda model, allow_partial: 7
+    s._sampler = lambda model, clip: pytest.fail("an evaluated point was sampled again")
+    s.sample(settings=study.common.legacy_settings())
     sweep = [x for x in s.settings("bdm") if x.grid == "spectral" or x.steps == 5]
     assert {(x.solver, x.grid, x.steps, x.clip) for x in sweep} == {
         (sv, g, 5, False) for sv in ("ddim", "dpmpp2m") for g in ("uniform", "spectral")}

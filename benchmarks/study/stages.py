@@ -150,6 +150,8 @@ class Study:
             samplers = {}
             for setting in settings or self.settings(model):
                 folder = self.point_dir(model, step, setting)
+                if self.evaluated(folder):   # committed results: a fresh machine has no images, and needs none
+                    continue
                 for first in range(0, self.n, self.chunk):
                     path = os.path.join(folder, f"{first:06d}.npz")
                     if os.path.isfile(path):
@@ -193,6 +195,11 @@ class Study:
         f.close = s.close
         return f
 
+    def evaluated(self, folder):
+        """Whether the point in ``folder`` has its metrics for ``n`` samples (``eval.json``)."""
+        res = read_json(os.path.join(folder, "eval.json"))
+        return res is not None and res.get("n") == self.n
+
     def images(self, model, step, setting):
         """All sampled images of one point, uint8 ``[n, H, W, C]``, and the sampling seconds."""
         files = sorted(glob.glob(os.path.join(self.point_dir(model, step, setting), "[0-9]*.npz")))
@@ -214,8 +221,7 @@ class Study:
             step = self.trained(model, allow_partial)
             for setting in self.settings(model):
                 cache = os.path.join(self.point_dir(model, step, setting), "eval.json")
-                old = read_json(cache)
-                if old is not None and old.get("n") == self.n:
+                if self.evaluated(os.path.dirname(cache)):
                     continue
                 images, seconds = self.images(model, step, setting)
                 if len(images) < self.n:

@@ -71,3 +71,13 @@ def tiny_cond_checkpoint(tmp_path_factory, tiny_data):
     """Path of the same, class-conditional with ``num_classes=3`` (null label 3)."""
     return _train_tiny(tmp_path_factory, tiny_data, "tiny_cond_ckpt", num_classes=3)
 
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny tensors: threads only add overhead on shared cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

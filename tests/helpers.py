@@ -67,3 +67,14 @@ def ort_sample(sess, shape, n, seed, steps, eta, labels=None, guidance=None, fir
         if solver == "dpmpp2m":
             t_prev, u_x = t, out[2]
     return x0
+
+
+def in_process(entry, args, capsys):
+    """``(exit code, stdout, stderr)`` of a console entry point called in this process."""
+    try:
+        entry([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

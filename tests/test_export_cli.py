@@ -19,6 +19,7 @@ from bdm_runtime.trt_build import parse_batch, unavailable_reason
 from bdm_runtime import onnx_meta
 from bdm_runtime import format as fmt
 from bdm_runtime.errors import BdmError
+from helpers import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_TRT = unavailable_reason()
@@ -26,13 +27,7 @@ NO_TRT = unavailable_reason()
 
 def run_cli(args, capsys):
     """``(exit status, stdout, stderr)`` of ``bdm-export args`` in this process."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return in_process(main, args, capsys)
 
 
 def assert_one_line_error(code, err, *words):

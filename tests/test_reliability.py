@@ -24,7 +24,7 @@ from bdm_train.train import main as train_main
 from bdm_train.train import train
 from conftest import ROOT
 from bdm_export.cli import main as export_main
-from helpers import export_mixture
+from helpers import export_mixture, in_process
 from bdm_runtime import format as fmt
 from bdm_runtime.errors import BdmError
 
@@ -55,17 +55,6 @@ def one_line(code, err, *words):
     for w in words:
         assert w in lines[0], (w, lines[0])
     return lines[0]
-
-
-def in_process(entry, args, capsys):
-    """``(exit code, stdout, stderr)`` of a console entry point called in this process."""
-    try:
-        entry([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def command(module, *args, fsize=None, **kw):

@@ -23,12 +23,7 @@ BLURS = [20.0, 0.0]                       # BDM and the DDPM baseline
 SCHEMES = [(1.0, 200), (0.0, 20)]         # ancestral with many steps, deterministic with few
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(k=4, shape=(1, 8, 8), seed=0):

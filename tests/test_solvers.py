@@ -20,12 +20,7 @@ from bdm_runtime.noise import NoiseStream
 BLURS = [20.0, 0.0]  # BDM and the DDPM baseline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on shared cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(size=8, blur=20.0):

@@ -6,7 +6,7 @@ import click
 from bdm_runtime.errors import BdmError
 
 from .analysis import denoising_error, error_gain, information
-from .common import MODELS, NET, OPT, RESULTS, RUNS, SMOKE, STEPS, ckpt_step
+from .common import MODELS, NET, NFES, OPT, RESULTS, RUNS, SMOKE, STEPS, ckpt_step
 from .stages import Study
 
 STAGES = ("train", "export", "sample", "parity", "eval", "report", "ship")
@@ -50,9 +50,11 @@ def _models(only):
               help="Sample through the runtime on the exported ONNX, or with the PyTorch reference sampler.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads of torch and ONNX Runtime [all].")
 @click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
+@click.option("--nfes", default=",".join(map(str, NFES)), show_default=True,
+              help="Network evaluations of the solver x grid sweep (e.g. 10,20 to answer those first).")
 @click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
 def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn, batch_size, lr, runs,
-            results, device, backend, threads, allow_partial, smoke):
+            results, device, backend, threads, allow_partial, nfes, smoke):
     """Run (or resume) the study's stages in order."""
     import torch
 
@@ -65,13 +67,15 @@ def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_
     if bad:
         raise BdmError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
     models = _models(only)
+    if any(k < 1 for k in int_list(nfes, "nfes")):
+        raise BdmError(f"--nfes {nfes!r}: network evaluations must be at least 1")
     if threads:
         torch.set_num_threads(threads)
     net = dict(ch=ch, ch_mult=tuple(int_list(ch_mult, "ch-mult")), num_res_blocks=num_res_blocks,
                attn=tuple(int_list(attn, "attn")), dropout=dropout)
     kw = dict(runs=runs, results=results, models=models, steps=steps, n=n, chunk=chunk, net=net,
               opt=dict(batch_size=batch_size, lr=lr), device=device, backend=backend,
-              threads=threads or torch.get_num_threads())
+              threads=threads or torch.get_num_threads(), nfes=tuple(int_list(nfes, "nfes")))
     if smoke:
         tmp = os.path.join("/tmp", "bdm_study_smoke")
         kw.update(runs=os.path.join(tmp, "runs"), results=os.path.join(tmp, "results"), steps=SMOKE["steps"],

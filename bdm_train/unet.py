@@ -132,20 +132,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels=1, image_size=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, num_classes=0, param="eps", data_mean=None, data_std=None):
         super().__init__()
-        self.param = str(param)
-        if self.param not in PARAMS:
-            raise ValueError(f"param must be one of {', '.join(PARAMS)}, got {param!r}")
-        if self.param == "spectral":
-            shape = (int(in_channels), int(image_size), int(image_size))
-            stats = [torch.as_tensor(v, dtype=torch.float32) if v is not None else None for v in (data_mean, data_std)]
-            if any(v is None or tuple(v.shape) != shape for v in stats):
-                raise ValueError(f"param='spectral' needs data_mean and data_std of shape {list(shape)} (B14)")
-            if not bool((stats[1] > 0).all()):
-                raise ValueError("data_std must be positive (B14 floors it)")
-            self.register_buffer("data_mean", stats[0].clone())
-            self.register_buffer("data_std", stats[1].clone())
-        elif data_mean is not None or data_std is not None:
-            raise ValueError("data_mean/data_std belong to param='spectral'")
+        self._set_param(param, (int(in_channels), int(image_size), int(image_size)), data_mean, data_std)
         image_size = int(image_size)
         ch_mult = tuple(int(m) for m in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -199,6 +186,22 @@ class UNet(nn.Module):
         assert not skips
         self.norm_out = GroupNorm32(_groups(cur), cur)
         self.conv_out = _zero(nn.Conv2d(cur, in_channels, 3, padding=1))
+
+    def _set_param(self, param, shape, data_mean, data_std):
+        """How the output is read; for ``"spectral"`` the B14 statistics become buffers (checked here)."""
+        self.param = str(param)
+        if self.param not in PARAMS:
+            raise ValueError(f"param must be one of {', '.join(PARAMS)}, got {param!r}")
+        if self.param == "spectral":
+            stats = [torch.as_tensor(v, dtype=torch.float32) if v is not None else None for v in (data_mean, data_std)]
+            if any(v is None or tuple(v.shape) != shape for v in stats):
+                raise ValueError(f"param='spectral' needs data_mean and data_std of shape {list(shape)} (B14)")
+            if not bool((stats[1] > 0).all()):
+                raise ValueError("data_std must be positive (B14 floors it)")
+            self.register_buffer("data_mean", stats[0].clone())
+            self.register_buffer("data_std", stats[1].clone())
+        elif data_mean is not None or data_std is not None:
+            raise ValueError("data_mean/data_std belong to param='spectral'")
 
     def config(self):
         """The constructor arguments as plain JSON types."""

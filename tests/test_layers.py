@@ -210,3 +210,42 @@ def test_a_cycle_is_found(found):
     g = graph(found)
     g["bdm_runtime.errors"] = g["bdm_runtime.errors"] | {"bdm_train.checkpoint"}  # also a layer breach
     assert find_cycle(g) is not None
+
+
+# -- sizes (issue 10): a module a newcomer can read in one sitting, a function on one screen -------
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def sizes(root=ROOT, folders=("runtime", "export", "bdm_train", "benchmarks", "examples")):
+    """``[(path, lines)]`` of modules and ``[(path:name, lines)]`` of functions (decorators excluded)."""
+    modules, functions = [], []
+    for folder in folders:
+        for base, _, files in os.walk(os.path.join(root, folder)):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(base, name)
+                with open(path) as f:
+                    source = f.read()
+                rel = os.path.relpath(path, root)
+                modules.append((rel, len(source.splitlines())))
+                functions += [(f"{rel}:{node.name}", node.end_lineno - node.lineno + 1)
+                              for node in ast.walk(ast.parse(source))
+                              if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return modules, functions
+
+
+def test_sizes_hold():
+    modules, functions = sizes()
+    assert len(modules) > 40 and any(p.endswith("bdm_train/train.py") for p, _ in modules)  # the scan sees them
+    assert [(p, n) for p, n in modules if n > MAX_MODULE_LINES] == []
+    assert [(p, n) for p, n in functions if n > MAX_FUNCTION_LINES] == []
+
+
+def test_sizes_bite(tmp_path):
+    """The counter counts: a 61-line function and a 401-line module are over the limits."""
+    (tmp_path / "pkg").mkdir()
+    body = "def long():\n" + "    x = 1\n" * 60 + "\n" * (400 - 61) + "y = 2\n"
+    (tmp_path / "pkg" / "m.py").write_text(body)
+    modules, functions = sizes(str(tmp_path), ("pkg",))
+    rel = os.path.join("pkg", "m.py")
+    assert modules == [(rel, 401)] and functions == [(rel + ":long", 61)]

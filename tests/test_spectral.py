@@ -14,7 +14,8 @@ from bdm_train import checkpoint
 from bdm_train.dct import dct_matrix, idct2
 from bdm_train.diffusion import BlurringDiffusion, data_statistics, param_of
 from bdm_train.sampling import denoise, sample
-from bdm_train.train import spectral_statistics, train
+from bdm_train.prepare import spectral_statistics
+from bdm_train.train import train
 from conftest import TINY_MODEL, TINY_TRAIN, make_shapes
 
 SIZE = 8

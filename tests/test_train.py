@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bdm_train import checkpoint
-from bdm_train.train import batch_indices, main, train
+from bdm_train.batches import batch_indices
+from bdm_train.train import main, train
 from bdm_train.sample_cli import main as sample_main
 from conftest import ROOT, make_shapes
 

@@ -58,7 +58,7 @@ def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_
     """Run (or resume) the study's stages in order."""
     import torch
 
-    from bdm_train.train import int_list
+    from bdm_train.options import int_list
 
     from . import report as rep
 

@@ -61,7 +61,14 @@ def make_config(model, process, opts, ds, data_path):
 
 # -- set-up -------------------------------------------------------------------------------------
 class Run:
-    """One training process's state: options, data on the device, network, EMA, optimiser, step."""
+    """One training process's state, what the step loop advances and :meth:`save` writes.
+
+    ``opts`` (resolved options), ``dist`` (:class:`~bdm_train.batches.Dist`), ``device``, ``out`` and
+    ``path`` (the run folder and its ``model.pt``), ``model`` (the UNet), ``net`` (the same, wrapped
+    by DDP under ``torchrun``), ``ema``, ``process`` (B3-B5), ``opt`` and ``sched``, ``step`` (done
+    so far), ``config`` (stored in every checkpoint), ``images`` / ``labels`` (the data, on the
+    device), ``shape`` (one image's) and ``n`` (the number of images).
+    """
 
     def __init__(self, **kw):
         self.__dict__.update(kw)

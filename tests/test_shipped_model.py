@@ -54,9 +54,11 @@ def test_shipped_model_samples_garments_not_noise(tmp_path):
 
     model, process, config = checkpoint.load(os.path.join(FOLDER, "model.pt"))
     path = str(tmp_path / "bdm.onnx")
-    s = config["sampler"]
-    export_onnx(model, process, path, channels=1, num_classes=0, clip_denoised=s["clip_denoised"],
-                default_steps=s["steps"], default_eta=s["eta"])
+    from bdm_runtime.grids import settings
+
+    solver, grid, steps, eta = settings(config["sampler"])   # what bdm-export stores from the checkpoint
+    export_onnx(model, process, path, channels=1, num_classes=0, clip_denoised=config["sampler"]["clip_denoised"],
+                default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
     with bdm_runtime.load(path) as sampler:
         x = sampler.sample(8, seed=0)
     images = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)

@@ -33,6 +33,10 @@ CLIPS = (True, False)
 SOLVERS = ("ddim", "dpmpp2m")
 GRIDS = ("uniform", "power", "logsnr", "edm", "spectral")
 NFES = (5, 10, 20, 50)
+# Ancestral DDIM (B9: ddim at eta 1) on every grid, at these evaluations only: the first study found
+# it the best sampler of the eps DDPM at 50-100 steps, so the grid is tried as a factor there too;
+# below 20 steps an ancestral sampler is far from its best (first study: FD x1.3 from 100 to 50).
+ANCESTRAL_NFES = (20, 50)
 SAMPLE_SEED = 1            # the same initial noise for every model: paired samples
 
 # Network and optimiser, the same for every model. Sized so that a training fits a ~1.3 h sitting
@@ -45,7 +49,8 @@ NET = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn=(), dropout=0.0)
 OPT = dict(batch_size=64, lr=1e-3, warmup=500, ema_decay=0.9995, grad_clip=1.0, seed=0)
 STEPS = 6000
 SMOKE = dict(net=dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(), dropout=0.0),
-             steps=4, n=16, chunk=8, points=((0.0, 2), (1.0, 3)), nfes=(2,), grids=("uniform", "spectral"))
+             steps=4, n=16, chunk=8, points=((0.0, 2), (1.0, 3)), nfes=(2,), ancestral_nfes=(2,),
+             grids=("uniform", "spectral"))
 
 
 def legacy_settings(points=LEGACY_POINTS, clips=CLIPS):
@@ -53,11 +58,13 @@ def legacy_settings(points=LEGACY_POINTS, clips=CLIPS):
     return [Setting("ddim", "uniform", float(eta), int(k), bool(c)) for c in clips for eta, k in points]
 
 
-def sweep_settings(clip, solvers=SOLVERS, grids=GRIDS, nfes=NFES):
-    """Deterministic solver x grid x evaluations at one clip setting; 10 and 20 evaluations first
-    (the issue's targets), so that a study cut short by a sitting's end has answered them."""
+def sweep_settings(clip, solvers=SOLVERS, grids=GRIDS, nfes=NFES, ancestral_nfes=ANCESTRAL_NFES):
+    """Deterministic solver x grid x evaluations at one clip setting, then ancestral DDIM x grid at
+    ``ancestral_nfes`` (those also in ``nfes``); 10 and 20 evaluations first (the issue's targets),
+    so that a study cut short by a sitting's end has answered them."""
     order = sorted(nfes, key=lambda k: (k not in (10, 20), k))
-    return [Setting(sv, g, 0.0, int(k), bool(clip)) for k in order for sv in solvers for g in grids]
+    out = [Setting(sv, g, 0.0, int(k), bool(clip)) for k in order for sv in solvers for g in grids]
+    return out + [Setting("ddim", g, 1.0, int(k), bool(clip)) for k in order if k in ancestral_nfes for g in grids]
 
 
 def point_name(setting):

@@ -36,19 +36,24 @@ def legacy_table(study):
 
 
 def sweep_table(study):
-    """Rows model x solver x grid (deterministic), columns network evaluations: FD (share of noise)."""
-    points = [p for p in study["points"] if p["eta"] == 0]
+    """Rows model x solver (eta) x grid x clip, columns network evaluations: FD (share of noise).
+
+    Every sampler with at least two measured evaluation counts: the legacy uniform-grid points
+    appear in their rows, beside the sweep's deterministic and ancestral points on the other grids.
+    """
+    points = study["points"]
     nfes = sorted({p["steps"] for p in points})
-    rows = sorted({(p["model"], p.get("solver", "ddim"), p.get("grid", "uniform"), p.get("clip", True))
-                   for p in points}, key=lambda r: (list(study["models"]).index(r[0]), r[1], r[2], not r[3]))
+    rows = sorted({(p["model"], p.get("solver", "ddim"), p["eta"], p.get("grid", "uniform"), p.get("clip", True))
+                   for p in points}, key=lambda r: (list(study["models"]).index(r[0]), r[1], r[2], r[3], not r[4]))
     lines = ["| model | solver | grid | x_hat clipped | " + " | ".join(f"{k} evals" for k in nfes) + " |",
              "|" + "---|" * (4 + len(nfes))]
-    for model, solver, grid, clip in rows:
-        cells = [_cell(points, model=(model, None), solver=(solver, "ddim"), grid=(grid, "uniform"),
+    for model, solver, eta, grid, clip in rows:
+        cells = [_cell(points, model=(model, None), solver=(solver, "ddim"), eta=(eta, None), grid=(grid, "uniform"),
                        steps=(k, None), clip=(clip, True)) for k in nfes]
         if sum(c is not None for c in cells) < 2:
             continue
-        lines.append(f"| {model} | {solver} | {grid} | {'yes' if clip else 'no'} | " + " | ".join(
+        name = solver if solver != "ddim" else f"ddim eta {eta:g}"
+        lines.append(f"| {model} | {name} | {grid} | {'yes' if clip else 'no'} | " + " | ".join(
             "-" if p is None else f"{p['fd']:.2f} ({100 * p.get('noisy', 0):.1f}%)" for p in cells) + " |")
     return lines
 
@@ -64,8 +69,8 @@ def markdown(study):
               "training images: 0.07%):", ""] + noise
     sweep = sweep_table(study)
     if len(sweep) > 2:
-        lines += ["", "Deterministic solvers (B10 `ddim` at eta 0, B11 `dpmpp2m`) x time grids (B15) x network "
-                  "evaluations: FD-FMNIST (share of samples that ended as noise):", ""] + sweep
+        lines += ["", "Solvers (B10 `ddim` at eta 0 and at eta 1, i.e. ancestral B9; B11 `dpmpp2m`) x time grids "
+                  "(B15) x network evaluations: FD-FMNIST (share of samples that ended as noise):", ""] + sweep
     ref = study.get("reference", {})
     if f"fd_train_{n}" in ref:
         lines += ["", f"Real training images (n={n}) against the test set: FD {ref[f'fd_train_{n}']:.2f}, "

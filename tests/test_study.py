@@ -58,7 +58,9 @@ def test_markdown_has_one_row_per_model_and_marks_missing_points():
     assert "| yes | 30.00 / 0.300" in legacy[0] and "| no | 40.00 / 0.400 | - |" in legacy[1]
     assert legacy[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
     sweep = [line for line in text.splitlines() if line.startswith("| bdm | dpmpp2m | spectral")]
-    assert sweep == ["| bdm | dpmpp2m | spectral | no | 29.50 (1.0%) | 29.00 (1.0%) | - | - |"]
+    assert sweep == ["| bdm | dpmpp2m | spectral | no | 29.50 (1.0%) | 29.00 (1.0%) | - | - | - |"]  # 5..100 evals
+    ancestral = [line for line in text.splitlines() if line.startswith("| bdm | ddim eta 1 | uniform")]
+    assert ancestral == ["| bdm | ddim eta 1 | uniform | yes | - | - | - | 25.00 (1.0%) | 18.80 (1.0%) |"]
     assert "FD 1.20" in text and "Recommended (shipped): bdm" in text and "cheapest within 10%" in text
 
 
@@ -89,6 +91,10 @@ def test_settings_sweep_waits_for_the_measured_clip(tmp_path):
     sweep = [x for x in s.settings("bdm") if x.grid == "spectral" or x.steps == 5]
     assert {(x.solver, x.grid, x.steps, x.clip) for x in sweep} == {
         (sv, g, 5, False) for sv in ("ddim", "dpmpp2m") for g in ("uniform", "spectral")}
+    assert all(x.eta == 0 for x in sweep)   # ancestral points only at ancestral_nfes (20, 50), not at 5
+    s.ancestral_nfes = (5,)
+    extra = [x for x in s.settings("bdm") if x.eta == 1 and x.steps == 5]
+    assert [(x.solver, x.grid, x.clip) for x in extra] == [("ddim", "uniform", False), ("ddim", "spectral", False)]
 
 
 def test_noisy_fraction_flags_noise_not_smooth_images():

@@ -62,6 +62,9 @@ def test_markdown_has_one_row_per_model_and_marks_missing_points():
     ancestral = [line for line in text.splitlines() if line.startswith("| bdm | ddim eta 1 | uniform")]
     assert ancestral == ["| bdm | ddim eta 1 | uniform | yes | - | - | - | 25.00 (1.0%) | 18.80 (1.0%) |"]
     assert "FD 1.20" in text and "Recommended (shipped): bdm" in text and "cheapest within 10%" in text
+    best = [line for line in text.splitlines() if line.startswith("| bdm | 29.50")]   # per-cost table: 5 evals
+    assert best == ["| bdm | 29.50 (dpmpp2m, spectral, no clip) | 29.00 (dpmpp2m, spectral, no clip) | "
+                    "20.50 (ddim eta 0, uniform) | 19.00 (ddim eta 0, uniform) | 18.80 (ancestral, uniform) |"]
 
 
 def test_settings_sweep_waits_for_the_measured_clip(tmp_path):

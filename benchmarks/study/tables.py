@@ -58,6 +58,28 @@ def sweep_table(study):
     return lines
 
 
+def best_per_cost_table(study):
+    """Rows models, columns network evaluations: the best FD at that cost and the sampler that gave it."""
+    points = study["points"]
+    nfes = sorted({p["steps"] for p in points})
+    lines = ["| model | " + " | ".join(f"{k} evals" for k in nfes) + " |", "|" + "---|" * (1 + len(nfes))]
+    for model in study["models"]:
+        cells = []
+        for k in nfes:
+            own = [p for p in points if p["model"] == model and p["steps"] == k]
+            best = min(own, key=lambda p: p["fd"]) if own else None
+            cells.append("-" if best is None else f"{best['fd']:.2f} ({_short(best)})")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _short(p):
+    solver = p.get("solver", "ddim")
+    name = "ancestral" if solver == "ddim" and p["eta"] == 1 else solver if solver != "ddim" else f"ddim eta {p['eta']:g}"
+    return f"{name}, {p.get('grid', 'uniform')}" + ("" if p.get("clip", True) else ", no clip")
+
+
 def markdown(study):
     """``study.md``: the legacy table, the noise table, the solver x grid sweep, and the per-model picks."""
     n = study["n_samples"]
@@ -67,6 +89,9 @@ def markdown(study):
              "B10 on the uniform grid (the first study's settings):", ""] + legacy
     lines += ["", "Share of samples that ended as noise (rougher than 99.9% of the test images; 10,000 real "
               "training images: 0.07%):", ""] + noise
+    best = best_per_cost_table(study)
+    if len(best) > 2:
+        lines += ["", "Best FD-FMNIST per number of network evaluations, and the sampler that gave it:", ""] + best
     sweep = sweep_table(study)
     if len(sweep) > 2:
         lines += ["", "Solvers (B10 `ddim` at eta 0 and at eta 1, i.e. ancestral B9; B11 `dpmpp2m`) x time grids "

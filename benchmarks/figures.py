@@ -96,12 +96,27 @@ def _save(fig, out):
 
 
 # -- the study plot -----------------------------------------------------------------------------
-def plot_study(study_json, out=STUDY_PNG):
-    """FD-FMNIST vs network evaluations: one panel per model, one line per sampler (solver, grid, eta,
-    clip); writes ``out``.
+FAMILIES = (("ddim", 0.0, "ddim, η=0 (B10)", "o", ":"), ("dpmpp2m", 0.0, "dpmpp2m (B11)", "s", "-"),
+            ("ddim", 1.0, "ancestral, η=1 (B9)", "^", "--"))
 
-    ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model, eta, nfe, fd,
-    optional solver, grid, clip; optional ``reference.fd_train_<n>``: the score of real images).
+
+def envelope(points):
+    """``{nfe: point}``: the lowest FD at each number of evaluations among ``points``."""
+    out = {}
+    for p in points:
+        if p["nfe"] not in out or p["fd"] < out[p["nfe"]]["fd"]:
+            out[p["nfe"]] = p
+    return dict(sorted(out.items()))
+
+
+def plot_study(study_json, out=STUDY_PNG):
+    """FD-FMNIST vs network evaluations; writes ``out``.
+
+    First panel: every model's best FD at each cost (any sampler, grid and clip setting). Then one
+    panel per model with one line per solver family (deterministic DDIM, DPM-Solver++(2M),
+    ancestral), each the best over time grids and clip settings at that cost, the grid written at
+    every point. ``study_json``: a path or the dict ``benchmarks.study`` writes (``points``: model,
+    eta, nfe, fd, optional solver, grid, clip; optional ``reference.fd_train_<n>``: real images).
     """
     study = study_json
     if not isinstance(study, dict):
@@ -110,43 +125,53 @@ def plot_study(study_json, out=STUDY_PNG):
     points = [p for p in study["points"] if p.get("fd") is not None]
     models = list(dict.fromkeys(p["model"] for p in points))
     plt = _pyplot()
-    cols = min(3, max(1, len(models)))
-    rows = (len(models) + cols - 1) // cols or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False, sharey=True)
+    cols = min(3, len(models) + 1)
+    rows = (len(models) + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.3 * rows), squeeze=False, sharey=True)
     n = study.get("n_samples") or (points[0]["n"] if points else None)
     floor = study.get("reference", {}).get(f"fd_train_{n}")
+    info = study.get("models", {})
 
-    def key_of(p):
-        return p.get("solver", "ddim"), p.get("grid", "uniform"), float(p["eta"]), bool(p.get("clip", True))
+    def title(model):
+        i = info.get(model, {})
+        return f"{model} (blur {i.get('blur_sigma_max', '?'):g}, {i.get('param', 'eps')})"
 
-    keys = sorted({key_of(p) for p in points})
-    colors = {k: "C%d" % i for i, k in enumerate(dict.fromkeys((sv, g) for sv, g, _, _ in keys))}
-    for ax, model in zip(axes.flat, models):
-        own = [p for p in points if p["model"] == model]
-        for key in keys:
-            pts = sorted((p for p in own if key_of(p) == key), key=lambda p: p["nfe"])
-            if not pts:
+    first = axes.flat[0]
+    for i, model in enumerate(models):
+        env = envelope([p for p in points if p["model"] == model])
+        first.plot(list(env), [p["fd"] for p in env.values()], marker="o", markersize=4, color=f"C{i}",
+                   label=title(model))
+    first.set_title("best of any sampler, per model", fontsize=9)
+    for ax, model in zip(list(axes.flat)[1:], models):
+        for solver, eta, name, marker, style in FAMILIES:
+            env = envelope([p for p in points if p["model"] == model and p.get("solver", "ddim") == solver
+                            and float(p["eta"]) == eta])
+            if not env:
                 continue
-            solver, grid, eta, clip = key
-            name = f"{solver}{f' η={eta:g}' if solver == 'ddim' else ''}, {grid}" + ("" if clip else ", x̂ not clipped")
-            ax.plot([p["nfe"] for p in pts], [p["fd"] for p in pts], color=colors[(solver, grid)],
-                    linestyle="--" if eta > 0 else (":" if not clip else "-"),
-                    marker="s" if solver == "dpmpp2m" else "o", markersize=4, label=name)
+            line, = ax.plot(list(env), [p["fd"] for p in env.values()], marker=marker, linestyle=style,
+                            markersize=4, label=name)
+            for k, p in env.items():
+                ax.annotate(p.get("grid", "uniform") + ("" if p.get("clip", True) else "*"), (k, p["fd"]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=5.5, color=line.get_color())
+        ax.set_title(title(model) + "; * = x̂ not clipped", fontsize=9)
+    used = list(axes.flat)[:len(models) + 1]
+    nfes = sorted({p["nfe"] for p in points})
+    for ax in used:
         if floor is not None:
             ax.axhline(floor, color="gray", linewidth=0.8, linestyle=":", label=f"real images (n={n})")
-        info = study.get("models", {}).get(model, {})
-        ax.set_title(f"{model} (blur {info.get('blur_sigma_max', '?')}, {info.get('param', 'eps')})", fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("network evaluations")
         ax.grid(True, which="both", alpha=0.3)
-        xt = sorted({p["nfe"] for p in own})
-        ax.set_xticks(xt)
-        ax.set_xticklabels([str(v) for v in xt])
-        ax.legend(fontsize=6, handlelength=3)
+        ax.set_xticks(nfes)
+        ax.set_xticklabels([str(v) for v in nfes])
+        ax.set_yticks([1, 2, 5, 10, 20, 50, 100, 200, 500])
+        ax.set_yticklabels(["1", "2", "5", "10", "20", "50", "100", "200", "500"])
+        ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        ax.legend(fontsize=6.5)
     for ax in axes[:, 0]:
         ax.set_ylabel("FD-FMNIST (lower is better)")
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Fashion-MNIST 32x32: sample quality vs network evaluations ({n} samples per point; "
                  f"own feature network, not Inception)", fontsize=10)

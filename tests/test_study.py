@@ -130,3 +130,18 @@ def test_error_gain_without_blur_is_the_closed_form():
     got = study.error_gain(blur_values=(0.0, 20.0), step_counts=(20,), eta=0.0)["gain"]
     assert abs(got[0.0][0] - want) < 1e-9
     assert got[20.0][0] > 100 * got[0.0][0]  # blur: frequencies un-blurred within one step amplify the error
+
+
+def test_plot_shows_each_models_best_per_cost(tmp_path):
+    """The envelope keeps the lowest FD per evaluation count; the figure is written (a PNG)."""
+    from benchmarks import figures
+
+    points = POINTS + [_point("bdm", 0.0, 50, 12.0, solver="dpmpp2m", grid="edm", clip=False)]
+    env = figures.envelope([p for p in points if p["model"] == "bdm"])
+    assert {k: p["fd"] for k, p in env.items()} == {10: 30.0, 20: 20.5, 50: 12.0, 100: 18.8}
+    assert list(env) == [10, 20, 50, 100] and env[50]["grid"] == "edm"
+    models = {m: dict(blur_sigma_max=b, param="eps") for m, b in BLUR.items()}
+    out = figures.plot_study(dict(n_samples=1000, models=models, points=points,
+                                  reference={"fd_train_1000": 1.2}), str(tmp_path / "q.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -109,6 +109,33 @@ def envelope(points):
     return dict(sorted(out.items()))
 
 
+def _solver_lines(ax, points):
+    """One line per solver family, each the best over grids and clip settings, the grid at every point."""
+    for solver, eta, name, marker, style in FAMILIES:
+        env = envelope([p for p in points if p.get("solver", "ddim") == solver and float(p["eta"]) == eta])
+        if not env:
+            continue
+        line, = ax.plot(list(env), [p["fd"] for p in env.values()], marker=marker, linestyle=style, markersize=4,
+                        label=name)
+        for k, p in env.items():
+            ax.annotate(p.get("grid", "uniform") + ("" if p.get("clip", True) else "*"), (k, p["fd"]),
+                        textcoords="offset points", xytext=(3, 3), fontsize=5.5, color=line.get_color())
+
+
+def _log_axes(ax, nfes, plt):
+    """Log-log axes with plain tick labels at the measured evaluation counts."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(v) for v in nfes])
+    ax.set_yticks([1, 2, 5, 10, 20, 50, 100, 200, 500])
+    ax.set_yticklabels(["1", "2", "5", "10", "20", "50", "100", "200", "500"])
+    ax.yaxis.set_minor_formatter(plt.NullFormatter())
+    ax.legend(fontsize=6.5)
+
+
 def plot_study(study_json, out=STUDY_PNG):
     """FD-FMNIST vs network evaluations; writes ``out``.
 
@@ -143,32 +170,13 @@ def plot_study(study_json, out=STUDY_PNG):
                    label=title(model))
     first.set_title("best of any sampler, per model", fontsize=9)
     for ax, model in zip(list(axes.flat)[1:], models):
-        for solver, eta, name, marker, style in FAMILIES:
-            env = envelope([p for p in points if p["model"] == model and p.get("solver", "ddim") == solver
-                            and float(p["eta"]) == eta])
-            if not env:
-                continue
-            line, = ax.plot(list(env), [p["fd"] for p in env.values()], marker=marker, linestyle=style,
-                            markersize=4, label=name)
-            for k, p in env.items():
-                ax.annotate(p.get("grid", "uniform") + ("" if p.get("clip", True) else "*"), (k, p["fd"]),
-                            textcoords="offset points", xytext=(3, 3), fontsize=5.5, color=line.get_color())
+        _solver_lines(ax, [p for p in points if p["model"] == model])
         ax.set_title(title(model) + "; * = x̂ not clipped", fontsize=9)
-    used = list(axes.flat)[:len(models) + 1]
     nfes = sorted({p["nfe"] for p in points})
-    for ax in used:
+    for ax in list(axes.flat)[:len(models) + 1]:
         if floor is not None:
             ax.axhline(floor, color="gray", linewidth=0.8, linestyle=":", label=f"real images (n={n})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("network evaluations")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_xticks(nfes)
-        ax.set_xticklabels([str(v) for v in nfes])
-        ax.set_yticks([1, 2, 5, 10, 20, 50, 100, 200, 500])
-        ax.set_yticklabels(["1", "2", "5", "10", "20", "50", "100", "200", "500"])
-        ax.yaxis.set_minor_formatter(plt.NullFormatter())
-        ax.legend(fontsize=6.5)
+        _log_axes(ax, nfes, plt)
     for ax in axes[:, 0]:
         ax.set_ylabel("FD-FMNIST (lower is better)")
     for ax in list(axes.flat)[len(models) + 1:]:

@@ -99,7 +99,11 @@ def report(study):
 
 
 def grids(study, res):
-    """8x8 grids of the first 64 samples of each model at its own best and its cheapest good setting."""
+    """8x8 grids of the first 64 samples of each model at its own best and its cheapest good setting.
+
+    Where the point's images are not on disk (a fresh machine has only the committed ``eval.json``),
+    the 64 are sampled again from the exported graph: the noise protocol makes them the same images.
+    """
     from bdm_runtime.images import save_grid
 
     from .common import point_name
@@ -109,6 +113,11 @@ def grids(study, res):
         for rec in {point_name(setting_of(r)): r for r in picks.values()}.values():
             setting = setting_of(rec)
             images, _ = study.images(model, step, setting)
+            if len(images) < 64 and os.path.isfile(study.onnx(model, setting.clip)):
+                sampler = study._sampler(model, setting.clip)
+                images = sampler(64, setting, 0)
+                if hasattr(sampler, "close"):
+                    sampler.close()
             if len(images) >= 64:
                 save_grid(images[:64], os.path.join(study.results, f"samples_{model}_{point_name(setting)}.png"),
                           ncols=8, scale=2)

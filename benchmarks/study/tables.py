@@ -65,13 +65,21 @@ def best_per_cost_table(study):
     lines = ["| model | " + " | ".join(f"{k} evals" for k in nfes) + " |", "|" + "---|" * (1 + len(nfes))]
     for model in study["models"]:
         cells = []
+        best = _best_per_nfe(points, model)
         for k in nfes:
-            own = [p for p in points if p["model"] == model and p["steps"] == k]
-            best = min(own, key=lambda p: p["fd"]) if own else None
-            cells.append("-" if best is None else f"{best['fd']:.2f} ({_short(best)})")
+            cells.append(f"{best[k]['fd']:.2f} ({_short(best[k])})" if k in best else "-")
         if any(c != "-" for c in cells):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _best_per_nfe(points, model):
+    """``{evaluations: the point with the lowest FD}`` of one model."""
+    out = {}
+    for p in points:
+        if p["model"] == model and (p["steps"] not in out or p["fd"] < out[p["steps"]]["fd"]):
+            out[p["steps"]] = p
+    return out
 
 
 def _short(p):
@@ -169,6 +177,10 @@ def model_card(study, state, path):
         f"{100 * point.get('noisy', 0):.1f}% of samples ended as noise. "
         "FD-FMNIST is the Frechet distance on the project's own Fashion-MNIST classifier "
         "(`benchmarks/feature_net.py`): comparable within this project, not with Inception FIDs.",
+        "- **Cheaper settings, measured** (the best at each smaller cost; pass them to `bdm-run`/`bdm-export` with "
+        "`--solver --grid --steps --eta`): " + (", ".join(
+            f"{k} evaluations: FD {p['fd']:.2f} ({_describe(p)})"
+            for k, p in sorted(_best_per_nfe(study["points"], name).items()) if k < rec["steps"]) or "none") + ".",
         f"- **Class histogram** of those samples (classifier's labels, T-shirt .. ankle boot): {point['hist']} "
         f"(total variation from the test set's {point['hist_tv']:.3f}).",
         f"- **File**: `model.pt`, sha256 `{sha}`; `config.json` is its config in readable form (without the "

@@ -156,6 +156,7 @@ def test_sampler_default_section_times_old_and_new_in_the_same_run(quick):
     pairs = [o / n for o, n in zip(rows["old"]["times_s"], rows["new"]["times_s"])]
     assert _close(sec["speedup"]["median"], statistics.median(pairs))
     assert "## Sampler default: new against old" in md
+    assert ("both rows time the same sampler" in md) == (new == OLD_DEFAULT)   # said when they coincide
     assert parse_default("dpmpp2m:spectral:10") == dict(solver="dpmpp2m", grid="spectral", steps=10, eta=0.0)
     assert parse_default("ddim:power:50:0.5") == dict(solver="ddim", grid="power", steps=50, eta=0.5)
     for bad in ("dpmpp2m:spectral", "dpmpp2m:spectral:x", "dpmpp2m:spectral:10:1", "heun:uniform:10"):

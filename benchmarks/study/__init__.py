@@ -6,7 +6,8 @@ Five models with the same network, data, seed and training budget (``common.MODE
 spectral form, and BDM spectral at 10 (gDDIM's value). Each is sampled through the runtime
 (``--n`` samples per point) at the first study's settings (B10 on the uniform grid: eta 0 at
 10/20/50 steps, eta 1 at 50/100; with and without clipping x_hat), then at solver x grid x
-{5, 10, 20, 50} network evaluations with the clip setting that measured better for that model,
+{5, 10, 20, 50} network evaluations (and ancestral DDIM x grid at 20 and 50) with the clip setting
+that measured better for that model,
 and scored with FD-FMNIST, KID, the class histogram and the share of samples that ended as noise.
 
 Why blur_sigma_max = 20 at 32x32 (B2-B4): sigma_B is measured in pixels, so at the same 32x32 grid

@@ -88,12 +88,14 @@ def _check_sizes(model, process, n, batch, out, npz):
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (OUT/model.pt of bdm-train).")
 @click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--solver", default=None, type=click.Choice(SOLVERS),
-              help="ddim (B10, with --eta) or dpmpp2m (B11, deterministic) [checkpoint's, else ddim].")
+              help="ddim (B10) or dpmpp2m (B11 at --eta 0, SDE-DPM-Solver++(2M) at --eta 1, B16) "
+                   "[checkpoint's, else ddim].")
 @click.option("--grid", default=None, type=click.Choice(GRIDS), help="Time grid (B15) [checkpoint's, else uniform].")
 @click.option("--steps", default=None, type=click.IntRange(1, MAX_STEPS),
               help="Sampler steps = network evaluations [checkpoint's].")
 @click.option("--eta", default=None, type=click.FloatRange(0, 1),
-              help="ddim only: 0 deterministic .. 1 ancestral [checkpoint's].")
+              help="0 deterministic .. 1 stochastic (ddim: ancestral) [checkpoint's for ddim and the "
+                   "checkpoint's solver, else 0].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--first-index", default=0, show_default=True, type=click.IntRange(min=0),
               help="Index of the first image in the seed's stream (split work across calls).")

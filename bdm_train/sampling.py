@@ -1,4 +1,4 @@
-"""Samplers for blurring diffusion: the step (DDIM-eta B10, DPM-Solver++(2M) B11) and the reverse loop.
+"""Samplers for blurring diffusion: the step (DDIM-eta B10, DPM-Solver++(2M) B11, its SDE form B16) and the loop.
 
 ``step`` is the unit that is also exported as the ONNX step graph (``export``): the runtime loop
 only feeds it tensors. A model is anything callable as ``model(z, t, labels=None)`` returning its
@@ -89,6 +89,8 @@ def update(d, alpha_s, sigma_s, eta, noise=None, delta=None):
     With B11's ``delta`` and ``eta = 0`` it is DPM-Solver++(2M), ``u_s = (sigma_s/sigma_t) u_t -
     alpha_s (exp(-h) - 1) D``, since ``alpha_s exp(-h) = alpha_t sigma_s / sigma_t`` and the eps
     that goes with ``D`` is ``(u_t - alpha_t D) / sigma_t = u_eps - (alpha_t / sigma_t) delta``.
+    With ``delta`` and ``eta = 1`` it is SDE-DPM-Solver++(2M) (B16): ``c = sigma_s sqrt(1 - exp(-2h))``
+    and ``u_s = (sigma_s/sigma_t) exp(-h) u_t + alpha_s (1 - exp(-2h)) D + c xi``.
     """
     u_x, u_eps = d.u_x_hat, d.u_eps
     if delta is not None:
@@ -104,7 +106,8 @@ def step(model, process, z, t, s, eta, noise, t_prev=None, u_x_prev=None, clip_d
 
     First order (DDIM-eta, B10) where ``t_prev`` is ``None`` or ``<= t``; else the second-order
     multistep update of B11 from the previous step's ``t_prev`` and ``u_x_hat`` (``u_x_prev``,
-    frequency space) with ``eta = 0``. ``noise`` is ``xi`` in frequency space (``None``: eta = 0).
+    frequency space): deterministic at ``eta = 0``, SDE-DPM-Solver++(2M) at ``eta = 1`` (B16).
+    ``noise`` is ``xi`` in frequency space (``None``: eta = 0).
     The returned ``u_x_hat`` is the next step's ``u_x_prev``; ``x0`` the clipped denoised estimate.
     ``spec`` declares the parameterisation (see ``denoise``).
     """
@@ -193,7 +196,7 @@ def sample(model, process, n, seed, steps=None, eta=None, labels=None, guidance=
     """Draw ``n`` images with the noise protocol of ``bdm_runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
 
     ``solver``: ``"ddim"`` (B10; ``eta`` default 1, the paper's ancestral sampler) or
-    ``"dpmpp2m"`` (B11; deterministic, no ``eta``). ``grid``: a name of ``bdm_runtime.grids.GRIDS``
+    ``"dpmpp2m"`` (``eta`` default 0: B11, deterministic; ``eta = 1``: SDE-DPM-Solver++(2M), B16). ``grid``: a name of ``bdm_runtime.grids.GRIDS``
     with ``steps`` steps, or an explicit sequence of times from 1 to 0. One network evaluation
     per step; the last step returns the clipped denoised estimate.
     """

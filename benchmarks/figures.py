@@ -97,7 +97,7 @@ def _save(fig, out):
 
 # -- the study plot -----------------------------------------------------------------------------
 FAMILIES = (("ddim", 0.0, "ddim, η=0 (B10)", "o", ":"), ("dpmpp2m", 0.0, "dpmpp2m (B11)", "s", "-"),
-            ("ddim", 1.0, "ancestral, η=1 (B9)", "^", "--"))
+            ("ddim", 1.0, "ancestral, η=1 (B9)", "^", "--"), ("dpmpp2m", 1.0, "dpmpp2m-sde, η=1 (B16)", "D", "-."))
 
 
 def envelope(points):

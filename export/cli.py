@@ -37,7 +37,7 @@ def _describe(meta):
     k = meta[fmt.K_NUM_CLASSES]
     kind = "unconditional" if not k else f"{k} classes, " + ("guided" if meta[fmt.K_GUIDANCE] else "no guidance")
     solver = meta.get(fmt.K_DEFAULT_SOLVER, "ddim")
-    eta = f" eta {meta[fmt.K_DEFAULT_ETA]:g}" if solver == "ddim" else ""
+    eta = f" eta {meta[fmt.K_DEFAULT_ETA]:g}" if solver == "ddim" or meta[fmt.K_DEFAULT_ETA] else ""
     return (f"{meta[fmt.K_PRECISION]}, {c}x{h}x{w}, {kind}, default {solver}{eta}, {meta[fmt.K_DEFAULT_STEPS]} "
             f"steps on the {meta.get(fmt.K_DEFAULT_GRID, 'uniform')} grid")
 
@@ -137,14 +137,15 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
 @click.option("--solver", type=click.Choice(SOLVERS), default=None,
-              help="Default solver stored in the graph: ddim (B10, with --eta) or dpmpp2m (B11, deterministic); "
+              help="Default solver stored in the graph: ddim (B10) or dpmpp2m (B11 at --eta 0, B16 above); "
                    "the runtime can choose either (default: the checkpoint's sampler config, else ddim).")
 @click.option("--grid", type=click.Choice(GRIDS), default=None,
               help="Default time grid stored in the graph (B15; default: the checkpoint's, else uniform).")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None, help="Default sampler steps (network "
               "evaluations) stored in the graph (default: the checkpoint's sampler config).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
-              help="Default eta of the ddim solver stored in the graph (default: the checkpoint's; 0 for dpmpp2m).")
+              help="Default eta stored in the graph, 0 deterministic .. 1 stochastic (default: the checkpoint's "
+                   "for ddim and the checkpoint's solver, else 0).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
               "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,

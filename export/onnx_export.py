@@ -62,7 +62,7 @@ def _check_args(model, channels, num_classes, guidance, default_steps, default_e
     check_positive_int(default_steps, "default_steps")
     if not 0.0 <= float(default_eta) <= 1.0:
         raise BdmError(f"default_eta must be in [0, 1], got {default_eta!r}")
-    solver_eta(default_solver, default_eta, default_eta)  # dpmpp2m is deterministic: eta 0 only
+    solver_eta(default_solver, default_eta, default_eta)  # a known solver
     if default_grid not in GRIDS:
         raise BdmError(f"default_grid must be one of {', '.join(GRIDS)}, got {default_grid!r}")
     if format_version not in fmt.SUPPORTED_VERSIONS:

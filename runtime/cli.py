@@ -30,12 +30,14 @@ from .limits import MAX_STEPS
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the first image in the seed's sequence (to split a run across processes).")
 @click.option("--solver", type=click.Choice(SOLVERS), default=None,
-              help="ddim (B10, with --eta) or dpmpp2m (B11, deterministic; format-2 graphs). Default: the model's own.")
+              help="ddim (B10) or dpmpp2m (format-2 graphs: B11 at --eta 0, SDE-DPM-Solver++(2M) at --eta 1, "
+                   "B16). Default: the model's own.")
 @click.option("--grid", type=click.Choice(GRIDS), default=None, help="Time grid (B15). Default: the model's own.")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Sampler steps = network evaluations (default: the model's own).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
-              help="ddim only: 0 deterministic .. 1 ancestral (default: the model's own).")
+              help="0 deterministic .. 1 stochastic (ddim: ancestral). Default: the model's own for ddim and "
+                   "the model's solver, else 0.")
 @click.option("--label", default=None, help="Class label for conditional models: one id, or one per image "
               "(comma-separated). Default: the null label (unconditional).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,

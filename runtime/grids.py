@@ -23,8 +23,9 @@ import numpy as np
 from .errors import BdmError
 from .noise import check_positive_int, time_grid as uniform_grid
 
-SOLVERS = ("ddim", "dpmpp2m")       # B10 (any eta), B11 (deterministic, second order)
-DETERMINISTIC = ("dpmpp2m",)        # solvers without eta: they draw only the initial latent
+# B10 (DDIM-eta), B11 (second order; eta 0) and B16 (B11 with eta > 0: SDE-DPM-Solver++(2M) at eta 1).
+# Every solver takes eta in [0, 1]: 0 draws only the initial latent, > 0 one noise draw per step.
+SOLVERS = ("ddim", "dpmpp2m")
 GRIDS = ("uniform", "power", "logsnr", "edm", "spectral")
 DEFAULT_RHO = {"power": 2.0, "edm": 7.0}
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0   # B13, before clamping to the trained range
@@ -250,15 +251,18 @@ def previous_times(times, solver):
     return prev
 
 
-def solver_eta(solver, eta, default_eta):
-    """The ``eta`` a solver runs with: ``ddim`` takes ``eta`` (default ``default_eta``); ``dpmpp2m`` only 0."""
+def solver_eta(solver, eta, default_eta, default_solver="ddim"):
+    """The ``eta`` a solver runs with: ``eta`` if given, else the model's ``default_eta`` where
+    ``solver`` is ``ddim`` or the model's ``default_solver``, else 0.
+
+    ``ddim`` (B10) has always taken the model's eta; ``dpmpp2m`` is deterministic (B11) unless asked
+    for noise, by ``eta`` or by a model whose default is stochastic ``dpmpp2m`` (B16).
+    """
     if solver not in SOLVERS:
         raise BdmError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if solver in DETERMINISTIC:
-        if eta is not None and float(eta) != 0.0:
-            raise BdmError(f"eta applies to the ddim solver; {solver} is deterministic (eta 0), got eta={eta!r}")
-        return 0.0
-    eta = float(default_eta if eta is None else eta)
+    if eta is None:
+        eta = default_eta if solver in ("ddim", default_solver) else 0.0
+    eta = float(eta)
     if not 0.0 <= eta <= 1.0:
         raise BdmError(f"eta must be in [0, 1], got {eta!r}")
     return eta
@@ -267,16 +271,14 @@ def solver_eta(solver, eta, default_eta):
 def settings(sampler, solver=None, grid=None, steps=None, eta=None):
     """``(solver, grid, steps, eta)``: those given, else a checkpoint's ``sampler`` config, else ddim/uniform.
 
-    ``eta`` belongs to the ddim solver: a deterministic solver without ``eta`` gets 0, and a
-    non-zero ``eta`` with it is refused (``BdmError``, a ``ValueError``, as for every inconsistent setting).
+    ``eta`` not given follows ``solver_eta``: the config's eta for ddim and for the config's own
+    solver, 0 for a dpmpp2m the config does not name. An inconsistent setting raises ``BdmError``
+    (a ``ValueError``).
     """
-    solver = sampler.get("solver", "ddim") if solver is None else solver
+    default_solver = sampler.get("solver", "ddim")
+    solver = default_solver if solver is None else solver
     grid = sampler.get("grid", "uniform") if grid is None else grid
     steps = check_positive_int(sampler["steps"] if steps is None else steps, "steps")
-    if solver not in SOLVERS:
-        raise BdmError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if grid not in GRIDS:
         raise BdmError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-    if solver in DETERMINISTIC and eta is None:
-        eta = 0.0
-    return solver, grid, steps, solver_eta(solver, sampler["eta"] if eta is None else eta, 0.0)
+    return solver, grid, steps, solver_eta(solver, eta, sampler.get("eta", 0.0), default_solver)

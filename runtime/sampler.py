@@ -231,7 +231,8 @@ class Sampler:
         if steps is not None:
             steps = check_steps(steps)
         try:
-            eta = solver_eta(solver, None if eta is None else _finite(eta, "eta"), self.info.default_eta)
+            eta = solver_eta(solver, None if eta is None else _finite(eta, "eta"), self.info.default_eta,
+                             self.info.default_solver)
             times = resolve(steps, self.info.default_grid if grid is None else grid, self.info.process,
                             self.info.default_steps)
         except ValueError as e:
@@ -243,7 +244,8 @@ class Sampler:
         """Draw images ``first_index .. first_index + n - 1`` of ``seed``: float32 ``[n, C, H, W]`` in ``[-1, 1]``.
 
         ``solver``: ``"ddim"`` (B10; ``eta = 0`` deterministic .. ``eta = 1`` ancestral, B9) or
-        ``"dpmpp2m"`` (B11, deterministic; format-2 graphs); ``grid``: a time grid of
+        ``"dpmpp2m"`` (format-2 graphs; B11 at ``eta = 0``, SDE-DPM-Solver++(2M) at ``eta = 1``, B16;
+        without ``eta`` it is deterministic unless it is the graph's default solver); ``grid``: a time grid of
         ``bdm_runtime.grids`` (B15) or explicit times. ``steps``, ``eta``, ``solver``, ``grid`` default
         to the graph's own defaults. ``labels``: one or ``n`` class ids (``None`` on a conditional
         model: the null label); ``guidance``: ``w`` of B12 (needs a guided graph). ``out``: a

@@ -159,6 +159,7 @@ def test_sampler_default_section_times_old_and_new_in_the_same_run(quick):
     assert ("both rows time the same sampler" in md) == (new == OLD_DEFAULT)   # said when they coincide
     assert parse_default("dpmpp2m:spectral:10") == dict(solver="dpmpp2m", grid="spectral", steps=10, eta=0.0)
     assert parse_default("ddim:power:50:0.5") == dict(solver="ddim", grid="power", steps=50, eta=0.5)
-    for bad in ("dpmpp2m:spectral", "dpmpp2m:spectral:x", "dpmpp2m:spectral:10:1", "heun:uniform:10"):
+    assert parse_default("dpmpp2m:edm:20:1") == dict(solver="dpmpp2m", grid="edm", steps=20, eta=1.0)
+    for bad in ("dpmpp2m:spectral", "dpmpp2m:spectral:x", "dpmpp2m:spectral:10:2", "heun:uniform:10"):
         with pytest.raises(ValueError):
             parse_default(bad)

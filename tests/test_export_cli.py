@@ -105,8 +105,6 @@ def test_cli_errors(tiny_checkpoint, tmp_path, capsys):
                           "unconditional")
     assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--eta", 1.5], capsys)[::2],
                           "--eta")
-    assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--solver", "dpmpp2m",
-                                    "--eta", 0.5], capsys)[::2], "deterministic")
     assert_one_line_error(*run_cli(["--ckpt", tiny_checkpoint, "--out-dir", out, "--grid", "cosine"], capsys)[::2],
                           "--grid")
     assert_one_line_error(*run_cli([], capsys)[::2], "--ckpt")
@@ -254,7 +252,8 @@ def test_no_clip_is_stored_in_the_graph_and_changes_it(tiny_checkpoint, tmp_path
 
 
 def test_solver_grid_steps_eta_are_stored(tiny_checkpoint, tmp_path, capsys):
-    """--solver/--grid/--steps set the graph's defaults; dpmpp2m without --eta stores eta 0 (it has none)."""
+    """--solver/--grid/--steps/--eta set the graph's defaults; dpmpp2m without --eta stores eta 0
+    (deterministic, B11), with --eta 1 its SDE form (B16)."""
     code, stdout, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", tmp_path, "--no-engine", "--solver",
                                  "dpmpp2m", "--grid", "spectral", "--steps", 12], capsys)
     assert code == 0, err
@@ -262,6 +261,12 @@ def test_solver_grid_steps_eta_are_stored(tiny_checkpoint, tmp_path, capsys):
     assert (meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_GRID]) == ("dpmpp2m", "spectral")
     assert (meta[fmt.K_DEFAULT_STEPS], meta[fmt.K_DEFAULT_ETA]) == (12, 0.0)
     assert "default dpmpp2m, 12 steps on the spectral grid" in stdout
+    code, stdout, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", tmp_path, "--no-engine", "--solver",
+                                 "dpmpp2m", "--grid", "edm", "--steps", 20, "--eta", 1], capsys)
+    assert code == 0, err
+    meta = read_metadata(tmp_path / "bdm.onnx")
+    assert (meta[fmt.K_DEFAULT_SOLVER], meta[fmt.K_DEFAULT_ETA]) == ("dpmpp2m", 1.0)
+    assert "default dpmpp2m eta 1, 20 steps on the edm grid" in stdout
     code, _, err = run_cli(["--ckpt", tiny_checkpoint, "--out-dir", tmp_path, "--no-engine", "--grid", "power",
                             "--eta", 0.3], capsys)
     assert code == 0, err

@@ -166,7 +166,7 @@ def test_load_refuses_what_it_cannot_run(mixture_onnx, tmp_path):
         (_with_meta(src, str(tmp_path / "solver.onnx"), default_solver='"heun"'), "default_solver"),
         (_with_meta(src, str(tmp_path / "grid.onnx"), default_grid='"cosine"'), "default_grid"),
         (_with_meta(src, str(tmp_path / "nogrid.onnx"), default_grid=None), "bdm.default_grid"),
-        (_with_meta(src, str(tmp_path / "eta.onnx"), default_solver='"dpmpp2m"', default_eta="1.0"), "deterministic"),
+        (_with_meta(src, str(tmp_path / "eta.onnx"), default_solver='"dpmpp2m"', default_eta="1.5"), "eta"),
         (_with_meta(src, str(tmp_path / "noshape.onnx"), image_shape=None), "bdm.image_shape"),
         (_with_meta(src, str(tmp_path / "badshape.onnx"), image_shape="[1, 8]"), "image_shape"),
         (_with_meta(src, str(tmp_path / "cond.onnx"), num_classes="3"), "inputs"),

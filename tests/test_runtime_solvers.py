@@ -51,12 +51,13 @@ def _session(path):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
-def test_every_solver_and_grid_agrees_across_torch_onnxruntime_and_the_runtime(mix2, solver):
-    """Whole runs, 8 steps: torch ``sample``, the graph stepped by hand with ONNX Runtime, ``Sampler.sample``."""
+@pytest.mark.parametrize("solver,eta", [("ddim", 1.0), ("dpmpp2m", 0.0), ("dpmpp2m", 1.0)])
+def test_every_solver_and_grid_agrees_across_torch_onnxruntime_and_the_runtime(mix2, solver, eta):
+    """Whole runs, 8 steps: torch ``sample``, the graph stepped by hand with ONNX Runtime, ``Sampler.sample``.
+
+    ddim ancestral (B9), dpmpp2m deterministic (B11) and stochastic (B16): the noise path and the history."""
     path, model, process = mix2
     sess = _session(path)
-    eta = 1.0 if solver == "ddim" else 0.0   # ddim ancestral: the noise path too
     errs = {}
     with bdm_runtime.load(path, threads=1) as sampler:
         for grid in GRIDS:
@@ -68,7 +69,7 @@ def test_every_solver_and_grid_agrees_across_torch_onnxruntime_and_the_runtime(m
             errs[grid] = (float(np.abs(by_hand - want).max()), float(np.abs(got - want).max()))
             assert errs[grid][0] < PARITY_TOL and errs[grid][1] < PARITY_TOL, (grid, errs[grid])
             assert np.abs(want).max() > 0.5   # images, not a collapsed zero
-    print(f"\n{solver}: max abs (ONNX Runtime by hand, runtime) vs torch per grid: {errs}")
+    print(f"\n{solver} eta {eta:g}: max abs (ONNX Runtime by hand, runtime) vs torch per grid: {errs}")
 
 
 def test_solvers_differ_and_defaults_come_from_the_graph(mix2):
@@ -86,7 +87,11 @@ def test_solvers_differ_and_defaults_come_from_the_graph(mix2):
         s.batch = 2
         np.testing.assert_allclose(s.sample(5, seed=2, steps=4), a, rtol=0, atol=1e-6)
         np.testing.assert_allclose(s.sample(2, seed=2, steps=4, first_index=3), a[3:], rtol=0, atol=1e-6)
-        for bad, what in ((dict(solver="dpmpp2m", eta=0.5), "deterministic"), (dict(solver="heun"), "solver"),
+        # eta > 0 (B16): one draw per step, so it differs, and still reproduces per image
+        b = s.sample(5, seed=2, steps=4, eta=1.0)
+        assert np.abs(a - b).max() > 1e-3
+        np.testing.assert_allclose(s.sample(2, seed=2, steps=4, eta=1.0, first_index=3), b[3:], rtol=0, atol=1e-6)
+        for bad, what in ((dict(solver="dpmpp2m", eta=1.5), "eta"), (dict(solver="heun"), "solver"),
                           (dict(grid="cosine"), "grid"), (dict(grid=[1.0, 0.5]), "t = 0"),
                           (dict(grid=[1.0, 0.5, 0.0], steps=3), "steps")):
             with pytest.raises(BdmError, match=what):

@@ -4,6 +4,7 @@ References: B11 written out in float64 numpy from docs/maths.md (scipy's DCT, ``
 the exact denoiser of an image mixture (``MixtureDenoiser``); a 1,000-step solution of the same
 ODE for the order of convergence; B3/B15 re-derived here for the grids.
 """
+import itertools
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from bdm_train.analytic import MixtureDenoiser
 from bdm_train.diffusion import BlurringDiffusion
-from bdm_train.sampling import ddim_step, dpmpp2m_step, sample, solve
+from bdm_train.sampling import ddim_step, dpmpp2m_step, sample, solve, step
 from reference import dctn, idctn, ref_alpha_sigma
 from bdm_runtime.grids import GRIDS, SOLVERS, previous_times, resolve, settings, solver_eta, time_grid
 from bdm_runtime.noise import NoiseStream
@@ -102,19 +103,26 @@ def test_grid_and_solver_arguments():
     t = time_grid(4)
     np.testing.assert_array_equal(previous_times(t, "ddim"), t[:-1])        # never any history
     np.testing.assert_array_equal(previous_times(t, "dpmpp2m"), np.r_[t[0], t[:-2]])  # first step: none
+    # eta not given: the model's for ddim and for the model's own solver; dpmpp2m otherwise deterministic
     assert solver_eta("dpmpp2m", None, 1.0) == 0.0 and solver_eta("ddim", None, 0.3) == 0.3
-    with pytest.raises(ValueError, match="deterministic"):
-        solver_eta("dpmpp2m", 0.5, 0.0)
+    assert solver_eta("dpmpp2m", None, 1.0, "dpmpp2m") == 1.0 and solver_eta("dpmpp2m", 0.5, 0.0) == 0.5
+    assert solver_eta("ddim", None, 0.7, "dpmpp2m") == 0.7
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="eta"):
+            solver_eta("dpmpp2m", bad, 0.0)
     assert settings({"steps": 7, "eta": 1.0}) == ("ddim", "uniform", 7, 1.0)
     assert settings({"steps": 7, "eta": 1.0}, solver="dpmpp2m", grid="edm") == ("dpmpp2m", "edm", 7, 0.0)
+    assert settings({"steps": 7, "eta": 1.0, "solver": "dpmpp2m"}) == ("dpmpp2m", "uniform", 7, 1.0)
+    assert settings({"steps": 7, "eta": 1.0, "solver": "dpmpp2m"}, eta=0) == ("dpmpp2m", "uniform", 7, 0.0)
 
 
 # -- B11 against its formula, float64 ---------------------------------------------------------------
 H = W = 6
 
 
-def _b11(z, eps, t, s, t_prev, u_prev, blur, clip):
-    """DPM-Solver++(2M) as docs/maths.md B11 writes it, per frequency, in numpy (clipping as in B10)."""
+def _b11(z, eps, t, s, t_prev, u_prev, blur, clip, xi=None):
+    """DPM-Solver++(2M) as docs/maths.md B11 writes it, per frequency, in numpy (clipping as in B10);
+    with ``xi`` (frequency space) its SDE form at eta 1 as B16 writes it."""
     a_t, s_t = ref_alpha_sigma(t, H, W, blur)
     a_s, s_s = ref_alpha_sigma(s, H, W, blur)
     u_t = dctn(z)
@@ -128,6 +136,9 @@ def _b11(z, eps, t, s, t_prev, u_prev, blur, clip):
         a_p, s_p = ref_alpha_sigma(t_prev, H, W, blur)
         r = (ell(a_t, s_t) - ell(a_p, s_p)) / h
         d = (1 + 1 / (2 * r)) * u_x - 1 / (2 * r) * u_prev
+    if xi is not None:   # B16, eta = 1
+        return ((s_s / s_t) * np.exp(-h) * u_t + a_s * (1 - np.exp(-2 * h)) * d
+                + s_s * np.sqrt(1 - np.exp(-2 * h)) * xi), u_x
     return (s_s / s_t) * u_t - a_s * (np.exp(-h) - 1) * d, u_x
 
 
@@ -154,6 +165,28 @@ def test_dpmpp2m_step_is_b11(blur, clip):
             np.testing.assert_array_equal(x0.numpy(), x0_ddim.numpy())
 
 
+@pytest.mark.parametrize("blur", BLURS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_dpmpp2m_at_eta_1_is_b16(blur, clip):
+    """``step`` with B11's history and eta 1 is SDE-DPM-Solver++(2M) in B16's closed form; its first step is
+    B10's ancestral step (B9) with the same noise."""
+    process = BlurringDiffusion((H, W), blur_sigma_max=blur).double()
+    rng = np.random.default_rng(4)
+    z, eps, u_prev, xi = (rng.standard_normal((2, 1, H, W)) for _ in range(4))
+    f64 = lambda v: torch.full((2,), v, dtype=torch.float64)   # noqa: E731
+    net = lambda zz, tt: torch.from_numpy(eps)                 # noqa: E731
+    for t, s, t_prev in ((0.6, 0.5, 0.7), (1.0, 0.9, None), (0.1, 0.02, 0.25), (0.52, 0.5, 0.53)):
+        z_s, _, u_x = step(net, process, torch.from_numpy(z), f64(t), f64(s), 1.0, torch.from_numpy(xi),
+                           None if t_prev is None else f64(t_prev), torch.from_numpy(u_prev), clip)
+        want, want_ux = _b11(z, eps, t, s, t_prev, u_prev, blur, clip, xi)
+        # as in test_dpmpp2m_step_is_b11; the square roots add a few ulps
+        np.testing.assert_allclose(dctn(z_s.numpy()), want, rtol=0, atol=1e-10 * np.abs(want).max())
+        np.testing.assert_allclose(u_x.numpy(), want_ux, rtol=0, atol=1e-10 * np.abs(want_ux).max())
+        if t_prev is None:
+            z_anc, _ = ddim_step(net, process, torch.from_numpy(z), f64(t), f64(s), 1.0, torch.from_numpy(xi), clip)
+            np.testing.assert_allclose(z_s.numpy(), z_anc.numpy(), rtol=0, atol=1e-12)
+
+
 def test_sample_follows_the_noise_protocol_with_dpmpp2m():
     """dpmpp2m draws only the initial latent; the loop written out with dpmpp2m_step equals sample()."""
     images = torch.from_numpy(np.random.default_rng(0).uniform(-0.9, 0.9, (4, 1, 8, 8))).float()
@@ -168,8 +201,18 @@ def test_sample_follows_the_noise_protocol_with_dpmpp2m():
         t_prev, u_x = t, u
     got = sample(model, process, n, seed=7, steps=6, solver="dpmpp2m", grid="spectral", first_index=3)
     torch.testing.assert_close(got, x0, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="deterministic"):
-        sample(model, process, n, seed=7, steps=6, solver="dpmpp2m", eta=1.0)
+    # with eta (B16) one further draw per step, as for ddim
+    stream = NoiseStream(7, 3, n, (1, 8, 8))
+    z, t_prev, u_x = torch.from_numpy(stream.draw()), None, None
+    for t, s in zip(times[:-1], times[1:]):
+        full = lambda v: torch.full((n,), float(v))   # noqa: E731
+        z, x0, u = step(model, process, z, full(t), full(s), 0.6, torch.from_numpy(stream.draw()),
+                        None if t_prev is None else full(t_prev), u_x)
+        t_prev, u_x = t, u
+    got = sample(model, process, n, seed=7, steps=6, solver="dpmpp2m", grid="spectral", first_index=3, eta=0.6)
+    torch.testing.assert_close(got, x0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eta"):
+        sample(model, process, n, seed=7, steps=6, solver="dpmpp2m", eta=1.5)
 
 
 # -- the exact mixture denoiser: few evaluations land on the images ----------------------------------
@@ -184,7 +227,7 @@ def _rms_to_nearest(x, images):
 
 @pytest.mark.parametrize("blur", BLURS)
 def test_dpmpp2m_lands_on_the_mixture_images_in_10_and_20_evaluations(blur):
-    """Every grid, 10 and 20 network evaluations: RMS to the nearest image < 0.05, in equal shares.
+    """Every grid, 10 and 20 network evaluations, deterministic (B11) and stochastic (B16): RMS to the nearest image < 0.05, in equal shares.
 
     The images are ~0.7 apart (RMS per pixel), so 0.05 means "on an image", not between two; a
     seeded count within 4 standard errors of n/4 per image (false alarm 6e-5) rules out collapse.
@@ -193,13 +236,12 @@ def test_dpmpp2m_lands_on_the_mixture_images_in_10_and_20_evaluations(blur):
     process = BlurringDiffusion(8, blur_sigma_max=blur)
     model = MixtureDenoiser(images, process)
     n = 48
-    for grid in GRIDS:
-        for steps in (10, 20):
-            x = sample(model, process, n, seed=1, steps=steps, solver="dpmpp2m", grid=grid, clip_denoised=False)
-            rms, k = _rms_to_nearest(x, images)
-            assert rms.max() < 0.05, (grid, steps, float(rms.max()))
-            counts = np.bincount(k.numpy(), minlength=4)
-            assert np.all(np.abs(counts - n / 4) <= 4 * math.sqrt(n * 0.25 * 0.75)), (grid, steps, counts)
+    for grid, steps, eta in itertools.product(GRIDS, (10, 20), (0.0, 1.0)):   # B11, and B16 at eta 1
+        x = sample(model, process, n, seed=1, steps=steps, solver="dpmpp2m", grid=grid, clip_denoised=False, eta=eta)
+        rms, k = _rms_to_nearest(x, images)
+        assert rms.max() < 0.05, (grid, steps, eta, float(rms.max()))
+        counts = np.bincount(k.numpy(), minlength=4)
+        assert np.all(np.abs(counts - n / 4) <= 4 * math.sqrt(n * 0.25 * 0.75)), (grid, steps, eta, counts)
     if blur:  # the measure can fail: 5 evaluations on the uniform grid leave samples between images
         x = sample(model, process, n, seed=1, steps=5, solver="dpmpp2m", grid="uniform", clip_denoised=False)
         assert _rms_to_nearest(x, images)[0].max() > 0.05

@@ -59,8 +59,8 @@ def test_markdown_has_one_row_per_model_and_marks_missing_points():
     assert legacy[2].rstrip(" |").endswith("-")  # ddpm eta=1/100 is missing
     sweep = [line for line in text.splitlines() if line.startswith("| bdm | dpmpp2m | spectral")]
     assert sweep == ["| bdm | dpmpp2m | spectral | no | 29.50 (1.0%) | 29.00 (1.0%) | - | - | - |"]  # 5..100 evals
-    ancestral = [line for line in text.splitlines() if line.startswith("| bdm | ddim eta 1 | uniform")]
-    assert ancestral == ["| bdm | ddim eta 1 | uniform | yes | - | - | - | 25.00 (1.0%) | 18.80 (1.0%) |"]
+    ancestral = [line for line in text.splitlines() if line.startswith("| bdm | ancestral | uniform")]
+    assert ancestral == ["| bdm | ancestral | uniform | yes | - | - | - | 25.00 (1.0%) | 18.80 (1.0%) |"]
     assert "FD 1.20" in text and "Recommended (shipped): bdm" in text and "cheapest within 10%" in text
     best = [line for line in text.splitlines() if line.startswith("| bdm | 29.50")]   # per-cost table: 5 evals
     assert best == ["| bdm | 29.50 (dpmpp2m, spectral, no clip) | 29.00 (dpmpp2m, spectral, no clip) | "
@@ -75,7 +75,7 @@ def test_settings_sweep_waits_for_the_measured_clip(tmp_path):
     import torch
 
     s = study.Study(runs=str(tmp_path), models={"bdm": study.MODELS["bdm"]}, n=4, grids=("uniform", "spectral"),
-                    nfes=(5,))
+                    nfes=(5,), sde_nfes=(10,))
     assert all((x.solver, x.grid) == ("ddim", "uniform") for x in s.settings("bdm"))   # nothing measured yet
     ck = s.ckpt("bdm")
     os.makedirs(os.path.dirname(ck))
@@ -94,10 +94,11 @@ def test_settings_sweep_waits_for_the_measured_clip(tmp_path):
     sweep = [x for x in s.settings("bdm") if x.grid == "spectral" or x.steps == 5]
     assert {(x.solver, x.grid, x.steps, x.clip) for x in sweep} == {
         (sv, g, 5, False) for sv in ("ddim", "dpmpp2m") for g in ("uniform", "spectral")}
-    assert all(x.eta == 0 for x in sweep)   # ancestral points only at ancestral_nfes (20, 50), not at 5
-    s.ancestral_nfes = (5,)
+    assert all(x.eta == 0 for x in sweep)   # stochastic points only at ancestral_nfes / sde_nfes, not at 5
+    s.ancestral_nfes, s.sde_nfes = (5,), (5,)
     extra = [x for x in s.settings("bdm") if x.eta == 1 and x.steps == 5]
-    assert [(x.solver, x.grid, x.clip) for x in extra] == [("ddim", "uniform", False), ("ddim", "spectral", False)]
+    assert [(x.solver, x.grid, x.clip) for x in extra] == [(sv, g, False) for sv in ("ddim", "dpmpp2m")
+                                                           for g in ("uniform", "spectral")]
 
 
 def test_noisy_fraction_flags_noise_not_smooth_images():

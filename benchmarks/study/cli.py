@@ -80,7 +80,8 @@ def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_
         tmp = os.path.join("/tmp", "bdm_study_smoke")
         kw.update(runs=os.path.join(tmp, "runs"), results=os.path.join(tmp, "results"), steps=SMOKE["steps"],
                   n=SMOKE["n"], chunk=SMOKE["chunk"], net=SMOKE["net"], points=SMOKE["points"],
-                  nfes=SMOKE["nfes"], ancestral_nfes=SMOKE["ancestral_nfes"], grids=SMOKE["grids"],
+                  nfes=SMOKE["nfes"], ancestral_nfes=SMOKE["ancestral_nfes"], sde_nfes=SMOKE["sde_nfes"],
+                  grids=SMOKE["grids"],
                   plot=os.path.join(tmp, "quality_vs_steps.png"),
                   opt=dict(batch_size=8, warmup=1))
     study = Study(**kw)

@@ -10,7 +10,8 @@ from bdm_runtime.errors import BdmError
 
 from .analysis import noisy_fraction
 from .common import (ANCESTRAL_NFES, CLIPS, GRIDS, LEGACY_POINTS, MODELS, NET, NFES, OPT, RESULTS, ROOT, RUNS,
-                     SAMPLE_SEED, SOLVERS, STEPS, ckpt_step, legacy_settings, log, point_name, read_json, sweep_settings, write_json)
+                     SAMPLE_SEED, SDE_NFES, SOLVERS, STEPS, ckpt_step, legacy_settings, log, point_name, read_json,
+                     sweep_settings, write_json)
 
 
 class Study:
@@ -18,13 +19,14 @@ class Study:
 
     def __init__(self, runs=RUNS, results=RESULTS, models=None, points=LEGACY_POINTS, clips=CLIPS, steps=STEPS,
                  n=1000, chunk=250, net=None, opt=None, device="auto", backend="runtime", threads=1, plot=None,
-                 solvers=SOLVERS, grids=GRIDS, nfes=NFES, ancestral_nfes=ANCESTRAL_NFES):
+                 solvers=SOLVERS, grids=GRIDS, nfes=NFES, ancestral_nfes=ANCESTRAL_NFES, sde_nfes=SDE_NFES):
         self.runs, self.results = runs, results
         self.models = {m: dict(v) for m, v in (models or MODELS).items()}
         self.points = tuple((float(e), int(k)) for e, k in points)
         self.clips = tuple(bool(c) for c in clips)
         self.solvers, self.grids, self.nfes = tuple(solvers), tuple(grids), tuple(int(k) for k in nfes)
         self.ancestral_nfes = tuple(int(k) for k in ancestral_nfes)
+        self.sde_nfes = tuple(int(k) for k in sde_nfes)
         self.steps, self.n, self.chunk = int(steps), int(n), int(chunk)
         self.net = dict(NET, **(net or {}))
         self.opt = dict(OPT, **(opt or {}))
@@ -45,12 +47,13 @@ class Study:
 
     # -- which settings each model is sampled at ----------------------------------------------
     def settings(self, model):
-        """The legacy settings, then the solver x grid sweep (deterministic, then ancestral) once the
+        """The legacy settings, then the solver x grid sweep (deterministic, then stochastic) once the
         clip choice is measured."""
         out = legacy_settings(self.points, self.clips)
         clip = self.sweep_clip(model)
         if clip is not None:
-            out += [s for s in sweep_settings(clip, self.solvers, self.grids, self.nfes, self.ancestral_nfes)
+            out += [s for s in sweep_settings(clip, self.solvers, self.grids, self.nfes, self.ancestral_nfes,
+                                                  self.sde_nfes)
                     if s not in out]
         return out
 

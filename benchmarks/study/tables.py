@@ -1,7 +1,7 @@
 """The study's text: the markdown tables (``study.md``) and the shipped model's card."""
 import os
 
-from .common import point_name
+from .common import point_name, solver_label
 
 
 def _sampler_name(eta, steps):
@@ -52,7 +52,7 @@ def sweep_table(study):
                        steps=(k, None), clip=(clip, True)) for k in nfes]
         if sum(c is not None for c in cells) < 2:
             continue
-        name = solver if solver != "ddim" else f"ddim eta {eta:g}"
+        name = solver_label(solver, eta)
         lines.append(f"| {model} | {name} | {grid} | {'yes' if clip else 'no'} | " + " | ".join(
             "-" if p is None else f"{p['fd']:.2f} ({100 * p.get('noisy', 0):.1f}%)" for p in cells) + " |")
     return lines
@@ -84,7 +84,7 @@ def _best_per_nfe(points, model):
 
 def _short(p):
     solver = p.get("solver", "ddim")
-    name = "ancestral" if solver == "ddim" and p["eta"] == 1 else solver if solver != "ddim" else f"ddim eta {p['eta']:g}"
+    name = solver_label(solver, p["eta"])
     return f"{name}, {p.get('grid', 'uniform')}" + ("" if p.get("clip", True) else ", no clip")
 
 
@@ -102,7 +102,8 @@ def markdown(study):
         lines += ["", "Best FD-FMNIST per number of network evaluations, and the sampler that gave it:", ""] + best
     sweep = sweep_table(study)
     if len(sweep) > 2:
-        lines += ["", "Solvers (B10 `ddim` at eta 0 and at eta 1, i.e. ancestral B9; B11 `dpmpp2m`) x time grids "
+        lines += ["", "Solvers (B10 `ddim` at eta 0 and at eta 1, i.e. ancestral B9; B11 `dpmpp2m`; B16 "
+                  "`dpmpp2m-sde`, dpmpp2m at eta 1) x time grids "
                   "(B15) x network evaluations: FD-FMNIST (share of samples that ended as noise):", ""] + sweep
     ref = study.get("reference", {})
     if f"fd_train_{n}" in ref:
@@ -130,7 +131,7 @@ def markdown(study):
 
 def _describe(p):
     solver, grid = p.get("solver", "ddim"), p.get("grid", "uniform")
-    eta = f", eta {p['eta']:g}" if solver == "ddim" else ""
+    eta = f", eta {p['eta']:g}" if solver == "ddim" or p["eta"] else ""
     return f"{solver}{eta} on the {grid} grid, {p['steps']} evaluations, x_hat {'' if p.get('clip', True) else 'not '}clipped"
 
 

@@ -1,13 +1,14 @@
 """The quality study: blurring diffusion vs DDPM on Fashion-MNIST 32x32, with the parameterisation
-(eps, B8; spectral, B14) as a factor, and quality per cost over samplers and time grids (B10, B11, B15).
+(eps, B8; spectral, B14) as a factor, and quality per cost over samplers and time grids (B10, B11, B15, B16).
 
 Five models with the same network, data, seed and training budget (``common.MODELS``): BDM
 (``blur_sigma_max`` 20, the paper's value for 32x32) and the DDPM baseline (0), each in eps and
 spectral form, and BDM spectral at 10 (gDDIM's value). Each is sampled through the runtime
 (``--n`` samples per point) at the first study's settings (B10 on the uniform grid: eta 0 at
 10/20/50 steps, eta 1 at 50/100; with and without clipping x_hat), then at solver x grid x
-{5, 10, 20, 50} network evaluations (and ancestral DDIM x grid at 20 and 50) with the clip setting
-that measured better for that model,
+{5, 10, 20, 50} network evaluations (deterministic ddim and dpmpp2m; SDE-DPM-Solver++(2M), B16, at
+the same counts; ancestral DDIM x grid at 20 and 50) with the clip setting that measured better for
+that model,
 and scored with FD-FMNIST, KID, the class histogram and the share of samples that ended as noise.
 
 Why blur_sigma_max = 20 at 32x32 (B2-B4): sigma_B is measured in pixels, so at the same 32x32 grid

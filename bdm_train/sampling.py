@@ -196,9 +196,9 @@ def sample(model, process, n, seed, steps=None, eta=None, labels=None, guidance=
     """Draw ``n`` images with the noise protocol of ``bdm_runtime.noise``: float ``[n, C, H, W]`` in ``[-1, 1]``.
 
     ``solver``: ``"ddim"`` (B10; ``eta`` default 1, the paper's ancestral sampler) or
-    ``"dpmpp2m"`` (``eta`` default 0: B11, deterministic; ``eta = 1``: SDE-DPM-Solver++(2M), B16). ``grid``: a name of ``bdm_runtime.grids.GRIDS``
-    with ``steps`` steps, or an explicit sequence of times from 1 to 0. One network evaluation
-    per step; the last step returns the clipped denoised estimate.
+    ``"dpmpp2m"`` (``eta`` default 0: B11, deterministic; ``eta = 1``: SDE-DPM-Solver++(2M), B16).
+    ``grid``: a name of ``bdm_runtime.grids.GRIDS`` with ``steps`` steps, or an explicit sequence of
+    times from 1 to 0. One network evaluation per step; the last step returns the clipped denoised estimate.
     """
     n = check_positive_int(n, "n")
     eta = solver_eta(solver, eta, 1.0)

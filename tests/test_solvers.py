@@ -227,7 +227,8 @@ def _rms_to_nearest(x, images):
 
 @pytest.mark.parametrize("blur", BLURS)
 def test_dpmpp2m_lands_on_the_mixture_images_in_10_and_20_evaluations(blur):
-    """Every grid, 10 and 20 network evaluations, deterministic (B11) and stochastic (B16): RMS to the nearest image < 0.05, in equal shares.
+    """Every grid, 10 and 20 network evaluations, deterministic (B11) and stochastic (B16): RMS to the
+    nearest image < 0.05, in equal shares.
 
     The images are ~0.7 apart (RMS per pixel), so 0.05 means "on an image", not between two; a
     seeded count within 4 standard errors of n/4 per image (false alarm 6e-5) rules out collapse.

@@ -189,7 +189,8 @@ def test_sample_cli_solver_and_grid(tiny_checkpoint, tmp_path, capsys):
                   clip_denoised=config["sampler"]["clip_denoised"]).numpy()
     np.testing.assert_array_equal(np.load(npz)["samples"], want)   # same code, same process: bit-equal
     sample_main(["--ckpt", tiny_checkpoint, "--n", "3", "--steps", "4", "--solver", "dpmpp2m", "--grid", "edm",
-                 "--eta", "1", "--seed", "2", "--quiet", "--out", str(tmp_path / "h.png"), "--npz", str(tmp_path / "h.npz")])
+                 "--eta", "1", "--seed", "2", "--quiet", "--out", str(tmp_path / "h.png"),
+                 "--npz", str(tmp_path / "h.npz")])
     sde = sample(model, process, 3, seed=2, steps=4, solver="dpmpp2m", grid="edm", eta=1.0,
                  clip_denoised=config["sampler"]["clip_denoised"]).numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "h.npz")["samples"], sde)

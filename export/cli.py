@@ -1,6 +1,7 @@
-"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``) and TensorRT engines.
+"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``, ``bdm_int8.onnx``) and TensorRT engines.
 
     bdm-export --ckpt runs/x/model.pt --fp16 --check
+    bdm-export --ckpt runs/x/model.pt --int8 --calib-images 32       # + INT8 (QDQ), docs/int8.md
     bdm-export --onnx bdm_fp16.onnx --out bdm.plan          # on the target; no torch needed
 
 User mistakes print one line ``Error: ...`` on stderr and exit non-zero, having created nothing.
@@ -17,6 +18,7 @@ from bdm_runtime.grids import GRIDS, SOLVERS
 from bdm_runtime.limits import MAX_STEPS
 
 from . import CHECK_TOLERANCES
+from .int8 import DEFAULT_IMAGES, DEFAULT_METHOD, METHODS
 
 _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES.items())
 
@@ -55,10 +57,11 @@ def _engine(onnx_path, plan, batch, workspace, timing_cache, shown):
 
 
 def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache, check,
-                      engine, clip=None, solver=None, grid=None):
+                      engine, clip=None, solver=None, grid=None, int8=None):
     """The ``--ckpt`` path: export, build engines where possible, optionally check; returns exit status.
 
     Everything is checked before anything is created; the files are staged and appear together.
+    ``int8``: ``None``, or ``{"images": n, "method": m}`` to write ``bdm_int8.onnx`` too (``bdm_export.int8``).
     """
     from bdm_runtime.io import Staging
     from bdm_train import checkpoint
@@ -73,11 +76,11 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
     if guidance and model.num_classes <= 0:
         raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
     out_dir = _out_dir(out_dir, ckpt)
-    names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else [])
+    names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else []) + (["bdm_int8.onnx"] if int8 else [])
     with Staging() as stage:
         folder = stage.folder(out_dir)
         lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
-                               workspace, timing_cache, check, engine, solver, grid)
+                               workspace, timing_cache, check, engine, solver, grid, int8)
     for line in lines:
         click.echo(line)
     if check:
@@ -85,24 +88,34 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
     return 0
 
 
+def _write_graph(model, process, folder, name, guidance, steps, eta, clip, solver, grid, int8):
+    """One graph into ``folder``; the INT8 one is calibrated from the FP32 ``bdm.onnx`` written before it."""
+    from .onnx_export import export_onnx
+
+    path = os.path.join(folder, name)
+    if name.endswith("_int8.onnx"):
+        from .int8 import export_int8
+
+        return export_int8(os.path.join(folder, "bdm.onnx"), path, images=int8["images"], method=int8["method"],
+                           progress=True)
+    return export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
+                       fp16=name.endswith("_fp16.onnx"), guidance=guidance, clip_denoised=clip,
+                       default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
+
+
 def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
-                   timing_cache, check, engine, solver="ddim", grid="uniform"):
+                   timing_cache, check, engine, solver="ddim", grid="uniform", int8=None):
     """Graphs (and engines) into the staging ``folder``, checked if asked; returns the lines to report."""
     from bdm_runtime.trt_build import unavailable_reason
 
-    from .onnx_export import export_onnx
-
     lines, plans = [], {}
     for name in names:
-        path = os.path.join(folder, name)
         try:
-            meta = export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
-                               fp16=name.endswith("_fp16.onnx"), guidance=guidance, clip_denoised=clip,
-                               default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
+            meta = _write_graph(model, process, folder, name, guidance, steps, eta, clip, solver, grid, int8)
         except OSError as e:
             raise BdmError(f"cannot write {os.path.join(out_dir, name)}: {e.strerror or e}")
         lines.append(f"wrote {os.path.join(out_dir, name)} ({_describe(meta)}, "
-                     f"{os.path.getsize(path) / 2**20:.1f} MiB)")
+                     f"{os.path.getsize(os.path.join(folder, name)) / 2**20:.1f} MiB)")
     reason = unavailable_reason() if engine else "--no-engine"
     if reason:
         lines.append(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
@@ -117,6 +130,14 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
 
         failed = []
         for name in names:
+            if name.endswith("_int8.onnx"):  # differs from torch by design: measured in docs/int8.md
+                from .check import check_int8
+
+                click.echo(f"check {name}: ONNX Runtime runs it to finite outputs (INT8 differs from FP32 by "
+                           "its quantization error: docs/int8.md)")
+                if not check_int8(os.path.join(folder, name), model, process, log=click.echo):
+                    failed.append(name)
+                continue
             click.echo(f"check {name}: torch vs ONNX Runtime" + (" vs TensorRT" if name in plans else ""))
             if not check_onnx(os.path.join(folder, name), model, process, plan_path=plans.get(name), log=click.echo):
                 failed.append(name)
@@ -133,6 +154,14 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Where bdm.onnx (and bdm_fp16.onnx, engines) go. Default: the checkpoint's folder.")
 @click.option("--fp16", is_flag=True, help="Also write bdm_fp16.onnx: network in FP16, sampler update in FP32.")
+@click.option("--int8", is_flag=True, help="Also write bdm_int8.onnx: the network's convolutions in INT8 (QDQ, "
+              "symmetric, per-channel weights; first/last/shortcut convs, time embedding, norms and the sampler "
+              "update in FP32), calibrated on the FP32 graph's own trajectories (docs/int8.md).")
+@click.option("--calib-images", type=click.IntRange(1, 4096), default=DEFAULT_IMAGES, show_default=True,
+              help="With --int8: seeded trajectories of the default sampler whose every step calibrates it.")
+@click.option("--calib-method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help="With --int8: activation ranges from the max, a percentile (99.999) or entropy (KL) of "
+                   "the calibration activations.")
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")
@@ -163,8 +192,8 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
               help="Compare torch, ONNX Runtime (and TensorRT if built) on random realistic inputs with "
                    "Polygraphy's Comparator; print max abs/rel error per output; exit non-zero when an element "
                    f"differs by more than both tolerances ({_TOL}).")
-def cli(ckpt, ema, out_dir, fp16, guidance, solver, grid, steps, eta, clip, onnx_path, out, batch, workspace,
-        timing_cache, engine, check):
+def cli(ckpt, ema, out_dir, fp16, int8, calib_images, calib_method, guidance, solver, grid, steps, eta, clip,
+        onnx_path, out, batch, workspace, timing_cache, engine, check):
     """Export a bdm checkpoint as step graphs (ONNX) and TensorRT engines."""
     from bdm_runtime.trt_build import parse_batch
 
@@ -174,9 +203,9 @@ def cli(ckpt, ema, out_dir, fp16, guidance, solver, grid, steps, eta, clip, onnx
     if onnx_path is not None:
         if out is None:
             raise BdmError("--onnx needs --out ENGINE.plan")
-        if check or fp16 or out_dir or steps is not None or eta is not None or guidance is not None \
+        if check or fp16 or int8 or out_dir or steps is not None or eta is not None or guidance is not None \
                 or clip is not None or solver is not None or grid is not None:
-            raise BdmError("--onnx builds an engine only: --check, --fp16, --out-dir, --solver, --grid, --steps, "
+            raise BdmError("--onnx builds an engine only: --check, --fp16, --int8, --out-dir, --solver, --grid, --steps, "
                            "--eta, --clip and --guidance need --ckpt")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -191,7 +220,8 @@ def cli(ckpt, ema, out_dir, fp16, guidance, solver, grid, steps, eta, clip, onnx
     if out is not None:
         raise BdmError("--out is for --onnx; with --ckpt use --out-dir")
     return export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, workspace, timing_cache,
-                             check, engine, clip, solver, grid)
+                             check, engine, clip, solver, grid,
+                             dict(images=calib_images, method=calib_method) if int8 else None)
 
 
 def main(argv=None):

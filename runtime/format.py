@@ -46,13 +46,21 @@ K_DEFAULT_STEPS = "bdm.default_steps"
 K_DEFAULT_ETA = "bdm.default_eta"
 K_DEFAULT_SOLVER = "bdm.default_solver"  # format 2; format 1 is "ddim"
 K_DEFAULT_GRID = "bdm.default_grid"      # format 2; format 1 is "uniform"
-K_PRECISION = "bdm.precision"            # "fp32" or "fp16"
+K_PRECISION = "bdm.precision"            # one of PRECISIONS
+K_CALIBRATION = "bdm.int8_calibration"   # int8 graphs: how they were calibrated (CALIBRATION_FIELDS)
 K_VERSION = "bdm.version"                # bdm package version that wrote it
 K_PARAM = "bdm.param"                    # how the network output is read (PARAMS); optional, "eps" if absent
 
 # Parameterisations of the network output: eps (B8) and spectral (B14). Graphs compute x_hat
 # inside, so the runtime only reports this; training and export take the names from here.
 PARAMS = ("eps", "spectral")
+# Precisions: fp16 is the network in float16; int8 its convolutions in QDQ INT8 (bdm_export.int8),
+# which also carries K_CALIBRATION: {"method": one of CALIBRATION_METHODS, "images", "steps", "seed":
+# ints; "solver", "grid": the sampler whose trajectories it was calibrated on; "eta"; "float_layers":
+# the network layers kept in float, "quantized": how many convolutions are INT8}.
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATION_METHODS = ("max", "percentile", "entropy")
+CALIBRATION_FIELDS = ("method", "images", "steps", "seed", "solver", "grid", "eta", "float_layers", "quantized")
 REQUIRED_KEYS_V1 = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
                     K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)
 REQUIRED_KEYS = REQUIRED_KEYS_V1 + (K_DEFAULT_SOLVER, K_DEFAULT_GRID)

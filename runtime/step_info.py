@@ -65,6 +65,7 @@ class StepInfo:
         if meta[fmt.K_GUIDANCE] and k == 0:
             raise BdmError(f"{path}: a guided graph of an unconditional model")
         _check_defaults(path, meta)
+        _check_precision(path, meta)
         if inputs is not None:
             want = fmt.inputs(version, k, meta[fmt.K_GUIDANCE])
             if sorted(inputs) != sorted(want):
@@ -91,6 +92,27 @@ def _check_defaults(path, meta):
         solver_eta(solver, meta[fmt.K_DEFAULT_ETA], 0.0)
     except ValueError as e:
         raise BdmError(f"{path}: bad {fmt.K_DEFAULT_ETA}: {e}")
+
+
+def _check_precision(path, meta):
+    """A known precision; an int8 graph's calibration record complete and sane (``format.K_CALIBRATION``)."""
+    precision = meta[fmt.K_PRECISION]
+    if precision not in fmt.PRECISIONS:
+        raise BdmError(f"{path}: bad {fmt.K_PRECISION} {precision!r} (this runtime knows "
+                       f"{', '.join(fmt.PRECISIONS)}): upgrade bdm")
+    if precision != "int8":
+        return
+    calib = meta.get(fmt.K_CALIBRATION)
+    missing = [k for k in fmt.CALIBRATION_FIELDS if k not in calib] if isinstance(calib, dict) else ["all"]
+    if missing:
+        raise BdmError(f"{path}: an int8 graph without its calibration record ({fmt.K_CALIBRATION}: "
+                       f"{', '.join(missing)} missing): export it again with bdm-export --int8")
+    bad = [k for k in ("images", "steps", "quantized") if not (_is_int(calib[k]) and calib[k] > 0)]
+    if calib["method"] not in fmt.CALIBRATION_METHODS:
+        bad.append("method")
+    if bad:
+        raise BdmError(f"{path}: bad {fmt.K_CALIBRATION} ({', '.join(bad)}: {[calib[k] for k in bad]!r}): "
+                       "the file was altered; export it again with bdm-export --int8")
 
 
 def _check_image_shapes(path, image_shape, shapes):

@@ -160,6 +160,15 @@ class OrtBackend:
             io = self._ios[parity]
         self.session.run_with_iobinding(io)
 
+    def step_inputs(self, parity):
+        """Host copies of the inputs the next ``step(parity)`` reads, by graph input name.
+
+        For recorders (``bdm_export.int8`` calibrates on them): the latent and ``u_x_prev`` are the
+        state buffers of ``parity``, the rest what ``upload``/``select`` put in.
+        """
+        state = {fmt.Z: "z%d" % parity, fmt.U_X_PREV: "u%d" % parity}
+        return {name: self._bufs[state.get(name, name)].numpy().copy() for name in self.inputs}
+
     def synchronize(self):
         """Nothing to wait for: ``run_with_iobinding`` returns when the step is done."""
 

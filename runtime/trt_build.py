@@ -19,6 +19,10 @@ Precision comes from the graph (``bdm_export.fp16``), by TensorRT major version,
 - 10.x: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: types are the graph's, no FP16 flag.
 - 11.x: networks are always strongly typed; the FP16 flag no longer exists.
 
+INT8 graphs (``bdm_export.int8``: Q/DQ around the network's convolutions, explicit quantization):
+8.x/9.x set ``BuilderFlag.INT8`` and ``FP16`` with the sampler update pinned to FP32; 10.x/11.x
+build them strongly typed, so their unquantized layers run in the graph's FP32 (docs/int8.md).
+
 GroupNorm reaches TensorRT as ONNX ``InstanceNormalization``. TensorRT 8.5's parser always makes it
 the ``InstanceNormalization_TRT`` plugin (the runtime registers plugins before loading); 8.6 does
 too unless ``OnnxParserFlag.NATIVE_INSTANCENORM`` is set, which is done here (on from 10.0).
@@ -36,6 +40,7 @@ from .step_info import onnx_info, read_side_file
 DEFAULT_BATCH = (1, 16, 64)
 BATCH_INPUTS = fmt.PER_IMAGE  # inputs whose first dim is the batch
 MIN_POLYGRAPHY = (0, 50)
+NETWORK_SCOPE = "/model/"  # the exporter's ONNX node names of the network (bdm_export.int8.NETWORK)
 
 
 def parse_batch(spec):
@@ -161,15 +166,15 @@ def _build(trt, version, meta, path, batch, workspace_mib, timing_cache):
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
     from polygraphy.exception import PolygraphyException
 
-    weak_fp16 = meta[fmt.K_PRECISION] == "fp16" and version[0] < 10
+    fp16, int8, pin = precision_route(meta[fmt.K_PRECISION], version)
     try:
         # Polygraphy NetworkFromOnnxPath: registers TensorRT's plugins, parses with trt.OnnxParser
         # (parse_from_file) into an explicit-batch network (a default from TensorRT 10 on).
         builder, network, parser = network_from_onnx_path(path, **network_options(trt, version))
     except PolygraphyException as e:
         raise BdmError(f"TensorRT {trt.__version__} cannot parse {path}: {str(e).strip()[:300]}")
-    if weak_fp16:
-        _pin_precisions(trt, network, onnx_meta.value_types(path), path)
+    if pin:
+        _pin_precisions(trt, network, onnx_meta.value_types(path), path, pin)
     profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(meta, batch).items():
         profile.add(name, min=lo, opt=opt, max=hi)  # Polygraphy Profile.add(name, min, opt, max)
@@ -180,7 +185,8 @@ def _build(trt, version, meta, path, batch, workspace_mib, timing_cache):
     # Polygraphy CreateConfig: tf32 defaults to False (it clears BuilderFlag.TF32: the DCTs and the
     # update stay true FP32); fp16=True sets BuilderFlag.FP16 (weak typing only), and
     # precision_constraints="prefer" sets BuilderFlag.PREFER_PRECISION_CONSTRAINTS.
-    config = CreateConfig(fp16=weak_fp16, precision_constraints="prefer" if weak_fp16 else None,
+    # int8=True sets BuilderFlag.INT8: with Q/DQ in the graph (explicit quantization) no calibrator is used.
+    config = CreateConfig(fp16=fp16, int8=int8, precision_constraints="prefer" if pin else None,
                           profiles=[profile], memory_pool_limits=limits, load_timing_cache=timing_cache)
     # Polygraphy EngineBytesFromNetwork: builder.build_serialized_network; the timing cache is
     # appended to save_timing_cache. Bytes only: deserializing to serialize again would double the
@@ -188,12 +194,30 @@ def _build(trt, version, meta, path, batch, workspace_mib, timing_cache):
     return engine_bytes_from_network((builder, network, parser), config=config, save_timing_cache=timing_cache)
 
 
-def _pin_precisions(trt, network, onnx_types, path):
-    """TensorRT 8/9 with an FP16 graph: pin each layer to the type its ONNX tensors have.
+def precision_route(precision, version):
+    """``(fp16 flag, int8 flag, pin)`` for a graph of ``precision`` on TensorRT ``version``.
+
+    Strongly typed networks (10, 11) take everything from the graph: Q/DQ make INT8 layers, the rest
+    runs in the graph's own float types. Weakly typed ones (8.x, 9.x): an FP16 graph gets the FP16
+    flag with every layer pinned to its ONNX type (``pin="graph"``); an INT8 graph the INT8 and FP16
+    flags with the layers outside the network (sampler update, DCTs) pinned to FP32 (``pin="update"``),
+    so TensorRT picks INT8 where the graph has Q/DQ and FP16 or FP32 elsewhere in the network.
+    """
+    if version[0] >= 10 or precision == "fp32":
+        return False, False, None
+    if precision == "int8":
+        return True, True, "update"
+    return True, False, "graph"
+
+
+def _pin_precisions(trt, network, onnx_types, path, pin="graph"):
+    """TensorRT 8/9: pin layers to the type their ONNX tensors have (all, or the update's: ``pin``).
 
     ``ILayer.precision`` and ``ILayer.set_output_type`` (TensorRT developer guide, "Layer-Level
     Control of Precision"), honoured by ``PREFER_PRECISION_CONSTRAINTS``. Layers the parser adds
-    with no ONNX name (helpers of one ONNX node) take the type of their first float input.
+    with no ONNX name (helpers of one ONNX node) take the type of their first float input. With
+    ``pin="update"`` (an INT8 graph) the network's layers (ONNX scope ``/model/``) are left to the
+    builder: pinning its Q/DQ or convolutions would keep them out of INT8.
     """
     floats = {trt.float32, trt.float16}
     onnx_to_trt = {1: trt.float32, 10: trt.float16}
@@ -204,6 +228,8 @@ def _pin_precisions(trt, network, onnx_types, path):
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if layer.type in (trt.LayerType.SHAPE, trt.LayerType.CONSTANT):
+            continue
+        if pin == "update" and layer.name.startswith(NETWORK_SCOPE):
             continue
         inherited = None
         for j in range(layer.num_inputs):
@@ -225,7 +251,7 @@ def _pin_precisions(trt, network, onnx_types, path):
         if len(chosen) == 1:
             layer.precision = chosen.pop()
             halves += layer.precision == trt.float16
-    if not halves:
+    if not halves and pin == "graph":
         raise BdmError(f"{path}: no layer of this FP16 graph maps to FP16 in TensorRT {trt.__version__}; "
                        "refusing to build an FP32 engine labelled fp16 (re-export with bdm-export --fp16)")
 

@@ -107,7 +107,8 @@ def graphs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_trt_graphs")
     return {"fp32": write_step_graph(folder / "fp32.onnx"), "fp16": write_step_graph(folder / "fp16.onnx", fp16=True),
             "cond": write_step_graph(folder / "cond.onnx", num_classes=3),
-            "fmt2": write_step_graph(folder / "fmt2.onnx", format_version=2)}
+            "fmt2": write_step_graph(folder / "fmt2.onnx", format_version=2),
+            "int8": write_step_graph(folder / "int8.onnx", format_version=2, int8=True)}
 
 
 def _build(env, onnx_path, folder, name="m", **kw):
@@ -171,6 +172,42 @@ def test_builder_route_follows_the_version(key, graphs, tmp_path, monkeypatch):
     assert side[fmt.K_TRT_VERSION] == trt.__version__ and side[fmt.K_PROFILE] == {"min": 2, "opt": 4, "max": 8}
     assert side[fmt.K_TRT_DEVICE] == {"name": ORIN[0], "compute_capability": list(ORIN[1])}
     assert json.loads(open(plan + ".json").read()) == side
+
+
+@pytest.mark.parametrize("key", VERSIONS)
+def test_int8_route_follows_the_version(key, graphs, tmp_path, monkeypatch):
+    """INT8 (Q/DQ) graphs: 8.x INT8 + FP16 flags, the update pinned to FP32 and the network left to the
+    builder; 10.x/11.x strongly typed with no flag (the graph's Q/DQ and types decide); the graph given is
+    the .onnx itself, and the engine samples as ONNX Runtime does on it."""
+    env = Env(monkeypatch, key)
+    trt, major = env.trt, MAJOR[key]
+    plan, side = _build(env, graphs["int8"], tmp_path)
+    _only_this_version(env)
+    assert json.loads(open(plan, "rb").read())["onnx"] == os.path.abspath(graphs["int8"])
+    flags = env.fake.calls[env.fake.names("").index("Builder.create_network")][2]["flags"]
+    enum = trt.NetworkDefinitionCreationFlag
+    assert flags == {8: lambda: 1 << int(enum.EXPLICIT_BATCH), 10: lambda: 1 << int(enum.STRONGLY_TYPED),
+                     11: lambda: 0}[major]()
+    (config,) = env.configs
+    weak = major == 8
+    assert (config["fp16"], config["int8"]) == (weak, weak)
+    assert config["precision_constraints"] == ("prefer" if weak else None)
+    for flag in ("FP16", "INT8", "PREFER_PRECISION_CONSTRAINTS") if weak else ():
+        assert flag in env.fake.enums["BuilderFlag"]
+    layers = {layer._name: layer for layer in env.builds[0]["network"][1]._layers}
+    assert {"/model/conv/q", "/model/conv/dq", "/model/conv/Conv"} <= set(layers)
+    if weak:
+        for name in ("norm", "norm_s", "add_noise", "x0", "z_next", "hist", "u_x"):   # the update: FP32
+            assert layers[name]._precision == trt.float32, name
+        for name in ("/model/conv/q", "/model/conv/dq", "/model/conv/dq_w", "/model/conv/Conv"):
+            assert layers[name]._precision is None and not layers[name]._output_types, name
+    else:
+        assert not any(n.startswith(("ILayer.precision", "ILayer.set_output_type")) for n in env.fake.names("ILayer"))
+        assert layers["/model/conv/q"].get_output(0).dtype == trt.int8      # typed by the graph
+    assert side[fmt.K_PRECISION] == "int8" and side[fmt.K_CALIBRATION]["method"] == "max"
+    want = _reference(graphs["int8"], 5, seed=2)
+    with bdm_runtime.load(plan, backend="trt") as s:
+        np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
 
 
 def test_build_failures_are_one_line(graphs, tmp_path, monkeypatch):

@@ -188,3 +188,49 @@ def test_cli_builds_engines(tiny_cond_checkpoint, tmp_path, capsys):
     for stem in ("bdm", "bdm_fp16"):
         assert os.path.exists(tmp_path / f"{stem}.plan") and os.path.exists(tmp_path / f"{stem}.plan.json")
         assert f"wrote {tmp_path / stem}.plan" in out
+
+
+@pytest.fixture(scope="module")
+def built_int8(tiny_checkpoint, tmp_path_factory):
+    """An INT8 (Q/DQ) graph of the unconditional tiny model and its engine."""
+    from bdm_export.int8 import export_int8
+
+    folder = tmp_path_factory.mktemp("trt_int8")
+    model, process, _ = checkpoint.load(tiny_checkpoint)
+    fp32 = folder / "bdm.onnx"
+    export_onnx(model, process, fp32, channels=1, default_steps=4)
+    onnx_path = folder / "bdm_int8.onnx"
+    export_int8(str(fp32), str(onnx_path), images=3)
+    plan = folder / "bdm_int8.plan"
+    side = build_engine(str(onnx_path), str(plan), batch=BATCH, workspace_mib=512)
+    return dict(model=model, process=process, onnx=onnx_path, plan=plan, side=side)
+
+
+def test_int8_engine_has_int8_layers_and_an_fp32_update(built_int8):
+    """The Q/DQ convolutions run in INT8 (not a silently float engine); the sampler update stays FP32
+    on every version (8.x: pinned; 10/11: strongly typed from the graph's FP32)."""
+    b = built_int8
+    assert b["side"][fmt.K_PRECISION] == "int8" and b["side"][fmt.K_CALIBRATION]["quantized"] > 0
+    info = _layer_info(_engine(b["plan"]))
+    print(f"\nTensorRT {trt.__version__}")
+    assert "int8" in info.lower()
+    kinds = _tensor_kinds(info)
+    for name in (fmt.Z_NEXT, fmt.X0):
+        assert kinds.get(name, {"float"}) <= {"float"}, (name, kinds.get(name))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_int8_engine_matches_onnxruntime_int8(built_int8, batch):
+    # Same Q/DQ graph, same scales: TensorRT and ONNX Runtime differ in where they requantize and in
+    # rounding ties, an INT8 step (1/127 of a tensor's range) at some elements of the network's output,
+    # which z_next (dominated by z) carries at ~1e-3 of its scale; bound as the FP16 engines, 3e-2.
+    b = built_int8
+    meta = dict(b["side"])
+    meta[fmt.K_DEFAULT_STEPS] = 50
+    sess = session(b["onnx"])
+    feed = make_inputs(meta, b["process"], final=False, batch=batch, seed=batch)
+    want = sess.run([fmt.Z_NEXT], feed)[0]
+    got = _trt_run(b["plan"], feed)[fmt.Z_NEXT]
+    err = relative_error(got, want)
+    print(f"\nint8 engine vs ORT int8, batch {batch}: z_next {err:.2e}")
+    assert err < 3e-2

@@ -124,7 +124,8 @@ class OnnxParser(Bound):
             self._flags & (1 << int(trt.OnnxParserFlag.NATIVE_INSTANCENORM)))
         kinds = {"Cast": "CAST" if "CAST" in fake.enums["LayerType"] else "IDENTITY", "Shape": "SHAPE",
                  "Constant": "CONSTANT", "Reshape": "SHUFFLE", "Add": "ELEMENTWISE", "Mul": "ELEMENTWISE",
-                 "Div": "ELEMENTWISE", "InstanceNormalization": "NORMALIZATION" if native else "PLUGIN_V2"}
+                 "Div": "ELEMENTWISE", "InstanceNormalization": "NORMALIZATION" if native else "PLUGIN_V2",
+                 "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE", "Conv": "CONVOLUTION"}
         for node in model.graph.node:
             outs = [_new(trt.ITensor, o, dtype(o)) for o in node.output]
             tensors.update({t.name: t for t in outs})

@@ -12,7 +12,7 @@ DTYPES = {"float32": "FLOAT", "float16": "HALF", "int8": "INT8", "int32": "INT32
           "uint8": "UINT8", "fp8": "FP8", "bfloat16": "BF16", "int4": "INT4", "fp4": "FP4", "e8m0": "E8M0"}
 NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
          "BOOL": np.bool_, "UINT8": np.uint8}
-ONNX_TYPES = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64"}
+ONNX_TYPES = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64", 3: "INT8"}
 
 
 class Fake:

@@ -17,8 +17,27 @@ def _const(name, value):
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value), name))
 
 
-def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6, format_version=1):
+def _int8_conv(c, src, dst):
+    """What ``bdm_export.int8`` makes of a network conv: Q/DQ of the input (scale 1/32) and of INT8
+    per-channel weights (zero points 0), under the network's ONNX scope ``/model/``."""
+    w = np.zeros((c, c, 1, 1), np.int8)
+    w[np.arange(c), np.arange(c)] = 32   # 32 x scale 1/64 = 0.5: the conv halves its input
+    inits = [numpy_helper.from_array(np.float32(1 / 32), "x_scale"), numpy_helper.from_array(np.int8(0), "x_zero"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(c, 1 / 64, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(c, np.int8), "w_zero")]
+    nodes = [helper.make_node("QuantizeLinear", [src, "x_scale", "x_zero"], ["xq"], name="/model/conv/q"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xdq"], name="/model/conv/dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], name="/model/conv/dq_w",
+                              axis=0),
+             helper.make_node("Conv", ["xdq", "w"], [dst], name="/model/conv/Conv")]
+    return nodes, inits
+
+
+def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6, format_version=1,
+                     int8=False):
     """Write the graph to ``path`` and return it.
+
+    ``int8=True``: the normalised latent goes through a Q/DQ-quantized 1x1 conv (``_int8_conv``).
 
     ``format_version=2`` adds the state: ``z_next`` gains ``0.1 (t_prev - t) u_x_prev`` (so a stale
     state buffer or time row shows), and ``u_x = z + t`` is the state passed on.
@@ -39,13 +58,17 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
              helper.make_node("Reshape", [fmt.T, "shape4"], ["t4"], name="t4"),
              helper.make_node("Mul", [fmt.Z, "r4"], ["zr"], name="scale_z"),
              helper.make_node("InstanceNormalization", [fmt.Z, "scale", "bias"], ["norm"], name="norm", epsilon=1e-5),
-             helper.make_node("Mul", ["norm", "c001"], ["norm_s"], name="norm_s"),
+             helper.make_node("Mul", ["norm_c" if int8 else "norm", "c001"], ["norm_s"], name="norm_s"),
              helper.make_node("Add", ["zr", "norm_s"], ["zn"], name="add_norm"),
              helper.make_node("Mul", [fmt.NOISE, fmt.ETA], ["en"], name="noise_eta"),
              helper.make_node("Mul", ["en", "c05"], ["en_s"], name="noise_s"),
              helper.make_node("Add", ["zn", "en_s"], ["zn2"], name="add_noise"),
              helper.make_node("Mul", [fmt.Z, "t4"], [fmt.X0], name="x0")]
-    last = "zn2"
+    last, inits = "zn2", []
+    if int8:
+        conv, inits = _int8_conv(c, "norm", "norm_c")
+        at = [n.name for n in nodes].index("norm_s")
+        nodes[at:at] = conv
     if fp16:
         nodes += [helper.make_node("Cast", [last], ["half"], name="to_half", to=TensorProto.FLOAT16),
                   helper.make_node("Cast", ["half"], ["back"], name="to_float", to=TensorProto.FLOAT)]
@@ -74,13 +97,16 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
         last = "zh"
     nodes.append(helper.make_node("Mul", [last, "c05"], [fmt.Z_NEXT], name="z_next"))  # keeps |z| bounded
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, img) for n in fmt.outputs(format_version)]
-    graph = helper.make_graph(nodes, "fake_step", inputs, outputs)
+    graph = helper.make_graph(nodes, "fake_step", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     meta = {fmt.K_FORMAT_VERSION: format_version, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: {"kind": "test"},
             fmt.K_NUM_CLASSES: num_classes, fmt.K_GUIDANCE: guided, fmt.K_CLIP_DENOISED: True,
-            fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "fp32",
+            fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "int8" if int8 else "fp32",
             fmt.K_VERSION: "0.1.0"}
+    if int8:
+        meta[fmt.K_CALIBRATION] = {"method": "max", "images": 2, "steps": default_steps, "seed": 0, "solver": "ddim",
+                                   "grid": "uniform", "eta": 1.0, "float_layers": [], "quantized": 1}
     if format_version >= 2:
         meta.update({fmt.K_DEFAULT_SOLVER: "ddim", fmt.K_DEFAULT_GRID: "uniform"})
     helper.set_model_props(model, fmt.encode(meta))

@@ -66,6 +66,11 @@ def test_ratios_and_overheads_come_from_the_same_run(quick):
     rows = {(r["batch"], r["backend"]): r for r in net["rows"]}
     assert {b for b, _ in rows} == {1, 16}
     assert (16, "ort-fp16") in rows and (1, "ort-fp16") not in rows  # fp16 only where configured
+    for b in (1, 16):                                                   # INT8 at every batch, against FP32
+        r8, r32 = rows[(b, "ort-int8")], rows[(b, "ort-fp32")]
+        pairs = [f / t for f, t in zip(r32["times_s"], r8["times_s"])]
+        assert all(_close(x, y) for x, y in zip(pairs, r8["ratio_vs_ort_fp32"]["per_repeat"]))
+        assert "ratio_vs_ort_fp32" not in r32
     for (b, name), r in rows.items():
         assert len(r["times_s"]) == r["repeats"] == 2
         assert _close(r["median_s"], statistics.median(r["times_s"]))

@@ -8,6 +8,9 @@ SEED = 0
 ETA = 1.0  # the paper's ancestral sampler (B9): the loop then also draws noise every step
 TARGET_RATIO, TARGET_OVERHEAD, TARGET_IMPORT_S = 1.5, 0.05, 0.5
 TARGET_NET, TARGET_BATCH = "demo-8x8", 16
+# INT8 (issue 20): the step graph's network convolutions in QDQ INT8 (bdm_export.int8), timed at every batch in
+# the same interleaved run; calibrated on INT8_IMAGES trajectories (random weights: speed, not quality, here).
+INT8_TARGET_NET, INT8_TARGET_RATIO, INT8_IMAGES = "cifar10-32x32", 1.5, 4
 
 # The networks. ``batches``: timed batch sizes; ``fp16``: batches where the FP16 graph is timed too
 # (ONNX Runtime's CPU provider has no FP16 convolutions: it inserts casts and computes in FP32, so

@@ -2,7 +2,7 @@
 import os
 import time
 
-from .config import ETA, SEED
+from .config import ETA, INT8_IMAGES, SEED
 
 
 def build(net, seed=SEED):
@@ -40,8 +40,10 @@ def eps_std(model, net):
 
 
 
-def export_graphs(model, process, net, folder):
-    """Write ``<name>.onnx`` (FP32) and ``<name>_fp16.onnx``; returns their paths and export times."""
+def export_graphs(model, process, net, folder, int8_images=INT8_IMAGES):
+    """Write ``<name>.onnx`` (FP32), ``<name>_fp16.onnx`` and ``<name>_int8.onnx`` (calibrated on ``int8_images``
+    trajectories of the FP32 graph: ``bdm_export.int8``); returns their paths and export times."""
+    from bdm_export.int8 import export_int8
     from bdm_export.onnx_export import export_onnx
 
     paths, times = {}, {}
@@ -52,6 +54,10 @@ def export_graphs(model, process, net, folder):
                     default_steps=net["steps"], default_eta=ETA)
         times[precision] = round(time.perf_counter() - t, 2)
         paths[precision] = path
+    t = time.perf_counter()
+    paths["int8"] = os.path.join(folder, f"{net['name']}_int8.onnx")
+    export_int8(paths["fp32"], paths["int8"], images=int8_images)
+    times["int8"] = round(time.perf_counter() - t, 2)
     return paths, times
 
 

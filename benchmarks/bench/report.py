@@ -1,7 +1,8 @@
 """The issue's targets, evaluated from the rows (never asserted), and the markdown report."""
 import json
 
-from .config import SEED, TARGET_BATCH, TARGET_IMPORT_S, TARGET_NET, TARGET_OVERHEAD, TARGET_RATIO
+from .config import (INT8_TARGET_NET, INT8_TARGET_RATIO, SEED, TARGET_BATCH, TARGET_IMPORT_S, TARGET_NET,
+                     TARGET_OVERHEAD, TARGET_RATIO)
 
 
 def targets(result):
@@ -22,6 +23,12 @@ def targets(result):
                               f"(worst network: {worst[0]})",
                     "value": worst[1], "threshold": TARGET_OVERHEAD, "met": worst[1] < TARGET_OVERHEAD,
                     "per_network": dict(over)})
+    r = rows.get((INT8_TARGET_NET, TARGET_BATCH, "ort-int8"))
+    if r is not None:
+        v = r["ratio_vs_ort_fp32"]["median"]
+        out.append({"target": f"ONNX Runtime INT8 >= {INT8_TARGET_RATIO}x ONNX Runtime FP32 images/s, "
+                              f"{INT8_TARGET_NET}, batch {TARGET_BATCH}",
+                    "value": v, "threshold": INT8_TARGET_RATIO, "met": v >= INT8_TARGET_RATIO})
     imp = result.get("import_runtime", {})
     if "median_s" in imp:
         ok = imp["median_s"] < TARGET_IMPORT_S and not imp["torch_in_sys_modules"]
@@ -36,6 +43,10 @@ def _f(x, nd=2):
     if isinstance(x, float) and abs(x) >= 100:
         return f"{x:,.0f}"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _x(ratio):
+    return "-" if not ratio else _f(ratio["median"]) + "x"
 
 
 def _share(cs):
@@ -104,16 +115,18 @@ def _network(n):
          f"UNet {json.dumps(n['unet'])}, blur_sigma_max {n['blur_sigma_max']}; {n['params_m']:.2f} M parameters; "
          f"{n['gflop_per_eval']:.4f} GFLOP per network evaluation per image (from the graph's shapes; "
          f"torch's FLOP counter: {n['gflop_torch_counter']:.4f}); ONNX {n['onnx_mib']['fp32']:.1f} MiB FP32, "
-         f"{n['onnx_mib']['fp16']:.1f} MiB FP16; {n['steps']} steps per timed call; other processes used "
+         f"{n['onnx_mib']['fp16']:.1f} MiB FP16, {n['onnx_mib'].get('int8', float('nan')):.1f} MiB INT8 (x FP32: "
+         f"ort-int8's speed over ort-fp32, repeat by repeat); {n['steps']} steps per timed call; other processes used "
          f"{_share(n.get('cpu_share'))} while it was timed.", "",
-         "| batch | backend | images/s | ms/step | x PyTorch | GFLOP/s | % peak | loop overhead |",
-         "|---:|---|---:|---:|---:|---:|---:|---:|"]
+         "| batch | backend | images/s | ms/step | x PyTorch | x FP32 | GFLOP/s | % peak | loop overhead |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in n["rows"]:
         ratio = r.get("ratio_vs_pytorch", {}).get("median")
         lo = r.get("loop_overhead")
         over = "{:.1f}% ({:.0f} us/step)".format(100 * lo["median"], lo["us_per_step"]) if lo else "-"
         L.append(f"| {r['batch']} | {r['backend']} | {_f(r['images_per_s'])} | {_f(r['ms_per_step'])} | "
-                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_f(r['gflops_per_s'], 1)} | "
+                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_x(r.get('ratio_vs_ort_fp32'))} | "
+                 f"{_f(r['gflops_per_s'], 1)} | "
                  f"{_f(r['pct_of_peak'], 1)} | {over} |")
     return L
 

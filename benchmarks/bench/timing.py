@@ -59,6 +59,9 @@ def summarise(rec, b, steps, flops_per_image, peak):
             pairs = [p / t for p, t in zip(ref, times)]
             row["ratio_vs_pytorch"] = {"per_repeat": [round(x, 4) for x in pairs], "median": round(median(pairs), 4)}
             row["max_abs_diff_vs_pytorch"] = float(np.abs(r["out"] - rec["pytorch"]["out"]).max())
+        if name == "ort-int8":  # INT8 against FP32 on the same runtime, repeat by repeat
+            pairs = [f / t for f, t in zip(rec["ort-fp32"]["times_s"], times)]
+            row["ratio_vs_ort_fp32"] = {"per_repeat": [round(x, 4) for x in pairs], "median": round(median(pairs), 4)}
         if r["step_sums_s"]:
             sums = r["step_sums_s"]
             frac = [(t - s) / s for t, s in zip(times, sums)]
@@ -79,6 +82,7 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
     settings = {"intra_op_num_threads": threads}
     ort32, times32 = load_timed(paths["fp32"], settings)
     ort16, times16 = load_timed(paths["fp16"], settings)
+    ort8, times8 = load_timed(paths["int8"], settings)
     options = session_options(ort32)
     c = net["unet"]["in_channels"]
 
@@ -89,11 +93,13 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
                "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA,
                                                                         timing=times32.append), times32),
                "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA,
-                                                                        timing=times16.append), times16)}
+                                                                        timing=times16.append), times16),
+               "ort-int8": Runner("ort-int8", lambda b, s: ort8.sample(b, seed=SEED, steps=s, eta=ETA,
+                                                                       timing=times8.append), times8)}
     rows = []
     torch.set_num_threads(threads)
     for b in net["batches"]:
-        names = ["pytorch", "ort-fp32"] + (["ort-fp16"] if b in net["fp16"] else [])
+        names = ["pytorch", "ort-fp32"] + (["ort-fp16"] if b in net["fp16"] else []) + ["ort-int8"]
         repeats = net.get("repeats_at", {}).get(b, net["repeats"])
         t = time.perf_counter()
         rec = interleaved([runners[n] for n in names], b, net["steps"], repeats)
@@ -103,6 +109,7 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
             + f" ({time.perf_counter() - t:.0f} s, load {loadavg()[0]})")
     ort32.close()
     ort16.close()
+    ort8.close()
     return rows, options
 
 

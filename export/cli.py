@@ -75,6 +75,10 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
         raise BdmError(f"{ckpt}: {e}")
     if guidance and model.num_classes <= 0:
         raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
+    if int8:
+        from .int8 import require_quantizer
+
+        require_quantizer()
     out_dir = _out_dir(out_dir, ckpt)
     names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else []) + (["bdm_int8.onnx"] if int8 else [])
     with Staging() as stage:

@@ -47,6 +47,22 @@ LAYERS = {"first": ("/model/conv_in/",), "last": ("/model/conv_out/",), "skip": 
 DEFAULT_FLOAT = ("first", "last", "skip")   # Model Optimizer's diffusion recipe; measured in docs/int8.md
 
 
+MIN_ORT = (1, 16)           # quantize_static with QuantizeBias, symmetric calibration, iterable readers
+
+
+def require_quantizer():
+    """``BdmError`` (one line, with the fix) unless ONNX Runtime's quantization tools are here."""
+    try:
+        import onnxruntime
+        from onnxruntime import quantization  # noqa: F401
+    except ImportError:
+        raise BdmError("--int8 needs ONNX Runtime's quantization tools: pip install 'bdm[ort]' (or onnxruntime-gpu)")
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_ORT:
+        raise BdmError(f"--int8 needs ONNX Runtime >= {MIN_ORT[0]}.{MIN_ORT[1]}, this is {onnxruntime.__version__}: "
+                       f"pip install -U onnxruntime")
+
+
 def network_convs(proto, float_layers=DEFAULT_FLOAT):
     """``(quantized, kept)``: names of the network's ``Conv`` nodes to quantize and of those kept in float."""
     unknown = sorted(set(float_layers) - set(LAYERS))
@@ -145,6 +161,8 @@ def _quiet_quantizer():
 def quantize(fp32_path, feeds, method=DEFAULT_METHOD, float_layers=DEFAULT_FLOAT, progress=False):
     """The QDQ INT8 ``onnx.ModelProto`` of ``fp32_path``, calibrated on ``feeds`` (no metadata changed yet)."""
     import onnx
+
+    require_quantizer()
     from onnxruntime import quantization as q
 
     if method not in METHODS:

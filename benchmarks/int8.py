@@ -23,16 +23,17 @@ import numpy as np
 
 from bdm_runtime.io import atomic_path
 
-# (label, calibration method, layers kept in float, calibration trajectories)
+# (label, calibration method, layers kept in float, calibration trajectories); the first is bdm-export's default
+# and gets the per-step x0 error
 VARIANTS = (
-    ("recipe, max", "max", ("first", "last", "skip"), 32),
     ("recipe, percentile", "percentile", ("first", "last", "skip"), 32),
+    ("recipe, max", "max", ("first", "last", "skip"), 32),
     ("recipe, entropy", "entropy", ("first", "last", "skip"), 32),
     ("all convs INT8, max", "max", (), 32),
     ("first+last float, max", "max", ("first", "last"), 32),
     ("skip float, max", "max", ("skip",), 32),
-    ("recipe, max, 8 images", "max", ("first", "last", "skip"), 8),
-    ("recipe, max, 128 images", "max", ("first", "last", "skip"), 128),
+    ("all convs INT8, percentile", "percentile", (), 32),
+    ("recipe, percentile, 8 images", "percentile", ("first", "last", "skip"), 8),
 )
 TIMING_BATCH = 16
 
@@ -136,6 +137,65 @@ def run(ckpt, n, seeds, threads, rounds, variants=VARIANTS, log=print):
                 x0_error_graph=variants[0][0])
 
 
+def speed(name, batch=16, threads=2, repeats=3):
+    """ONNX Runtime INT8 against FP32 on benchmark network ``name`` (random weights) at ``batch``: whole
+    sampler calls through the runtime, interleaved repeat by repeat, as ``python -m benchmarks.bench`` times
+    them (its ``Runner``, ``interleaved`` and settings), without the rest of that run."""
+    from .bench.config import NETWORKS
+    from .bench.machine import machine_info, median
+    from .bench.networks import build, export_graphs
+    from .bench.ort_settings import load_timed
+    from .bench.timing import Runner, interleaved
+
+    net = next(n for n in NETWORKS if n["name"] == name)
+    with tempfile.TemporaryDirectory(prefix="bdm-int8-speed-") as folder:
+        model, process = build(net)
+        paths, export_s = export_graphs(model, process, net, folder)
+        runners = []
+        for precision in ("fp32", "int8"):
+            sampler, times = load_timed(paths[precision], {"intra_op_num_threads": threads})
+            runners.append(Runner(f"ort-{precision}", (lambda sm, ts: lambda b, s: sm.sample(
+                b, seed=0, steps=s, timing=ts.append))(sampler, times), times))
+        rec = interleaved(runners, batch, net["steps"], repeats)
+    t32, t8 = rec["ort-fp32"]["times_s"], rec["ort-int8"]["times_s"]
+    pairs = [a / b for a, b in zip(t32, t8)]
+    return dict(network=name, batch=batch, steps=net["steps"], threads=threads, repeats=repeats,
+                fp32_s=t32, int8_s=t8, ratio_per_repeat=[round(x, 4) for x in pairs],
+                ratio_median=round(median(pairs), 4), export_s=export_s, machine=machine_info())
+
+
+def merge(parts):
+    """One result from runs on different seeds (run in parallel), of the same or of other variants: each
+    graph's FDs joined by seed (a graph measured twice on a seed, FP32 in every run, keeps its first, equal,
+    value); rows in first-seen order; the timings and x0 errors of the last run of the lowest seed."""
+    parts = sorted(parts, key=lambda p: p["seeds"][0])
+    res = dict(parts[-1] if len({p["seeds"][0] for p in parts}) == 1 else
+               [p for p in parts if p["seeds"][0] == parts[0]["seeds"][0]][-1])
+    res["seeds"] = sorted({s for p in parts for s in p["seeds"]})
+    rows, fds = {}, {}
+    for p in parts:
+        for row in p["rows"]:
+            rows.setdefault(row["graph"], row)
+            for s, f in zip(p["seeds"], row["fd"]):
+                fds.setdefault(row["graph"], {}).setdefault(s, f)
+    rows = [dict(row, fd=[fds[g][s] for s in sorted(fds[g])], seeds=sorted(fds[g]),
+                 fd_mean=round(float(np.mean(list(fds[g].values()))), 4)) for g, row in rows.items()]
+    ref = rows[0]["fd_mean"]
+    for r in rows:
+        r["fd_vs_fp32"] = round(r["fd_mean"] / ref, 4)
+    res["rows"] = rows
+    return res
+
+
+def _write(res, out):
+    with atomic_path(out + ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    with atomic_path(out + ".md") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(markdown(res))
+
+
 def markdown(res):
     """The tables of docs/int8.md."""
     m = res["machine"]
@@ -163,16 +223,29 @@ def markdown(res):
 @click.option("--rounds", type=click.IntRange(1, 1000), default=15, show_default=True, help="Timing rounds.")
 @click.option("--variants", default=None, help="Only these variant indices (comma-separated; default all).")
 @click.option("--out", default="benchmarks/results/int8_fmnist32", show_default=True, help="OUT.json and OUT.md.")
-def main(ckpt, n, seeds, threads, rounds, variants, out):
+@click.option("--speed", "speed_net", default=None, help="Instead: time ONNX Runtime INT8 against FP32 on this "
+              "benchmark network (e.g. cifar10-32x32) at batch 16, interleaved; writes OUT.json.")
+@click.option("--merge", "parts", default=None, help="Instead of measuring: join these result JSONs (same variants, "
+              "other seeds; comma-separated) into OUT.")
+def main(ckpt, n, seeds, threads, rounds, variants, out, speed_net, parts):
     """Measure INT8 step graphs of one checkpoint against its FP32 graph."""
-    chosen = VARIANTS if not variants else tuple(VARIANTS[int(k)] for k in variants.split(","))
-    res = run(ckpt, n, [int(s) for s in seeds.split(",")], threads, rounds, chosen)
-    with atomic_path(out + ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-    with atomic_path(out + ".md") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(markdown(res))
+    if speed_net:
+        res = speed(speed_net, threads=threads)
+        with atomic_path(out + ".json") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(res, f, indent=1)
+        click.echo(json.dumps({k: v for k, v in res.items() if k != "machine"}))
+        return
+    if parts:
+        loaded = []
+        for p in parts.split(","):
+            with open(p, encoding="utf-8") as f:
+                loaded.append(json.load(f))
+        res = merge(loaded)
+    else:
+        chosen = VARIANTS if not variants else tuple(VARIANTS[int(k)] for k in variants.split(","))
+        res = run(ckpt, n, [int(s) for s in seeds.split(",")], threads, rounds, chosen)
+    _write(res, out)
     click.echo(markdown(res))
 
 

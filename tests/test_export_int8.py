@@ -28,7 +28,7 @@ def _export(ckpt, out, capsys, *extra):
 
 def test_cli_writes_int8_beside_fp32_with_its_calibration(tiny_cond_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    stdout, err = _export(tiny_cond_checkpoint, out, capsys, "--check", "--calib-method", "percentile")
+    stdout, err = _export(tiny_cond_checkpoint, out, capsys, "--check", "--calib-method", "max")
     assert sorted(os.listdir(out)) == ["bdm.onnx", "bdm_int8.onnx"]
     assert f"wrote {out / 'bdm_int8.onnx'} (int8, 1x16x16, 3 classes, guided" in stdout
     assert "onnxrt [int8] vs torch [fp32] z_next" in stdout and stdout.rstrip().endswith("check passed")
@@ -36,7 +36,7 @@ def test_cli_writes_int8_beside_fp32_with_its_calibration(tiny_cond_checkpoint, 
     meta = read_metadata(out / "bdm_int8.onnx")
     calib = meta[fmt.K_CALIBRATION]
     assert meta[fmt.K_PRECISION] == "int8"
-    assert (calib["method"], calib["images"], calib["steps"], calib["seed"]) == ("percentile", IMAGES, STEPS, 0)
+    assert (calib["method"], calib["images"], calib["steps"], calib["seed"]) == ("max", IMAGES, STEPS, 0)
     assert calib["float_layers"] == ["first", "last", "skip"]
     fp32 = read_metadata(out / "bdm.onnx")
     assert {k: v for k, v in meta.items() if k not in (fmt.K_PRECISION, fmt.K_CALIBRATION)} == \

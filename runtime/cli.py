@@ -22,9 +22,26 @@ from .labels import normalize_labels, parse_labels
 from .limits import MAX_STEPS
 
 
+# The options bdm-serve shares (bdm_runtime.serve.cli): defined once, so both take them alike.
+ENGINE_OPTION = click.option(
+    "--engine", "engine", required=True, type=click.Path(dir_okay=False),
+    help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
+BATCH_OPTION = click.option(
+    "--batch", type=click.IntRange(min=1), default=None,
+    help="Images per chunk (default: the engine's profile maximum, or 64 for ONNX Runtime).")
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+    help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="ONNX Runtime CPU threads (default: one per core; at most 4 per core; 1 suits a busy, shared machine).")
+CUDA_GRAPH_OPTION = click.option(
+    "--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+    help="TensorRT: replay each step as a captured CUDA graph.")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
-              help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
+@ENGINE_OPTION
 @click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -42,15 +59,10 @@ from .limits import MAX_STEPS
               "(comma-separated). Default: the null label (unconditional).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance weight w of B12 (needs a guided graph and --label).")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
-              "or 64 for ONNX Runtime).")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
-              help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime CPU threads (default: one per core; at most 4 per core; 1 suits a busy, "
-                   "shared machine).")
-@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
-              help="TensorRT: replay each step as a captured CUDA graph.")
+@BATCH_OPTION
+@BACKEND_OPTION
+@THREADS_OPTION
+@CUDA_GRAPH_OPTION
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG here.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Write one PNG per image here.")
 @click.option("--npz", type=click.Path(dir_okay=False), default=None,

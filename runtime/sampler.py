@@ -265,6 +265,34 @@ class Sampler:
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
         w = self._guidance(guidance, labels)
         host, device = self._destination(out, n)
+        streams = lambda start, b: NoiseStream(seed, first_index + start, b, self.image_shape)  # noqa: E731
+        self._run(n, streams, plan, all_labels, w, host, device, progress, timing)
+        return host if device is None else out
+
+    def sample_images(self, seeds, indices, steps=None, eta=None, labels=None, guidance=None, solver=None,
+                      grid=None, out=None):
+        """Draw image ``indices[k]`` of seed ``seeds[k]`` for every ``k``, in chunks: float32 ``[n, C, H, W]``.
+
+        Image ``k`` equals image ``indices[k]`` of :meth:`sample` with seed ``seeds[k]`` (the noise
+        protocol draws every image from its own ``(seed, index)``), so images of different requests
+        run as one chunk through the step graph: what ``bdm-serve`` does with a batch Triton merged.
+        The other arguments are those of :meth:`sample`, shared by all images (labels: one per image).
+        """
+        seeds, indices = np.asarray(seeds).reshape(-1), np.asarray(indices).reshape(-1)
+        n = check_positive_int(len(seeds), "number of images", BdmError)
+        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None)
+        plan = self.plan(steps, eta, solver, grid)
+        all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
+        w = self._guidance(guidance, labels)
+        host, device = self._destination(out, n)
+        streams = lambda start, b: NoiseStream.of_images(  # noqa: E731
+            seeds[start:start + b].tolist(), indices[start:start + b].tolist(), self.image_shape)
+        streams(0, n)  # checks every seed and index before any step runs
+        self._run(n, streams, plan, all_labels, w, host, device, False, None)
+        return host if device is None else out
+
+    def _run(self, n, streams, plan, all_labels, w, host, device, progress, timing):
+        """The chunks of a call: ``streams(start, b)`` gives the noise of images ``start .. start + b - 1``."""
         with self._lock:
             backend = self._require()
             chunk = self.batch
@@ -273,7 +301,7 @@ class Sampler:
             try:
                 for start in range(0, n, chunk):
                     b = min(chunk, n - start)
-                    stream = NoiseStream(seed, first_index + start, b, self.image_shape)
+                    stream = streams(start, b)
                     z = stream.draw()                                 # the initial latent z_1
                     noise = _drawer(stream) if plan.eta > 0 else None  # then one draw per step (xi)
                     lab = None if all_labels is None else all_labels[start:start + b]
@@ -281,7 +309,6 @@ class Sampler:
                     run_chunk(backend, z, plan, noise, lab, w, dest, tick, timing)
             finally:
                 finish()
-        return host if device is None else out
 
     def generate(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
                  out=None, progress=False, solver=None, grid=None, timing=None):

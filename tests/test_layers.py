@@ -27,7 +27,8 @@ OURS = ("bdm_runtime", "bdm_export", "bdm_train", "benchmarks")
 
 # What the runtime may import besides the standard library: its install_requires and the
 # inference libraries of the [ort] and [trt] extras (setup.cfg).
-RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy"}
+RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy",
+                       "pytriton", "triton_python_backend_utils"}  # the last two: bdm-serve ([serve])
 # The runtime's torch-free core, all that training may use of it.
 RUNTIME_CORE = {"bdm_runtime", "bdm_runtime.errors", "bdm_runtime.io", "bdm_runtime.labels",
                 "bdm_runtime.noise", "bdm_runtime.images", "bdm_runtime.format",

@@ -165,9 +165,11 @@ def respond(sampler, parsed, n):
     for i, rs, floats in parsed:
         part = x[start:start + len(rs)]
         start += len(rs)
-        results[i] = {IMAGE: to_uint8(part)}
+        # copies with plain strides: to_uint8's view has a size-1 axis of any stride, which Triton's
+        # Python backend misreads ("output tensor shape does not match size of output")
+        results[i] = {IMAGE: to_uint8(part).copy()}
         if floats:
-            results[i][SAMPLE] = np.ascontiguousarray(part)
+            results[i][SAMPLE] = part.copy()
     return results
 
 

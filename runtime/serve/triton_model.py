@@ -1,7 +1,9 @@
 """The Python-backend model of a repository written by ``bdm-serve --write-repository`` (copied as ``1/model.py``).
 
 A standalone ``tritonserver`` (container, Kubernetes, Jetson) runs it with no PyTriton; its Python
-needs ``bdm`` installed (``pip install bdm[ort]``, or the runtime with TensorRT on a Jetson). It loads
+needs ``bdm`` installed (``pip install bdm[ort]``, or the runtime with TensorRT on a Jetson), or the
+folders of ``BDM_SITE_PACKAGES`` (``os.pathsep``-separated site-packages, e.g. a virtual environment's:
+the backend's stub runs Python isolated, so it ignores ``PYTHONPATH``). It loads
 the step graph or engine beside it with the settings of ``config.pbtxt``'s ``parameters``, and runs
 each batch the dynamic batcher formed through :func:`bdm_runtime.serve.requests.run`: rows that share
 sampler settings go through the step graph as one chunk; a request refused on its values gets its
@@ -9,6 +11,7 @@ own error response, and the others in the batch are answered.
 """
 import json
 import os
+import site
 
 
 def _parameters(config):
@@ -20,6 +23,9 @@ class TritonPythonModel:
     """Triton's Python-backend interface: ``initialize``, ``execute`` (one merged batch), ``finalize``."""
 
     def initialize(self, args):
+        for folder in os.environ.get("BDM_SITE_PACKAGES", "").split(os.pathsep):
+            if folder:
+                site.addsitedir(folder)  # .pth files too: an editable install's finder
         import bdm_runtime
 
         config = json.loads(args["model_config"])
@@ -48,7 +54,9 @@ class TritonPythonModel:
         responses = []
         for result in rq.run(self.sampler, batch, self.max_rows, self.max_steps):
             if isinstance(result, Exception):
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result))))
+                code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # HTTP 400 (Triton >= 23.06), else 500
+                error = pb_utils.TritonError(str(result)) if code is None else pb_utils.TritonError(str(result), code)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(name, value) for name, value in result.items()]))

@@ -1,0 +1,198 @@
+"""``bdm-serve`` on Triton (PyTriton) and the repository for a standalone tritonserver, on 127.0.0.1 only.
+
+One server per module (start ~5 s, stop ~6 s) takes the concurrent, merged and bad requests; one
+more is stopped with SIGTERM mid-request and started again. Images are compared bit for bit with
+the runtime's direct sampling of the same (seed, index) on the same backend (ONNX Runtime, 1 thread).
+Every wait has a deadline and every process is stopped in a ``finally``.
+"""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import serving
+from serving import HOST
+
+import bdm_runtime
+from bdm_runtime.errors import BdmError
+from bdm_runtime.serve import requests as rq
+
+MAX_BATCH = 8
+DELAY_US = 300000  # 0.3 s: concurrent requests of a test reliably share a batch
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_checkpoint, tmp_path_factory):
+    """The tiny unconditional UNet (16x16x1) as a step graph, 4 default steps, eta 1 (noise every step)."""
+    import torch
+
+    from bdm_export import export_onnx
+    from bdm_train.checkpoint import load
+
+    torch.set_num_threads(1)
+    model, process, _ = load(tiny_checkpoint)
+    path = str(tmp_path_factory.mktemp("serve_graph") / "bdm.onnx")
+    export_onnx(model, process, path, channels=1, default_steps=4, default_eta=1.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sampler(graph):
+    with bdm_runtime.load(graph, threads=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(graph, tmp_path_factory):
+    """``(http, grpc, metrics)`` ports of a running ``bdm-serve`` (stopped after the module)."""
+    pytest.importorskip("pytriton")
+    pytest.importorskip("tritonclient.http")
+    ports = serving.free_ports()
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    proc = serving.start_bdm_serve(graph, ports, log, "--max-batch", MAX_BATCH, "--queue-delay-us", DELAY_US,
+                                   "--exit-timeout", 20)
+    try:
+        serving.wait_ready(ports[0], proc)
+        yield ports
+    finally:
+        code = serving.stop(proc)
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert "bdm-serve: stopped (SIGTERM)" in text.strip().splitlines()[-1], text[-3000:]
+
+
+def concurrently(calls, deadline_s=120.0):
+    """Run the callables together (released at once by a barrier); their results or exceptions, in order."""
+    barrier, out = threading.Barrier(len(calls)), [None] * len(calls)
+
+    def run(k):
+        barrier.wait(timeout=30)
+        try:
+            out[k] = calls[k]()
+        except Exception as e:  # the caller asserts on it
+            out[k] = e
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=deadline_s)
+    assert not any(t.is_alive() for t in threads), "a request did not finish in time"
+    return out
+
+
+# -- without a server: the batch logic the server and the repository's model share ---------------------
+def test_sample_images_equals_sample_at_any_mix(sampler):
+    a = sampler.sample(6, seed=5, steps=3)
+    b = sampler.sample(2, seed=9, steps=3)
+    mixed = sampler.sample_images([9, 5, 5, 9, 5], [1, 4, 0, 0, 5], steps=3)
+    for got, want in zip(mixed, (b[1], a[4], a[0], b[0], a[5])):
+        assert np.array_equal(got, want)
+
+
+def test_run_groups_settings_and_refuses_per_request(sampler):
+    one = lambda v, t: np.array([[v]], t)  # noqa: E731
+    batch = [{"seed": one(1, np.int64), "index": one(0, np.int64)},
+             {"seed": one(1, np.int64), "index": one(1, np.int64), "steps": one(2, np.int32),
+              "float_output": one(True, np.bool_)},
+             {"seed": one(1, np.int64), "index": one(2, np.int64), "eta": one(np.nan, np.float32)},
+             {"seed": one(1, np.int64), "index": one(3, np.int64), "solver": np.array([[b"euler"]], object)}]
+    out = rq.run(sampler, batch, MAX_BATCH, 100)
+    assert np.array_equal(out[0][rq.IMAGE], sampler.generate(1, seed=1, first_index=0))
+    assert rq.SAMPLE not in out[0]
+    assert np.array_equal(out[1][rq.SAMPLE], sampler.sample(1, seed=1, first_index=1, steps=2))
+    assert isinstance(out[2], BdmError) and "input 'eta'" in str(out[2])
+    assert isinstance(out[3], BdmError) and "input 'solver'" in str(out[3]) and "euler" in str(out[3])
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ({"seed": np.zeros((2, 1), np.int32)}, ("input 'seed'", "int64")),
+    ({"seed": np.zeros((2, 2), np.int64)}, ("input 'seed'", "shape")),
+    ({"seed": np.zeros((9, 1), np.int64), "index": np.zeros((9, 1), np.int64)}, ("input 'seed'", "9 rows", "1..8")),
+    ({"label": np.zeros((2, 1), np.int64)}, ("input 'label'", "unconditional")),
+    ({"steps": np.full((2, 1), 101, np.int32)}, ("input 'steps'", "--max-steps")),
+    ({"index": np.full((2, 1), -1, np.int64)}, ("input 'index'", ">= 0")),
+    ({"grid": np.array([[b"edm"], [b"nope"]], object)}, ("input 'grid'", "nope")),
+    ({"guidance": np.full((2, 1), 2.0, np.float32)}, ("input 'guidance'", "label")),
+    ({"colour": np.zeros((2, 1), np.int64)}, ("input 'colour'",)),
+])
+def test_parse_names_the_input(sampler, inputs, words):
+    request = dict({"seed": np.zeros((2, 1), np.int64), "index": np.zeros((2, 1), np.int64)}, **inputs)
+    with pytest.raises(BdmError) as e:
+        rq.parse(request, sampler, MAX_BATCH, 100, {})
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_memory_refused_before_sampling(sampler, monkeypatch):
+    import bdm_runtime.limits as limits
+
+    monkeypatch.setattr(limits, "memory_bytes", lambda: 1024)  # a machine with 1 KiB: nothing fits
+    with pytest.raises(BdmError, match="needs .* of memory"):
+        rq.respond(sampler, rq.check(sampler, [{"seed": np.zeros((2, 1), np.int64),
+                                                "index": np.zeros((2, 1), np.int64)}], MAX_BATCH, 100)[0], 1)
+
+
+# -- bdm-serve -----------------------------------------------------------------------------------------
+def test_health_endpoints(server):
+    http = server[0]
+    assert serving.http_status(f"http://{HOST}:{http}/v2/health/live") == 200
+    assert serving.http_status(f"http://{HOST}:{http}/v2/health/ready") == 200
+    assert serving.http_status(f"http://{HOST}:{http}/v2/models/bdm/ready") == 200
+
+
+def test_concurrent_requests_are_merged_and_equal_direct_sampling(server, sampler):
+    http, _, metrics = server
+    rows = [[(7, k)] for k in range(6)] + [[(3, 0), (3, 5)]]  # 7 requests, 8 images
+    calls = [lambda r=r: serving.infer(http, r) for r in rows]
+    calls.append(lambda: serving.infer(http, [(7, 1)], steps=np.array([[2]], np.int32),
+                                       float_output=np.array([[True]])))  # another setting, same batch
+    before = serving.counts(metrics)
+    results = concurrently(calls)
+    for r, res in zip(rows, results):
+        assert not isinstance(res, Exception), res
+        seed = r[0][0]
+        want = np.concatenate([sampler.generate(1, seed=seed, first_index=i) for _, i in r])
+        assert np.array_equal(res.as_numpy("image"), want)
+    assert np.array_equal(results[-1].as_numpy("sample"), sampler.sample(1, seed=7, first_index=1, steps=2))
+    after = before
+    for _ in range(40):  # the counters follow the responses closely; bounded wait
+        after = serving.counts(metrics)
+        if after[0] - before[0] >= 9:
+            break
+        time.sleep(0.1)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 9                     # every image (row) counted once
+    assert executions < len(calls)            # the batcher merged requests: fewer model calls than requests
+
+
+@pytest.mark.parametrize("name, array, words", [
+    ("seed", np.zeros((1, 1), np.int32), ("seed", "INT32", "INT64")),                # wrong dtype (Triton)
+    ("eta", np.zeros((1, 2), np.float32), ("eta", "shape")),                          # wrong shape (Triton)
+    ("solver", np.array([[b"euler"]], object), ("input 'solver'", "euler")),
+    ("label", np.array([[1]], np.int64), ("input 'label'", "unconditional")),
+    ("eta", np.array([[np.nan]], np.float32), ("input 'eta'", "nan")),
+])
+def test_bad_requests_get_an_error_naming_the_input(server, name, array, words):
+    from tritonclient.utils import InferenceServerException
+
+    http = server[0]
+    extra = {name: array} if name != "seed" else {}
+    rows = [(1, 0)]
+    if name == "seed":  # a seed of the wrong type replaces the right one
+        extra["seed"] = array
+    with pytest.raises(InferenceServerException) as e:
+        serving.infer(http, rows, **extra)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value)[-500:])
+    assert serving.infer(http, [(1, 0)]).as_numpy("image").shape == (1, 16, 16, 1)  # still serving
+
+
+def test_too_many_images_refused(server):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="batch-size must be <= 8|batch size"):
+        serving.infer(server[0], [(0, k) for k in range(MAX_BATCH + 1)])

@@ -196,3 +196,111 @@ def test_too_many_images_refused(server):
 
     with pytest.raises(InferenceServerException, match="batch-size must be <= 8|batch size"):
         serving.infer(server[0], [(0, k) for k in range(MAX_BATCH + 1)])
+
+
+# -- SIGTERM drains, and the server starts again -------------------------------------------------------
+def test_sigterm_drains_in_flight_request_then_restart(graph, sampler, tmp_path):
+    pytest.importorskip("pytriton")
+    begin = time.perf_counter()
+    sampler.sample(1, steps=50)
+    steps = int(min(1000, max(50, 50 * 1.5 / max(time.perf_counter() - begin, 1e-3))))  # ~1.5 s of sampling
+    want = sampler.generate(1, seed=4, first_index=2, steps=steps)
+    ports = serving.free_ports()
+    for attempt in ("drain", "restart"):
+        log = tmp_path / f"{attempt}.log"
+        proc = serving.start_bdm_serve(graph, ports, log, "--queue-delay-us", 0, "--exit-timeout", 30)
+        try:
+            serving.wait_ready(ports[0], proc)
+            if attempt == "restart":
+                got = serving.infer(ports[0], [(4, 2)], steps=np.array([[steps]], np.int32)).as_numpy("image")
+                assert np.array_equal(got, want)
+                continue
+            done = {}
+
+            def request():
+                done["image"] = serving.infer(ports[0], [(4, 2)], steps=np.array([[steps]], np.int32)).as_numpy("image")
+                done["at"] = time.monotonic()
+
+            t = threading.Thread(target=request, daemon=True)
+            t.start()
+            time.sleep(0.4)  # the request is on the model now (no queue delay; ~1.5 s of work)
+            signalled = time.monotonic()
+            code = serving.stop(proc)
+            t.join(timeout=60)
+            assert done.get("at", 0) > signalled  # answered after SIGTERM: drained, not dropped
+            assert np.array_equal(done["image"], want)
+            assert code == 0
+            last = log.read_text().strip().splitlines()[-1]
+            assert last.startswith("bdm-serve: stopped (SIGTERM) after 1 requests"), last
+        finally:
+            serving.stop(proc)
+
+
+# -- mistakes on the command line ----------------------------------------------------------------------
+def bdm_serve(*args):
+    return subprocess.run([sys.executable, "-m", "bdm_runtime.serve.cli"] + [str(a) for a in args], cwd=serving.ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--engine", "missing.onnx"], ("missing.onnx", "no such file")),
+    (["--http-port", 9000, "--grpc-port", 9000], ("--grpc-port", "differ")),
+    (["--max-batch", 4, "--preferred-batch", 8], ("--preferred-batch 8", "--max-batch 4")),
+    (["--model-name", "a/b"], ("--model-name",)),
+])
+def test_cli_mistakes_are_one_line(graph, args, words):
+    if "--engine" not in args:
+        args = ["--engine", graph] + args
+    proc = bdm_serve(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+# -- the repository for a standalone tritonserver ------------------------------------------------------
+def test_write_repository_is_all_or_nothing(graph, tmp_path):
+    repo = tmp_path / "repo"
+    proc = bdm_serve("--engine", graph, "--write-repository", repo, "--max-batch", 4, "--queue-delay-us", 1000)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(repo / "bdm")) == ["1", "config.pbtxt"]
+    assert sorted(os.listdir(repo / "bdm" / "1")) == ["bdm.onnx", "model.py"]
+    with open(graph, "rb") as a, open(repo / "bdm" / "1" / "bdm.onnx", "rb") as b:
+        assert a.read() == b.read()
+    config = (repo / "bdm" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in config and "max_queue_delay_microseconds: 1000" in config
+    assert 'name: "image" data_type: TYPE_UINT8 dims: [ 16, 16, 1 ]' in config
+    again = bdm_serve("--engine", graph, "--write-repository", repo)
+    assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["repo"]  # no temporary left beside it
+    bad = bdm_serve("--engine", tmp_path / "none.onnx", "--write-repository", tmp_path / "r2")
+    assert bad.returncode == 1 and not (tmp_path / "r2").exists()
+
+
+def test_repository_loads_and_answers_on_bundled_tritonserver(graph, sampler, tmp_path):
+    pytest.importorskip("pytriton")
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    assert bdm_serve("--engine", graph, "--write-repository", repo, "--max-batch", MAX_BATCH, "--threads", 1,
+                     "--queue-delay-us", DELAY_US).returncode == 0
+    ports = serving.free_ports()
+    proc = serving.start_tritonserver(repo, ports, str(tmp_path), tmp_path / "tritonserver.log")
+    try:
+        serving.wait_ready(ports[0], proc)
+        rows = [[(2, 0)], [(2, 1), (8, 3)], [(5, 9)]]
+        calls = [lambda r=r: serving.infer(ports[0], r) for r in rows]
+        calls.append(lambda: serving.infer(ports[0], [(1, 1)], eta=np.array([[np.nan]], np.float32)))
+        results = concurrently(calls)
+        for r, res in zip(rows, results):
+            assert not isinstance(res, Exception), res
+            want = np.concatenate([sampler.generate(1, seed=s, first_index=i) for s, i in r])
+            assert np.array_equal(res.as_numpy("image"), want)
+        # refused alone: its batch-mates above were answered (the repository's model refuses per request)
+        assert isinstance(results[-1], InferenceServerException) and "input 'eta'" in str(results[-1])
+        inferences, executions = serving.counts(ports[2])
+        assert inferences >= 4 and executions < len(calls)
+    finally:
+        code = serving.stop(proc)
+        log = (tmp_path / "tritonserver.log").read_text()
+    assert code == 0, log[-3000:]

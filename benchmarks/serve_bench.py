@@ -174,11 +174,13 @@ def markdown(result):
              f"{result['cpu_share']}.", "",
              "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
     for c, v in s["served"].items():
-        lines.append(f"| {c} | {v['requests_per_s']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} | {v['mean_batch']:.2f} |")
+        lines.append(f"| {c} | {v['requests_per_s']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} "
+                     f"| {v['mean_batch']:.2f} |")
     lines += ["", f"Direct `Sampler.sample`: batch 1 {s['direct_b1_images_per_s']:.2f} images/s; batch "
-              f"{s['formed_batch']:.0f} (the batch formed at 16 clients) {s['direct_formed_images_per_s']:.2f} images/s "
-              f"(batching gain x{s['gain_direct']:.2f}).", "",
-              f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** (target >= 0.8)",
+              f"{s['formed_batch']:.0f} (the batch formed at 16 clients) {s['direct_formed_images_per_s']:.2f} "
+              f"images/s (batching gain x{s['gain_direct']:.2f}).", "",
+              f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** "
+              "(target >= 0.8)",
               f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
               f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)", ""]
     return "\n".join(lines)

@@ -14,7 +14,6 @@ import sys
 import sysconfig
 import threading
 
-import numpy as np
 
 from ..errors import BdmError
 from . import requests as rq
@@ -134,8 +133,3 @@ def quiet_pytriton():
     logging.getLogger("pytriton").setLevel(logging.WARNING)
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
-
-
-def dtype_names():
-    """Input name -> numpy dtype name, for the documentation and clients."""
-    return {name: np.dtype(dtype).name for name, dtype, _, _ in rq.INPUTS}

@@ -1,7 +1,7 @@
 """The layers, enforced (an import-linter contract written as a test, no extra dependency).
 
 Every ``import`` in the repository is read with ``ast`` (module level and inside functions alike:
-a lazy import is still a dependency) and checked against the layering the README describes:
+a lazy import is still a dependency) and checked against the layering docs/layout.md describes:
 
 - ``bdm_runtime`` (folder ``runtime/``) is the base: the standard library, numpy, click, Pillow,
   tqdm and the inference libraries it drives; never torch, onnx, training, export or benchmarks;

@@ -52,9 +52,10 @@ def _models(only):
 @click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
 @click.option("--nfes", default=",".join(map(str, NFES)), show_default=True,
               help="Network evaluations of the solver x grid sweep (e.g. 10,20 to answer those first).")
+@click.option("--keep", default="", help="Training steps whose checkpoints are kept as model_stepN.pt, e.g. 6000,12000.")
 @click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
 def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn, batch_size, lr, runs,
-            results, device, backend, threads, allow_partial, nfes, smoke):
+            results, device, backend, threads, allow_partial, nfes, keep, smoke):
     """Run (or resume) the study's stages in order."""
     import torch
 
@@ -87,7 +88,7 @@ def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_
     study = Study(**kw)
     allow = allow_partial or smoke
     if "train" in chosen:
-        study.train(hours=hours, chunk_steps=2 if smoke else 1000)
+        study.train(hours=hours, chunk_steps=2 if smoke else 1000, keep=tuple(int_list(keep, "keep")))
     if "export" in chosen and backend == "runtime":
         study.export(allow)
     # Twice: the solver x grid sweep uses the clip setting the legacy points measured better.

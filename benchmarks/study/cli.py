@@ -138,6 +138,34 @@ def diagnose_cmd(runs, only):
             click.echo(f"  t={t:<5g} {low:10.4f} {clipped:10.4f}")
 
 
+@cli.command("scale")
+@click.option("--stages", default="train,measure,report", show_default=True, help="Subset of train, measure, report.")
+@click.option("--models", "only", default=None, help="Comma-separated lines of the third study [all].")
+@click.option("--hours", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop starting training chunks after this long (per sitting).")
+@click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True, help="Samples per point.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="CPU threads.")
+def scale_cmd(stages, only, hours, n, threads):
+    """The third study (issue 19): blur strength, budget and capacity (resumable; two processes, one core each)."""
+    import torch
+
+    from . import scale, scale_report
+
+    names = list(scale.LINES) if only is None else [m.strip() for m in only.split(",") if m.strip()]
+    if not names or any(m not in scale.LINES for m in names):
+        raise BdmError(f"--models {only!r}: choose from {', '.join(scale.LINES)}")
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    if any(s not in ("train", "measure", "report") for s in chosen):
+        raise BdmError(f"--stages {stages!r}: choose from train, measure, report")
+    torch.set_num_threads(threads)
+    if "train" in chosen:
+        scale.train(names, hours=hours)
+    if "measure" in chosen:
+        scale.measure(names, n=n, threads=threads)
+    if "report" in chosen:
+        scale_report.report()
+
+
 def main(args=None):
     from bdm_runtime.errors import run_cli
 

@@ -69,6 +69,31 @@ def stop(proc, timeout=60.0):
     return proc.returncode
 
 
+def descendant(pid, name):
+    """The pid of a descendant process of ``pid`` whose command line contains ``name`` (``None`` if none)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    family, grew = {pid}, True
+    while grew:
+        new = {p for p, pp in parents.items() if pp in family} - family
+        family |= new
+        grew = bool(new)
+    for p in sorted(family - {pid}):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if name.encode() in f.read():
+                    return p
+        except OSError:
+            pass
+    return None
+
+
 def start_bdm_serve(engine, ports, log, *extra):
     """``bdm-serve`` (as ``python -m bdm_runtime.serve.cli``) on ``ports``, its output to the file ``log``."""
     http, grpc, metrics = ports

@@ -6,6 +6,7 @@ the runtime's direct sampling of the same (seed, index) on the same backend (ONN
 Every wait has a deadline and every process is stopped in a ``finally``.
 """
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -200,7 +201,7 @@ def test_too_many_images_refused(server):
 
 
 # -- SIGTERM drains, and the server starts again -------------------------------------------------------
-def test_sigterm_drains_in_flight_request_then_restart(graph, sampler, tmp_path):
+def test_sigterm_drains_then_restart_then_tritonserver_death(graph, sampler, tmp_path):
     pytest.importorskip("pytriton")
     begin = time.perf_counter()
     sampler.sample(1, steps=50)
@@ -215,6 +216,11 @@ def test_sigterm_drains_in_flight_request_then_restart(graph, sampler, tmp_path)
             if attempt == "restart":
                 got = serving.infer(ports[0], [(4, 2)], steps=np.array([[steps]], np.int32)).as_numpy("image")
                 assert np.array_equal(got, want)
+                # then tritonserver dies under it: bdm-serve notices, says so in one line, exits 1
+                os.kill(serving.descendant(proc.pid, "bin/tritonserver"), signal.SIGKILL)
+                proc.wait(timeout=60)
+                last = log.read_text().strip().splitlines()[-1]
+                assert proc.returncode == 1 and last.startswith("Error: tritonserver exited on its own"), last
                 continue
             done = {}
 
@@ -257,6 +263,20 @@ def test_cli_mistakes_are_one_line(graph, args, words):
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+def test_port_in_use_is_one_line(graph):
+    import socket
+
+    pytest.importorskip("pytriton")
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = bdm_serve("--engine", graph, "--http-port", port)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"Error: --http-port {port}") and "in use" in lines[0]
 
 
 # -- the repository for a standalone tritonserver ------------------------------------------------------

@@ -68,6 +68,22 @@ def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batc
     _serve(engine, host, (http_port, grpc_port, metrics_port), backend, threads, batch, cuda_graph, settings)
 
 
+def check_ports(host, ports):
+    """Refuse a port another process holds (tritonserver would fail only after PyTriton's start-up wait)."""
+    import errno
+    import socket
+
+    for flag, port in zip(("--http-port", "--grpc-port", "--metrics-port"), ports):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                raise BdmError(f"{flag} {port}: cannot listen on {host}:{port} ({why}); pick another port or --host")
+
+
 def _check_preferred(settings):
     for size in settings.preferred:
         if size > settings.max_batch:
@@ -85,10 +101,13 @@ def _serve(engine, host, ports, backend, threads, batch, cuda_graph, settings):
         import pytriton  # noqa: F401
     except ImportError:
         raise BdmError("bdm-serve needs PyTriton: pip install 'bdm[serve]' (nvidia-pytriton)")
+    check_ports(host, ports)
     with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph, threads=threads) as sampler:
         check_sample_memory(settings.max_batch, sampler.image_shape, min(settings.max_batch, sampler.batch))
         quiet_pytriton()
-        serve(sampler, settings, host, ports, log=lambda line: click.echo(line, err=False))
+        why = serve(sampler, settings, host, ports, log=lambda line: click.echo(line, err=False))
+    if why == "server exited":
+        raise BdmError("tritonserver exited on its own (its log is above); the model is no longer served")
 
 
 def main(argv=None):

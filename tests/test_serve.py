@@ -109,6 +109,30 @@ def test_run_groups_settings_and_refuses_per_request(sampler):
     assert isinstance(out[3], BdmError) and "input 'solver'" in str(out[3]) and "euler" in str(out[3])
 
 
+def test_labels_and_guidance_rows_equal_direct_sampling(tiny_cond_checkpoint, tmp_path):
+    """A conditional guided graph: rows with labels (and guidance) beside rows without (the null label)."""
+    import torch
+
+    from bdm_export import export_onnx
+    from bdm_train.checkpoint import load
+
+    torch.set_num_threads(1)
+    model, process, _ = load(tiny_cond_checkpoint)
+    path = str(tmp_path / "cond.onnx")
+    export_onnx(model, process, path, channels=1, num_classes=model.num_classes, default_steps=3, default_eta=1.0)
+    col = lambda *v, t=np.int64: np.array([[x] for x in v], t)  # noqa: E731
+    with bdm_runtime.load(path, threads=1) as s:
+        out = rq.run(s, [{"seed": col(3, 3), "index": col(0, 1), "label": col(2, 0)},
+                         {"seed": col(3), "index": col(2)},
+                         {"seed": col(5), "index": col(4), "label": col(1), "guidance": col(2.0, t=np.float32)}],
+                     MAX_BATCH, 100)
+        assert np.array_equal(out[0][rq.IMAGE], s.generate(2, seed=3, labels=[2, 0]))
+        assert np.array_equal(out[1][rq.IMAGE], s.generate(1, seed=3, first_index=2))
+        assert np.array_equal(out[2][rq.IMAGE], s.generate(1, seed=5, first_index=4, labels=[1], guidance=2.0))
+        bad = rq.run(s, [{"seed": col(0), "index": col(0), "label": col(3 + 1)}], MAX_BATCH, 100)[0]
+        assert isinstance(bad, BdmError) and "input 'label'" in str(bad)
+
+
 @pytest.mark.parametrize("inputs, words", [
     ({"seed": np.zeros((2, 1), np.int32)}, ("input 'seed'", "int64")),
     ({"seed": np.zeros((2, 2), np.int64)}, ("input 'seed'", "shape")),
@@ -117,7 +141,7 @@ def test_run_groups_settings_and_refuses_per_request(sampler):
     ({"steps": np.full((2, 1), 101, np.int32)}, ("input 'steps'", "--max-steps")),
     ({"index": np.full((2, 1), -1, np.int64)}, ("input 'index'", ">= 0")),
     ({"grid": np.array([[b"edm"], [b"nope"]], object)}, ("input 'grid'", "nope")),
-    ({"guidance": np.full((2, 1), 2.0, np.float32)}, ("input 'guidance'", "label")),
+    ({"guidance": np.full((2, 1), 2.0, np.float32)}, ("input 'guidance'", "unconditional")),
     ({"colour": np.zeros((2, 1), np.int64)}, ("input 'colour'",)),
 ])
 def test_parse_names_the_input(sampler, inputs, words):

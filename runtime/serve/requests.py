@@ -92,6 +92,15 @@ def _row_key(cols, r, max_steps):
             None if guidance is None else _number(guidance[r], "guidance", 0.0))
 
 
+def _check_guidance(info, key):
+    """Refuse a guidance weight the graph cannot apply (B12 needs a conditional graph with the guided branch)."""
+    if key[4]:
+        if info.num_classes <= 0:
+            raise BdmError("input 'guidance': this model is unconditional; send no guidance")
+        if not info.guided:
+            raise BdmError("input 'guidance': this graph was exported without the guided branch")
+
+
 def _check_label(labels, r, num_classes, key):
     if labels is None:
         if key[4]:  # guidance without a label: every image would get the null label, where w does nothing
@@ -131,6 +140,7 @@ def parse(inputs, sampler, max_rows, max_steps, plans):
                 sampler.plan(steps=key[0], eta=key[3], solver=key[1], grid=key[2])
             except BdmError as e:
                 raise BdmError(f"inputs {', '.join(SETTINGS[:4])}: {e}")
+            _check_guidance(sampler.info, key)
             plans[key] = True
         label = _check_label(cols["label"], r, sampler.num_classes, key)
         out.append(Row(int(cols["seed"][r]), int(cols["index"][r]), label, key))

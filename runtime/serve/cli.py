@@ -30,8 +30,8 @@ PORT = click.IntRange(1, 65535)
 @BATCH_OPTION
 @CUDA_GRAPH_OPTION
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=None,
-              help="Most images (rows) in one request and in one batch Triton forms (default: --batch, i.e. the "
-                   "engine's profile maximum or 64).")
+              help="Most images (rows) in one request and in one batch Triton forms (default: the sampler's chunk: "
+                   "--batch, else the engine's profile maximum, else 64).")
 @click.option("--queue-delay-us", type=click.IntRange(0, 10000000), default=2000, show_default=True,
               help="Longest time (microseconds) a request waits in Triton's queue for others to batch with.")
 @click.option("--preferred-batch", type=click.IntRange(min=1), multiple=True,
@@ -65,7 +65,8 @@ def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batc
         click.echo(f"bdm-serve: wrote Triton model repository {write_repository} (model {path}); start it with "
                    f"tritonserver --model-repository {write_repository}")
         return
-    _serve(engine, host, (http_port, grpc_port, metrics_port), backend, threads, batch, cuda_graph, settings)
+    _serve(engine, host, (http_port, grpc_port, metrics_port), backend, threads, batch, cuda_graph, settings,
+           max_batch is None)
 
 
 def check_ports(host, ports):
@@ -90,7 +91,7 @@ def _check_preferred(settings):
             raise BdmError(f"--preferred-batch {size} exceeds --max-batch {settings.max_batch}")
 
 
-def _serve(engine, host, ports, backend, threads, batch, cuda_graph, settings):
+def _serve(engine, host, ports, backend, threads, batch, cuda_graph, settings, default_max_batch):
     """Load the sampler (refusing a max batch whose images cannot fit in memory), then serve until signalled."""
     import bdm_runtime
 
@@ -103,6 +104,9 @@ def _serve(engine, host, ports, backend, threads, batch, cuda_graph, settings):
         raise BdmError("bdm-serve needs PyTriton: pip install 'bdm[serve]' (nvidia-pytriton)")
     check_ports(host, ports)
     with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph, threads=threads) as sampler:
+        if default_max_batch:  # the sampler's chunk: --batch, else an engine's profile maximum, else 64
+            settings.max_batch = sampler.batch
+            _check_preferred(settings)
         check_sample_memory(settings.max_batch, sampler.image_shape, min(settings.max_batch, sampler.batch))
         quiet_pytriton()
         why = serve(sampler, settings, host, ports, log=lambda line: click.echo(line, err=False))

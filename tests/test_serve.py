@@ -243,8 +243,9 @@ def test_sigterm_drains_then_restart_then_tritonserver_death(graph, sampler, tmp
                 # then tritonserver dies under it: bdm-serve notices, says so in one line, exits 1
                 os.kill(serving.descendant(proc.pid, "bin/tritonserver"), signal.SIGKILL)
                 proc.wait(timeout=60)
-                last = log.read_text().strip().splitlines()[-1]
-                assert proc.returncode == 1 and last.startswith("Error: tritonserver exited on its own"), last
+                errors = [ln for ln in log.read_text().splitlines() if ln.startswith("Error:")]
+                assert proc.returncode == 1 and len(errors) == 1, errors
+                assert errors[0].startswith("Error: tritonserver exited on its own"), errors
                 continue
             done = {}
 

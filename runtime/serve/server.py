@@ -99,6 +99,10 @@ def serve(sampler, settings, host, ports, on_ready=None, log=print):
     from pytriton.triton import Triton
 
     os.environ["LD_LIBRARY_PATH"] = library_path()
+    # multiprocessing's resource tracker (a child process, started by PyTriton) warns at exit about the
+    # shared memory PyTriton hands over to tritonserver; it reads its warning filters from here
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                          "ignore:resource_tracker:UserWarning"]))
     stats = {"executions": 0, "requests": 0, "images": 0}
     stop, reason = threading.Event(), []
 

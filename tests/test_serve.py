@@ -350,3 +350,24 @@ def test_repository_loads_and_answers_on_bundled_tritonserver(graph, sampler, tm
         code = serving.stop(proc)
         log = (tmp_path / "tritonserver.log").read_text()
     assert code == 0, log[-3000:]
+
+
+def test_serving_never_imports_torch(graph, tmp_path):
+    """bdm-serve's modules, PyTriton's binding and a batch through ``requests.run``, with torch unimportable."""
+    pytest.importorskip("pytriton")
+    code = (
+        "import importlib.abc, json, sys\n"
+        "class _Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'bdm_train', 'bdm_export', 'onnx'):\n"
+        "            raise ImportError('blocked in this test: ' + name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+        "import numpy as np, bdm_runtime, pytriton.triton, pytriton.model_config\n"
+        "from bdm_runtime.serve import cli, repository, requests as rq, server, triton_model\n"
+        "with bdm_runtime.load(sys.argv[1], threads=1) as s:\n"
+        "    out = rq.run(s, [{'seed': np.zeros((1, 1), np.int64), 'index': np.zeros((1, 1), np.int64)}], 4, 10)\n"
+        "assert out[0]['image'].shape == (1, 16, 16, 1)\n"
+        "cli.main(['--engine', sys.argv[1], '--write-repository', sys.argv[2]])\n")
+    proc = subprocess.run([sys.executable, "-c", code, graph, str(tmp_path / "repo")], cwd=serving.ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "wrote Triton model repository" in proc.stdout, proc.stderr[-2000:]

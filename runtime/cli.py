@@ -63,7 +63,7 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
     """Sample images from a bdm step graph or TensorRT engine."""
     import bdm_runtime
 
-    check_outputs(out, out_dir, npz)
+    check_outputs(out, out_dir, npz, range(first_index, first_index + n))
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
@@ -100,9 +100,12 @@ def _chunk_labels(labels, start, b):
 def _check_sizes(sampler, n, labels, out, npz, grid_scale):
     """Refuse up front what cannot fit: the grid (all images at once) in memory, the ``.npz`` on its disk."""
     from .images import grid_memory, npz_bytes
-    from .limits import check_disk, check_memory
+    from .limits import check_disk, check_memory, check_sample_memory
 
     c, h, w = sampler.image_shape
+    chunk = min(n, sampler.batch)
+    check_sample_memory(chunk, sampler.image_shape, chunk, True, sampler.activation_bytes,
+                        f"lower --batch (images per chunk; now {sampler.batch})")
     if out:
         check_memory(grid_memory(n, h, w, c, grid_scale), f"--out {out}: a grid of {n} images",
                      "lower --n, or write --out-dir/--npz, which stream")
@@ -145,12 +148,12 @@ def _write(chunks, sampler, n, labels, first_index, out, out_dir, npz, grid_scal
     import numpy as np
 
     from .images import NpzWriter, check_finite, save_dir, save_grid, to_uint8
-    from .io import Staging, writing
+    from .io import ImageNames, Staging, writing
 
     c, h, w = sampler.image_shape
     k = sampler.num_classes
     with Staging() as stage:
-        folder = stage.folder(out_dir) if out_dir else None
+        folder = stage.folder(out_dir, ImageNames(range(first_index, first_index + n))) if out_dir else None
         with writing(npz):
             npz_file = NpzWriter(stage.file(npz)) if npz else None
         grid = np.empty((n, h, w, c), dtype=np.uint8) if out else None

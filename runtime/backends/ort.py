@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
+from ..limits import out_of_memory
 from . import DeviceOut
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -31,6 +32,22 @@ def default_providers(ort, cuda_stream=None):
     if cuda_stream is not None:  # documented CUDA EP options: run on the caller's stream
         cuda = {"has_user_compute_stream": "1", "user_compute_stream": str(int(cuda_stream))}
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def step_error(path, error, batch, image_shape, symbolic):
+    """A ``BdmError`` naming ``path`` and the fix for an ONNX Runtime failure inside a step that the user's
+    request or file caused (memory for the batch; a graph that does not take its metadata's image shape),
+    else ``None``."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if out_of_memory(error):
+        return BdmError(f"{path}: ONNX Runtime ran out of memory in a step of {batch} images ({first}): "
+                        "lower the batch (--batch, or batch= of load)")
+    text = str(error).lower()
+    if symbolic and any(w in text for w in ("dimension", "shape", "invalid")):
+        shown = "x".join(map(str, image_shape))
+        return BdmError(f"{path}: the graph does not run on {shown} images, the shape its metadata gives ({first}): "
+                        "its metadata was altered; export it again")
+    return None
 
 
 class OrtBackend:
@@ -72,6 +89,7 @@ class OrtBackend:
             raise BdmError(f"{path}: not a bdm step graph: inputs {missing} missing")
         self.stateful = fmt.U_X_PREV in self.inputs
         self._shape = tuple(info.image_shape)
+        self._path, self._symbolic = path, info.symbolic
         self.max_batch = None  # dynamic batch: any chunk size
         self._buffers = {}
         self._bufs = self._ios = None
@@ -158,7 +176,13 @@ class OrtBackend:
             io = self._binding(parity, out)
         else:
             io = self._ios[parity]
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # ORT raises RuntimeError and its own types
+            error = step_error(self._path, e, self._b, self._shape, self._symbolic)
+            if error is None:  # not the user's request or file: a bug keeps its traceback
+                raise
+            raise error from None
 
     def synchronize(self):
         """Nothing to wait for: ``run_with_iobinding`` returns when the step is done."""

@@ -15,7 +15,7 @@ import time
 
 import click
 
-from .errors import BdmError, run_cli
+from .errors import BdmError, echo_result, run_cli
 from .grids import GRIDS, SOLVERS
 from .io import check_outputs
 from .labels import normalize_labels, parse_labels
@@ -75,12 +75,13 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
         timer = [0.0]
         chunks = _sample_chunks(sampler, n, timer, quiet, seed=seed, steps=steps, eta=eta, labels=labels,
                                 guidance=guidance, first_index=first_index, solver=solver, grid=grid)
-        first = next(chunks)  # the first chunk has checked every argument: only now is anything created
-        written = _write(itertools.chain([first], chunks), sampler, n, labels, first_index, out, out_dir, npz,
-                         grid_scale, engine)
+        with contextlib.closing(chunks):  # on a failure, the progress bar is gone before the Error line
+            first = next(chunks)  # the first chunk has checked every argument: only now is anything created
+            written = _write(itertools.chain([first], chunks), sampler, n, labels, first_index, out, out_dir, npz,
+                             grid_scale, engine)
     seconds = timer[0]
-    click.echo(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
-               f"backend {used} -> {', '.join(written)}")
+    echo_result(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
+                f"backend {used} -> {', '.join(written)}", "bdm-run")
 
 
 def _check_labels(labels, n, num_classes):

@@ -5,6 +5,9 @@ graph's ``u_x`` state) lives in two device buffers that swap roles every step (`
 ``i`` is bound as ``z`` of step ``i + 1``), so it never visits the host during the loop; ``x0``
 comes back once, after the last step. On the CPU provider the same code runs with device ``"cpu"``.
 """
+import contextlib
+import sys
+
 import numpy as np
 
 from .. import format as fmt
@@ -74,8 +77,9 @@ class OrtBackend:
             raise BdmError("give threads or session_options, not both (set intra_op_num_threads on the options)")
         if providers is None:
             providers = default_providers(ort, cuda_stream)
-        try:
-            self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        try:  # ORT prints its provider-fallback banner: to stderr, stdout is the caller's
+            with contextlib.redirect_stdout(sys.stderr):
+                self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise BdmError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}")
         self.provider = self.session.get_providers()[0]

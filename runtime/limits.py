@@ -17,9 +17,12 @@ MAX_STEPS = 1000000
 # memory stays bounded whatever --n is (measured: bdm-sample at n = 2000 took 2.25 GB with one
 # chunk, 358 MB in chunks of 64).
 DEFAULT_BATCH = 64
-# Float32 images of a chunk alive at once while sampling: the latent, the noise draw, the backend's
-# two latent buffers, its noise and x0 buffers (the network's activations come on top: below).
-CHUNK_COPIES = 6
+# Float32 image-sized arrays per image of a chunk alive at once while sampling: the latent, the noise
+# draw, the backend's buffers (two latents, two u_x states, noise, x0) and the step graph's own
+# intermediates of the DCT-domain update. Measured: the mixture step graph (tests/helpers.py, no
+# convolutions, format 2) peaks at 11.6 KB more per 8x8x1 image (peak RSS slope from batch 1,000 to
+# 100,000, ONNX Runtime CPU, Intel Xeon with AMX): 45 copies. The network's activations come on top (below).
+CHUNK_COPIES = 48
 # The network's activations per image: ACTIVATION_FACTOR x its widest layer's channels (the most output
 # channels of a convolution weight) x H x W float32 values. Measured as the slope of peak RSS between
 # batch 64 and 256 (2 steps, 1 thread, Intel Xeon with AMX/AVX512-BF16/FP16/VNNI; probe: load, sample,
@@ -79,7 +82,8 @@ def check_threads(threads, name="threads", allow_zero=False):
 
 
 def memory_bytes():
-    """This machine's memory in bytes (or its cgroup limit when lower); ``None`` where unknown."""
+    """This machine's memory in bytes (or its cgroup limit, or this process's address-space limit, when lower);
+    ``None`` where unknown."""
     total = None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -91,6 +95,14 @@ def memory_bytes():
         if limit.isdigit():
             total = int(limit) if total is None else min(total, int(limit))
     except OSError:
+        pass
+    try:  # an address-space limit (ulimit -v) bounds what this process can allocate too
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            total = soft if total is None else min(total, soft)
+    except (ImportError, AttributeError, ValueError, OSError):
         pass
     return total
 

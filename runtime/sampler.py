@@ -285,6 +285,9 @@ class Sampler:
                     lab = None if all_labels is None else all_labels[start:start + b]
                     dest = host[start:start + b] if device is None else device.rows(start, b)
                     run_chunk(backend, z, plan, noise, lab, w, dest, tick, timing)
+            except MemoryError:  # a buffer the up-front estimate allowed, refused by the machine now
+                raise BdmError(f"{self.info.path}: out of memory in a chunk of {chunk} images: "
+                               "lower the batch (--batch, or batch= of load)") from None
             finally:
                 finish()
         return host if device is None else out

@@ -72,7 +72,7 @@ class OrtBackend:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if threads:
                 opts.intra_op_num_threads = int(threads)
-            opts.log_severity_level = 3  # errors only: the CLI prints one line, not ORT's warnings
+            opts.log_severity_level = 4  # fatal only: a failed step raises, and the CLI prints that as one line
         elif threads:
             raise BdmError("give threads or session_options, not both (set intra_op_num_threads on the options)")
         if providers is None:

@@ -130,7 +130,7 @@ def cli(ckpt, n, solver, grid, steps, eta, seed, first_index, label, guidance, b
                      **kw)
     try:
         _write(chunks, n, shape, labels, first_index, out, npz, ckpt, quiet)
-    except RuntimeError as e:  # torch's allocation failure; anything else is a bug and keeps its traceback
+    except (RuntimeError, MemoryError) as e:  # torch's or numpy's allocation failure; else a bug: its traceback
         if not out_of_memory(e):
             raise
         raise BdmError(f"{ckpt}: out of memory in a batch of {min(n, batch)} images: lower --batch") from None

@@ -36,9 +36,10 @@ def name_max(folder):
 
 def _affixes(folder, base, suffix):
     """``(prefix, suffix)`` of a temporary name for ``base`` in ``folder``: ``.BASE.`` + token + ``suffix``,
-    with ``BASE`` cut (on a byte boundary) so the whole name fits ``NAME_MAX``."""
+    with ``BASE`` cut (to whole UTF-8 characters) so the whole name fits ``NAME_MAX``; the token keeps it unique."""
     room = name_max(folder) - len(os.fsencode(suffix)) - _TOKEN - 2
-    short = os.fsdecode(os.fsencode(base)[:max(room, 1)])
+    raw = os.fsencode(base)
+    short = base if len(raw) <= room else raw[:max(room, 1)].decode("utf-8", "ignore")  # whole characters only
     return f".{short}.", suffix
 
 

@@ -121,11 +121,11 @@ def check_image_shape(shape, where):
     return tuple(shape)
 
 
-def check_process(process, where, image_shape=None):
+def check_process(process, where, image_shape=None, fix="the file was altered; export it again"):
     """Refuse a ``bdm.process`` config that is not BlurringDiffusion's: a missing or non-finite field, a value
     out of its range, ``logsnr_min >= logsnr_max``, or an ``image_size`` other than ``image_shape``'s H, W."""
     def bad(why):
-        return BdmError(f"{where}: bad {K_PROCESS}: {why}: the file was altered; export it again")
+        return BdmError(f"{where}: bad {K_PROCESS}: {why}: {fix}")
 
     if not isinstance(process, dict):
         raise bad(f"not an object ({type(process).__name__})")
@@ -133,11 +133,11 @@ def check_process(process, where, image_shape=None):
     if missing:
         raise bad(f"{', '.join(missing)} missing")
     size = process["image_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
             isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_IMAGE_SIDE for d in size)):
         raise bad(f"image_size {size!r} (want [H, W] in 1..{MAX_IMAGE_SIDE})")
     if image_shape is not None and tuple(size) != tuple(image_shape[1:]):
-        raise bad(f"image_size {size} but images are {image_shape[1]}x{image_shape[2]}")
+        raise bad(f"image_size {list(size)} but images are {image_shape[1]}x{image_shape[2]}")
     for name, (low, high, closed) in PROCESS_FLOATS.items():
         v = process[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (

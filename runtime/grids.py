@@ -44,7 +44,7 @@ class Schedule:
     def __init__(self, process):
         from .format import check_process
 
-        check_process(process, "process config")  # finite, in range, logsnr_min < logsnr_max
+        check_process(process, "process config", fix="give BlurringDiffusion(...).config()")  # finite, in range
         try:
             h, w = (int(d) for d in process["image_size"])
             self.blur_sigma_max = float(process["blur_sigma_max"])

@@ -191,11 +191,8 @@ def log_losses(run, meter, bar):
 # -- checkpointing (model.pt is written by Run.save) --------------------------------------------
 def _previous(path, resume):
     """The checkpoint to continue (``resume``), else ``None``; refuses to replace a trained model silently."""
-    from bdm_runtime.io import remove_stale
-
     from . import checkpoint as ckpt
 
-    remove_stale(os.path.dirname(path))  # temporary files of a killed run: never read, removed here
     if not resume:
         if os.path.exists(path):
             raise BdmError(f"{path} already holds a model: continue it with --resume, or train into another --out "

@@ -164,6 +164,35 @@ def speed(name, batch=16, threads=2, repeats=3):
                 ratio_median=round(median(pairs), 4), export_s=export_s, machine=machine_info())
 
 
+def sensitivity(ckpt, images=16, method="max"):
+    """Per network conv: the rms error of eps (relative to eps's rms, averaged over the steps) when only that
+    conv is INT8, on ``images`` trajectories of the default sampler (seed 0; calibrated on the same)."""
+    import onnx
+    import onnxruntime as ort
+
+    from bdm_export.int8 import network_convs, quantize, record_inputs
+
+    eps = "/model/conv_out/Conv_output_0"   # the network's output inside the step graph
+    with tempfile.TemporaryDirectory(prefix="bdm-int8-sens-") as folder:
+        m = onnx.load(_export_fp32(ckpt, folder))
+        m.graph.output.append(onnx.helper.make_tensor_value_info(eps, onnx.TensorProto.FLOAT, None))
+        fp32 = os.path.join(folder, "eps.onnx")
+        onnx.save(m, fp32)
+        feeds, _ = record_inputs(fp32, images=images)
+
+        def run(model):
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return [sess.run([eps], f)[0].astype(np.float64) for f in feeds]
+
+        ref = run(m)
+        out = {}
+        for name in network_convs(m, ())[0]:
+            got = run(quantize(fp32, feeds, method, (), nodes=[name])[0])
+            out[name] = round(float(np.mean([np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+                                             for a, b in zip(got, ref)])), 5)
+    return dict(checkpoint=ckpt, images=images, method=method, eps_rel_rms=out)
+
+
 def merge(parts):
     """One result from runs on different seeds (run in parallel), of the same or of other variants: each
     graph's FDs joined by seed (a graph measured twice on a seed, FP32 in every run, keeps its first, equal,
@@ -225,12 +254,13 @@ def markdown(res):
 @click.option("--out", default="benchmarks/results/int8_fmnist32", show_default=True, help="OUT.json and OUT.md.")
 @click.option("--speed", "speed_net", default=None, help="Instead: time ONNX Runtime INT8 against FP32 on this "
               "benchmark network (e.g. cifar10-32x32) at batch 16, interleaved; writes OUT.json.")
+@click.option("--sensitivity", is_flag=True, help="Instead: each network conv quantized alone, its eps error.")
 @click.option("--merge", "parts", default=None, help="Instead of measuring: join these result JSONs (same variants, "
               "other seeds; comma-separated) into OUT.")
-def main(ckpt, n, seeds, threads, rounds, variants, out, speed_net, parts):
+def main(ckpt, n, seeds, threads, rounds, variants, out, speed_net, sensitivity, parts):
     """Measure INT8 step graphs of one checkpoint against its FP32 graph."""
-    if speed_net:
-        res = speed(speed_net, threads=threads)
+    if speed_net or sensitivity:
+        res = speed(speed_net, threads=threads) if speed_net else globals()["sensitivity"](ckpt)
         with atomic_path(out + ".json") as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(res, f, indent=1)

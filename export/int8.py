@@ -158,8 +158,9 @@ def _quiet_quantizer():
         root.setLevel(level)
 
 
-def quantize(fp32_path, feeds, method=DEFAULT_METHOD, float_layers=DEFAULT_FLOAT, progress=False):
-    """The QDQ INT8 ``onnx.ModelProto`` of ``fp32_path``, calibrated on ``feeds`` (no metadata changed yet)."""
+def quantize(fp32_path, feeds, method=DEFAULT_METHOD, float_layers=DEFAULT_FLOAT, progress=False, nodes=None):
+    """``(proto, n)``: the QDQ INT8 ``onnx.ModelProto`` of ``fp32_path`` calibrated on ``feeds`` (metadata not yet
+    changed) and how many convs it quantized: the network's but ``float_layers``, or exactly ``nodes``."""
     import onnx
 
     require_quantizer()
@@ -167,7 +168,8 @@ def quantize(fp32_path, feeds, method=DEFAULT_METHOD, float_layers=DEFAULT_FLOAT
 
     if method not in METHODS:
         raise BdmError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    nodes, _ = network_convs(onnx.load(fp32_path), float_layers)
+    if nodes is None:
+        nodes, _ = network_convs(onnx.load(fp32_path), float_layers)
     if not nodes:
         raise BdmError(f"{fp32_path}: no convolution of the network is left to quantize")
     reader = _Reader(feeds, progress)

@@ -447,8 +447,10 @@ def test_side_file_image_shape_must_match_the_engine(graphs, tmp_path, monkeypat
     env = Env(monkeypatch, "10.3")
     plan, side = _build(env, graphs["fp32"], tmp_path)
     with open(plan + ".json", "w") as f:
-        json.dump(dict(side, **{fmt.K_IMAGE_SHAPE: [1, 100000, 100000]}), f)
-    with pytest.raises(BdmError, match=r"1x100000x100000 \(C x H x W\), but the engine's z is 1x4x4"):
+        # a shape within the runtime's limits, and a process that agrees with it: only the engine disagrees
+        json.dump(dict(side, **{fmt.K_IMAGE_SHAPE: [1, 8, 8], fmt.K_PROCESS: dict(side[fmt.K_PROCESS],
+                                                                                  image_size=[8, 8])}), f)
+    with pytest.raises(BdmError, match=r"1x8x8 \(C x H x W\), but the engine's z is 1x4x4"):
         bdm_runtime.load(plan)
 
 

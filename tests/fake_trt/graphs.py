@@ -17,6 +17,11 @@ def _const(name, value):
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value), name))
 
 
+def _PROCESS(image_shape):  # a valid bdm.process (the runtime checks it since audit-rt); the graph ignores it
+    return {"image_size": list(image_shape[1:]), "blur_sigma_max": 0.0, "min_scale": 0.001, "logsnr_min": -10.0,
+            "logsnr_max": 10.0}
+
+
 def _int8_conv(c, src, dst):
     """What ``bdm_export.int8`` makes of a network conv: Q/DQ of the input (scale 1/32) and of INT8
     per-channel weights (zero points 0), under the network's ONNX scope ``/model/``."""
@@ -100,7 +105,7 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
     graph = helper.make_graph(nodes, "fake_step", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    meta = {fmt.K_FORMAT_VERSION: format_version, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: {"kind": "test"},
+    meta = {fmt.K_FORMAT_VERSION: format_version, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: _PROCESS(image_shape),
             fmt.K_NUM_CLASSES: num_classes, fmt.K_GUIDANCE: guided, fmt.K_CLIP_DENOISED: True,
             fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "int8" if int8 else "fp32",
             fmt.K_VERSION: "0.1.0"}

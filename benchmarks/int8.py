@@ -174,11 +174,12 @@ def sensitivity(ckpt, images=16, method="max"):
 
     eps = "/model/conv_out/Conv_output_0"   # the network's output inside the step graph
     with tempfile.TemporaryDirectory(prefix="bdm-int8-sens-") as folder:
-        m = onnx.load(_export_fp32(ckpt, folder))
+        step = _export_fp32(ckpt, folder)
+        feeds, _ = record_inputs(step, images=images)
+        m = onnx.load(step)
         m.graph.output.append(onnx.helper.make_tensor_value_info(eps, onnx.TensorProto.FLOAT, None))
-        fp32 = os.path.join(folder, "eps.onnx")
+        fp32 = os.path.join(folder, "eps.onnx")   # the step graph with the network's output exposed
         onnx.save(m, fp32)
-        feeds, _ = record_inputs(fp32, images=images)
 
         def run(model):
             sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -193,13 +193,15 @@ class Staging:
         self._files, self._folders = [], []
 
     def discard(self):
-        """Remove every temporary output."""
-        for tmp, _ in self._files:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        for tmp, _ in self._folders:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._files, self._folders = [], []
+        """Remove every temporary output (signals held meanwhile: a second Ctrl-C or SIGTERM cannot leave
+        half of them)."""
+        with _signals_deferred():
+            for tmp, _ in self._files:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            for tmp, _ in self._folders:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._files, self._folders = [], []
 
     def __enter__(self):
         return self

@@ -79,6 +79,8 @@ def training_bytes(opts, channels, batch):
     one, params = _saved_bytes(opts, channels, 1)
     two, _ = _saved_bytes(opts, channels, 2)
     per_image = max(two - one, 0)
+    if opts.get("precision") == "bf16":   # autocast saves at most half the bytes (float32 -> bfloat16)
+        one, per_image = one // 2, per_image // 2
     size = opts["image_size"]
     return (one - per_image) + per_image * batch + PARAM_COPIES * params + 3 * 4 * size * size
 

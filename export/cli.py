@@ -60,9 +60,11 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 
     Everything is checked before anything is created; the files are staged and appear together.
     """
-    from bdm_runtime.io import Staging
-    from bdm_train import checkpoint
+    from bdm_runtime.errors import check_terminated
     from bdm_runtime.grids import settings
+    from bdm_runtime.io import Staging
+    from bdm_runtime.trt_build import unavailable_reason
+    from bdm_train import checkpoint
 
     model, process, config = checkpoint.load(ckpt, ema=ema)
     steps, _, clip = checkpoint.sampler_settings(config, ckpt, steps, eta, clip)   # checked, named
@@ -74,10 +76,21 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
         raise BdmError("--guidance needs a class-conditional checkpoint; this one is unconditional")
     out_dir = _out_dir(out_dir, ckpt)
     names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else [])
+    reason = unavailable_reason() if engine else "--no-engine"
+    refuse_stale(out_dir, names, reason is None)
+    if check:
+        from .check import preload
+
+        preload()
     with Staging() as stage:
         folder = stage.folder(out_dir)
-        lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
-                               workspace, timing_cache, check, engine, solver, grid)
+        try:
+            lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
+                                   workspace, timing_cache, check, reason, solver, grid)
+        except Exception:
+            check_terminated()   # a SIGTERM a library swallowed surfaces as another error: report it as SIGTERM
+            raise
+        check_terminated()       # never publish after a SIGTERM
     for line in lines:
         click.echo(line)
     if check:
@@ -85,11 +98,32 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
     return 0
 
 
-def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
-                   timing_cache, check, engine, solver="ddim", grid="uniform"):
-    """Graphs (and engines) into the staging ``folder``, checked if asked; returns the lines to report."""
-    from bdm_runtime.trt_build import unavailable_reason
+def refuse_stale(out_dir, names, engines):
+    """Refuse an export that would leave files of an earlier one beside the new graphs.
 
+    An export writes the set ``bdm.onnx``, ``bdm_fp16.onnx`` (``--fp16``) and their engines
+    (``.plan`` + ``.plan.json``, where TensorRT builds them). A file of that set that this export
+    does not write would stay from an earlier export and no longer match (``make demo`` would even
+    run an old FP16 engine): the export is refused, naming it, and nothing is deleted.
+    """
+    written = set(names)
+    if engines:
+        written |= {os.path.splitext(n)[0] + ext for n in names for ext in (".plan", ".plan.json")}
+    for name in ("bdm.onnx", "bdm_fp16.onnx", "bdm.plan", "bdm.plan.json", "bdm_fp16.plan", "bdm_fp16.plan.json"):
+        path = os.path.join(out_dir, name)
+        if name in written or not os.path.lexists(path):
+            continue
+        fix = ("add --fp16 to replace it too" if name == "bdm_fp16.onnx" else
+               "add --fp16 to rebuild it too" if name.startswith("bdm_fp16") and engines else
+               "build engines too (TensorRT and a GPU; without --no-engine)")
+        raise BdmError(f"{path} is left from an earlier export and would not match the new graphs: {fix}, "
+                       "or move it away, or export into another --out-dir")
+
+
+def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
+                   timing_cache, check, reason, solver="ddim", grid="uniform"):
+    """Graphs (and engines, unless ``reason`` says why not) into the staging ``folder``, checked if asked;
+    returns the lines to report."""
     from .onnx_export import export_onnx
 
     lines, plans = [], {}
@@ -103,7 +137,6 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
             raise BdmError(f"cannot write {os.path.join(out_dir, name)}: {e.strerror or e}")
         lines.append(f"wrote {os.path.join(out_dir, name)} ({_describe(meta)}, "
                      f"{os.path.getsize(path) / 2**20:.1f} MiB)")
-    reason = unavailable_reason() if engine else "--no-engine"
     if reason:
         lines.append(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
     else:

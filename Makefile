@@ -18,8 +18,9 @@ SHIPPED ?= models/fmnist32
 # left the deterministic sampler noisy (grids compared side by side).
 DEMO_STEPS ?= 1500
 # The engine bdm-run gets: the FP16 TensorRT engine where one was built, else the FP32 ONNX graph
-# (ONNX Runtime on CPU does not compute FP16 natively, so FP32 is the right choice there).
-ENGINE = $$(test -f $(1)/bdm_fp16.plan && echo $(1)/bdm_fp16.plan || echo $(1)/bdm.onnx)
+# (ONNX Runtime on CPU does not compute FP16 natively, so FP32 is the right choice there). An engine
+# older than bdm.onnx is from an earlier export and never chosen (bdm-export refuses to leave one).
+ENGINE = $$(test -f $(1)/bdm_fp16.plan && ! test $(1)/bdm.onnx -nt $(1)/bdm_fp16.plan && echo $(1)/bdm_fp16.plan || echo $(1)/bdm.onnx)
 
 .PHONY: demo demo-train test install clean fmnist features figures study ship
 

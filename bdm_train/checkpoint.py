@@ -51,8 +51,9 @@ def set_rng_state(state):
 
 
 # -- save ---------------------------------------------------------------------------------------
-def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=None):
-    """Write a checkpoint atomically (temporary file beside ``path``, then ``os.replace``)."""
+def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=None, extra=None):
+    """Write a checkpoint atomically (temporary file beside ``path``, then ``os.replace``); ``extra``: more
+    top-level entries (tensors and plain types)."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -64,6 +65,7 @@ def save(path, config, model, ema, step, optimizer=None, scheduler=None, rng=Non
         "rng": rng if rng is not None else rng_state(),
         "step": int(step),
     }
+    state.update(extra or {})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     _write(state, path)
@@ -187,6 +189,32 @@ def check_device(device):
     return dev
 
 
+def weight_mismatch(module, weights):
+    """What keeps ``weights`` from loading into ``module``, naming the weights and shapes, or ``None``."""
+    if not isinstance(weights, dict):
+        return f"its weights are a {type(weights).__name__}, not a dict of tensors"
+    own = module.state_dict()
+    for name, value in weights.items():
+        if name in own and (not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(own[name].shape)):
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"weight {name} has shape {shape}, its config's network needs {list(own[name].shape)}"
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    if missing or extra:
+        what = f"lacks weight {missing[0]}" if missing else f"has weight {extra[0]}, which its config's network lacks"
+        more = len(missing) + len(extra) - 1
+        return what + (f" (and {more} more mismatched name(s))" if more else "")
+    return None
+
+
+def load_weights(module, weights, path):
+    """``module.load_state_dict(weights)``; a mismatch is one line naming ``path``, the weight and the shapes."""
+    problem = weight_mismatch(module, weights)
+    if problem:
+        raise BdmError(f"{path}: checkpoint does not match its config: {problem}")
+    module.load_state_dict(weights)
+
+
 def load(path, ema=True, device="cpu"):
     """``(model, process, config)`` in eval mode; ``ema=True`` takes the EMA weights (for sampling)."""
     device = check_device(device)  # before reading: a mistyped device costs no I/O
@@ -194,8 +222,8 @@ def load(path, ema=True, device="cpu"):
     config = state["config"]
     try:
         model, process = build(config)
-        model.load_state_dict(state["ema" if ema else "model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BdmError(f"{path}: checkpoint does not match its config: {first[:200]}") from None
+    load_weights(model, state["ema" if ema else "model"], path)
     return model.to(device).eval(), process.to(device), config

@@ -199,6 +199,7 @@ def load_folder(folder, size=None, fit=None, workers=0):
         if size is None or fit is None:
             raise BdmError(f"images in {folder} have different sizes ({shapes[0][1:]}, {shapes[-1][1:]}, ...): "
                            f"pass --image-size and --fit pad|resize")
+        _check_fit_memory(len(arrays), max(a.shape[0] for a in arrays), size, folder)
         arrays = [fit_images(a[None], size, fit)[0] for a in arrays]
     images = np.stack(arrays)
     rel = [os.path.relpath(p, folder).split(os.sep) for p in files]
@@ -240,11 +241,18 @@ def load(path, size=None, fit=None, workers=0):
         if fit is None:
             raise BdmError(f"images in {path} are {ds.size[0]}x{ds.size[1]}, not {size}x{size}: "
                            f"pass --fit pad|resize (or --image-size {ds.size[0]})")
+        _check_fit_memory(len(ds), ds.channels, size, path)
         ds.images = fit_images(ds.images, size, fit)
     elif size is None and ds.size[0] != ds.size[1]:
         raise BdmError(f"images in {path} are {ds.size[0]}x{ds.size[1]} (not square): "
                        f"pass --image-size and --fit pad|resize")
     return ds
+
+
+def _check_fit_memory(n, channels, size, path):
+    from .resources import check_image_memory
+
+    check_image_memory(n, channels, size, path)
 
 
 # -- fitting ------------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def normalize(opts):
          f"--sample-steps must be in 1..{MAX_STEPS}, --sample-eta in [0, 1]"),
         (o["image_size"] is None or o["image_size"] >= 1, "--image-size must be positive"),
         (o["fit"] in (None,) + datalib.FITS, f"--fit must be one of {', '.join(datalib.FITS)}"),
+        (o["fit"] is None or o["image_size"] is not None,
+         f"--fit {o['fit']} needs --image-size (the size to fit the images to); without it the data's own is used"),
         (o["log_every"] >= 1, "--log-every must be >= 1"),
         (o["sample_n"] >= 1, "--sample-n must be >= 1"),
         (o["ckpt_every"] >= 0, "--ckpt-every must be >= 0 (0 = only at the end)"),

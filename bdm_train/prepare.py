@@ -12,7 +12,8 @@ import numpy as np
 from bdm_runtime.errors import BdmError
 
 from . import data as datalib
-from .options import STATS_IMAGES
+from .options import DEFAULTS, STATS_IMAGES
+from .resources import check_training_memory
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -77,8 +78,10 @@ class Run:
         """``model.pt`` (atomic, by the main process only)."""
         from . import checkpoint as ckpt
 
-        if self.dist.main:
-            ckpt.save(self.path, self.config, self.model, self.ema, self.step, self.opt, self.sched)
+        if self.dist.main:   # with the losses since the last log line: a resumed run logs what this one would
+            meter = {"sum": self.meter["sum"].detach().cpu().clone(), "count": self.meter["count"]} if self.meter else None
+            ckpt.save(self.path, self.config, self.model, self.ema, self.step, self.opt, self.sched,
+                      extra={"log_meter": meter})
 
 
 def load_data(data, opts, state, path):
@@ -88,6 +91,17 @@ def load_data(data, opts, state, path):
     if state is not None and opts["image_size"] != state["config"]["model"]["image_size"]:
         raise BdmError(f"data {data} is {ds.size[0]}x{ds.size[1]}, the checkpoint {path} was trained at "
                        f"{state['config']['model']['image_size']}")
+    stored = state["config"]["model"].get("in_channels") if state is not None else None
+    if stored is not None and ds.channels != stored:
+        raise BdmError(f"data {data} has {ds.channels} channel(s), the checkpoint {path} was trained on {stored}: "
+                       "resume with the run's own data (or train anew into another --out)")
+    down = 2 ** (len(opts["ch_mult"]) - 1)
+    if opts["image_size"] % down:
+        raise BdmError(f"image size {opts['image_size']} is not divisible by {down}, as --ch-mult "
+                       f"{','.join(map(str, opts['ch_mult']))} needs ({len(opts['ch_mult'])} levels): "
+                       "change --ch-mult, or --image-size with --fit")
+    if state is None and opts["attn"] != list(DEFAULTS["attn"]):   # the default applies where there is a 16x16 level
+        check_attention(opts)
     nc = opts["num_classes"]
     if nc:
         if ds.labels is None:
@@ -98,6 +112,16 @@ def load_data(data, opts, state, path):
     return ds
 
 
+def check_attention(opts):
+    """Refuse attention resolutions the network does not have (they would be silently ignored)."""
+    levels = [opts["image_size"] >> k for k in range(len(opts["ch_mult"]))]
+    unused = [r for r in opts["attn"] if r not in levels]
+    if unused:
+        raise BdmError(f"--attn {','.join(map(str, opts['attn']))}: this network has no {unused[0]}x{unused[0]} "
+                       f"level (its levels are {', '.join(map(str, levels))} for --image-size {opts['image_size']} "
+                       f"and --ch-mult {','.join(map(str, opts['ch_mult']))}): give some of these, or none")
+
+
 def setup(data, out, path, opts, state, dist):
     """Data, B14 statistics, network, EMA and optimiser; a resumed run's states restored."""
     import torch
@@ -106,6 +130,7 @@ def setup(data, out, path, opts, state, dist):
     ds = load_data(data, opts, state, path)
     if opts["batch_size"] % dist.world:
         raise BdmError(f"--batch-size {opts['batch_size']} is not divisible by the {dist.world} processes")
+    check_training_memory(opts, ds.channels, dist.world, device)
     stats = None
     if opts["param"] == "spectral":   # B14: measured before step 1; a resumed run keeps the stored ones
         m = state["config"]["model"] if state is not None else None
@@ -122,7 +147,7 @@ def setup(data, out, path, opts, state, dist):
     warmup = opts["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
     run = Run(opts=opts, dist=dist, device=device, out=out, path=path, model=model, net=model, ema=ema,
-              process=process, opt=opt, sched=sched, step=0, config=make_config(model, process, opts, ds, data),
+              process=process, opt=opt, sched=sched, step=0, meter={}, config=make_config(model, process, opts, ds, data),
               images=torch.from_numpy(ds.images).to(device), shape=tuple(ds.images.shape[1:]), n=len(ds),
               labels=torch.from_numpy(ds.labels).to(device) if opts["num_classes"] else None)
     if state is not None:
@@ -142,8 +167,8 @@ def restore(run, state):
     """A resumed run's weights, optimiser, schedule, RNG and step; explicitly changed options win."""
     from . import checkpoint as ckpt
 
-    run.model.load_state_dict(state["model"])
-    run.ema.load_state_dict(state["ema"])
+    ckpt.load_weights(run.model, state["model"], run.path)
+    ckpt.load_weights(run.ema, state["ema"], run.path)
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     for g in run.opt.param_groups:
@@ -151,3 +176,6 @@ def restore(run, state):
     run.sched.base_lrs = [run.opts["lr"]] * len(run.opt.param_groups)
     ckpt.set_rng_state(state["rng"])
     run.step = int(state["step"])
+    meter = state.get("log_meter")
+    if isinstance(meter, dict):   # checkpoints from before issue 22 have none: their log lines were aligned
+        run.meter = {"sum": meter["sum"].to(run.device), "count": int(meter["count"])}

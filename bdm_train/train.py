@@ -27,6 +27,8 @@ from . import data as datalib
 from .batches import Dist, batch_indices, batch_noise, derived_seed
 from .options import DEFAULTS, PRECISIONS, SEED_MAX, resolve_options, resolve_precision
 from .prepare import setup
+from .resources import default_threads
+from .runfolder import RunLock, rollback_log
 
 
 # -- what the step loop keeps besides the weights -----------------------------------------------
@@ -64,10 +66,18 @@ def train(data, out, resume=False, progress=True, **options):
     Options are those of ``bdm-train`` with underscores (``batch_size=64``, ``ch_mult=(1, 2, 2)``, ...);
     ``resume=True`` continues ``out/model.pt`` up to ``steps`` total steps (``data=None``: the stored path).
     """
-    import torch
-
     out = os.fspath(out)
     path = os.path.join(out, "model.pt")
+    with RunLock(out) as lock:   # held from before the checkpoint is read to after the last one is written
+        if os.path.isdir(out) and int(os.environ.get("RANK", "0")) == 0:
+            lock.acquire()
+        return _train_locked(data, out, path, resume, progress, options, lock)
+
+
+def _train_locked(data, out, path, resume, progress, options, lock):
+    """:func:`train` under the run folder's lock (taken here once the folder exists, if not before)."""
+    import torch
+
     state = _previous(path, resume)
     if state is not None and state.get("optimizer") is None:
         raise BdmError(f"{path} is a release checkpoint (EMA weights only, no optimizer state): it samples and "
@@ -83,14 +93,18 @@ def train(data, out, resume=False, progress=True, **options):
             raise BdmError("no --data given")
         data = state["config"]["data"]["path"]
 
-    if opts["threads"] > 0:  # on shared cores 1 thread can beat 2 (OpenMP threads stall each other)
-        torch.set_num_threads(opts["threads"])
+    opts["threads"] = opts["threads"] or default_threads()   # stored: a resumed run keeps the count
+    torch.set_num_threads(opts["threads"])   # on shared cores 1 thread can beat 2 (OpenMP threads stall each other)
     dist = Dist(opts["device"])
     opts["precision"] = resolve_precision(opts["precision"], dist.device)   # stored: --resume keeps it
     try:
         run = setup(data, out, path, opts, state, dist)
         if dist.main:
-            os.makedirs(out, exist_ok=True)
+            lock.acquire(create=True)
+            if state is None:
+                _previous(path, False)    # another run may have finished into it meanwhile
+            else:
+                rollback_log(out, run.step)   # the lines past the checkpoint come again
         train_steps(run, progress)
         return path
     finally:
@@ -148,6 +162,8 @@ def train_steps(run, progress):
                    dynamic_ncols=True)
     run.net.train()
     meter = dict(sum=torch.zeros((), device=run.device), count=0, t0=time.perf_counter(), s0=run.step)
+    meter.update(run.meter)   # a resumed run's losses since its last log line (see Run.save)
+    run.meter = meter
     while run.step < opts["steps"]:
         meter["sum"] += train_step(run)
         meter["count"] += 1
@@ -266,7 +282,8 @@ UNIT = click.FloatRange(0, 1, max_open=True)
               "unless given. Without it, an existing OUT/model.pt is refused, never replaced.")
 @_opt("--device", help="auto, cpu, cuda or cuda:N.")
 @_opt("--workers", type=INT, help="Threads decoding an image folder.")
-@_opt("--threads", type=INT, help="torch CPU threads (0 = torch's default).")
+@_opt("--threads", type=INT, help="torch CPU threads (0: the idle cores this process may use, or "
+      "OMP_NUM_THREADS; stored with the run).")
 @_opt("--precision", type=click.Choice(PRECISIONS), help="The network's arithmetic: fp32, or bf16 autocast "
       "(weights, loss and optimiser stay float32); auto = bf16 on CUDA and on CPUs with BF16 units (AMX, "
       "AVX512-BF16), else fp32. Stored in the checkpoint; --resume keeps it.")

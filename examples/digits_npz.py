@@ -1,13 +1,22 @@
 """Write scikit-learn's bundled 8x8 digits (1,797 images, no download) as a uint8 .npz for bdm-train."""
-import sys
+import os
 
+import click
 import numpy as np
-from sklearn.datasets import load_digits
 
+from bdm_runtime.errors import BdmError, run_cli
 from bdm_runtime.images import save_npz
 
 
+@click.command()
+@click.argument("path", default="digits.npz", type=click.Path(dir_okay=False))
 def main(path):
+    """Write the digits to PATH (*.npz)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):   # one line before any work (save_npz names other write failures)
+        raise BdmError(f"{path}: folder {folder} does not exist")
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # [N, 1, 8, 8], 0..16 -> 0..255
     save_npz(path, images=images, labels=digits.target.astype(np.int64))
@@ -15,4 +24,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "digits.npz")
+    run_cli(main, prog_name="digits_npz.py")   # a mistake is one "Error: ..." line, not a traceback

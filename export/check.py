@@ -35,6 +35,23 @@ TOLERANCES = CHECK_TOLERANCES
 CHECK_MIN_STEPS = 50
 
 
+def preload():
+    """Import everything the check uses, before any work (issue 22).
+
+    Polygraphy imports its backends lazily, behind bare ``except:`` clauses: a SIGTERM that lands
+    while such an import runs is swallowed and comes out later as "Module 'onnxruntime' is required
+    but could not be imported" (with a hint to auto-install packages). Imported here, up front, an
+    interrupt during the imports is an interrupt, and the check's lazy imports find the modules
+    loaded (``run_cli``'s flag, ``check_terminated``, covers what is left).
+    """
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx  # noqa: F401
+    from polygraphy.comparator import Comparator, CompareFunc  # noqa: F401
+    from polygraphy.common import TensorMetadata  # noqa: F401
+    from polygraphy.logger import G_LOGGER  # noqa: F401
+
+
 def _runner_base():
     from polygraphy.backend.pyt import PytRunner
 
@@ -129,9 +146,12 @@ def check_onnx(onnx_path, model, process, *, plan_path=None, iterations=2, batch
     """
     from polygraphy.exception import PolygraphyException
 
+    from bdm_runtime.errors import check_terminated
+
     try:
         return _check_onnx(onnx_path, model, process, plan_path, iterations, batch, seed, tolerances, log)
     except PolygraphyException as e:
+        check_terminated()   # a SIGTERM swallowed by one of Polygraphy's bare excepts, not a failed check
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BdmError(f"cannot check {onnx_path}: {detail}")
 

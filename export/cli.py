@@ -1,4 +1,4 @@
-"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``, ``bdm_int8.onnx``) and TensorRT engines.
+"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``, ``bdm_int8.onnx``) and engines.
 
     bdm-export --ckpt runs/x/model.pt --fp16 --check
     bdm-export --ckpt runs/x/model.pt --int8 --calib-images 32       # + INT8 (QDQ), docs/int8.md
@@ -63,9 +63,11 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
     Everything is checked before anything is created; the files are staged and appear together.
     ``int8``: ``None``, or ``{"images": n, "method": m}`` to write ``bdm_int8.onnx`` too (``bdm_export.int8``).
     """
-    from bdm_runtime.io import Staging
-    from bdm_train import checkpoint
+    from bdm_runtime.errors import check_terminated
     from bdm_runtime.grids import settings
+    from bdm_runtime.io import Staging
+    from bdm_runtime.trt_build import unavailable_reason
+    from bdm_train import checkpoint
 
     model, process, config = checkpoint.load(ckpt, ema=ema)
     steps, _, clip = checkpoint.sampler_settings(config, ckpt, steps, eta, clip)   # checked, named
@@ -81,10 +83,21 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
         require_quantizer()
     out_dir = _out_dir(out_dir, ckpt)
     names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else []) + (["bdm_int8.onnx"] if int8 else [])
+    reason = unavailable_reason() if engine else "--no-engine"
+    refuse_stale(out_dir, names, reason is None)
+    if check:
+        from .check import preload
+
+        preload()
     with Staging() as stage:
         folder = stage.folder(out_dir)
-        lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
-                               workspace, timing_cache, check, engine, solver, grid, int8)
+        try:
+            lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
+                                   workspace, timing_cache, check, reason, solver, grid, int8)
+        except Exception:
+            check_terminated()   # a SIGTERM a library swallowed surfaces as another error: report it as SIGTERM
+            raise
+        check_terminated()       # never publish after a SIGTERM
     for line in lines:
         click.echo(line)
     if check:
@@ -107,11 +120,33 @@ def _write_graph(model, process, folder, name, guidance, steps, eta, clip, solve
                        default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
 
 
-def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
-                   timing_cache, check, engine, solver="ddim", grid="uniform", int8=None):
-    """Graphs (and engines) into the staging ``folder``, checked if asked; returns the lines to report."""
-    from bdm_runtime.trt_build import unavailable_reason
+def refuse_stale(out_dir, names, engines):
+    """Refuse an export that would leave files of an earlier one beside the new graphs.
 
+    An export writes the set ``bdm.onnx``, ``bdm_fp16.onnx`` (``--fp16``), ``bdm_int8.onnx`` (``--int8``) and
+    their engines (``.plan`` + ``.plan.json``, where TensorRT builds them). A file of that set that this export
+    does not write would stay from an earlier export and no longer match (``make demo`` would even
+    run an old FP16 engine): the export is refused, naming it, and nothing is deleted.
+    """
+    written = set(names)
+    if engines:
+        written |= {os.path.splitext(n)[0] + ext for n in names for ext in (".plan", ".plan.json")}
+    for name in [stem + ext for stem in ("bdm", "bdm_fp16", "bdm_int8") for ext in (".onnx", ".plan", ".plan.json")]:
+        path = os.path.join(out_dir, name)
+        if name in written or not os.path.lexists(path):
+            continue
+        flag = "--int8" if name.startswith("bdm_int8") else "--fp16"
+        fix = (f"add {flag} to replace it too" if name.endswith(".onnx") else
+               f"add {flag} to rebuild it too" if name.startswith(("bdm_fp16", "bdm_int8")) and engines else
+               "build engines too (TensorRT and a GPU; without --no-engine)")
+        raise BdmError(f"{path} is left from an earlier export and would not match the new graphs: {fix}, "
+                       "or move it away, or export into another --out-dir")
+
+
+def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
+                   timing_cache, check, reason, solver="ddim", grid="uniform", int8=None):
+    """Graphs (and engines, unless ``reason`` says why not) into the staging ``folder``, checked if asked;
+    returns the lines to report."""
     lines, plans = [], {}
     for name in names:
         try:
@@ -120,7 +155,6 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
             raise BdmError(f"cannot write {os.path.join(out_dir, name)}: {e.strerror or e}")
         lines.append(f"wrote {os.path.join(out_dir, name)} ({_describe(meta)}, "
                      f"{os.path.getsize(os.path.join(folder, name)) / 2**20:.1f} MiB)")
-    reason = unavailable_reason() if engine else "--no-engine"
     if reason:
         lines.append(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
     else:
@@ -209,8 +243,8 @@ def cli(ckpt, ema, out_dir, fp16, int8, calib_images, calib_method, guidance, so
             raise BdmError("--onnx needs --out ENGINE.plan")
         if check or fp16 or int8 or out_dir or steps is not None or eta is not None or guidance is not None \
                 or clip is not None or solver is not None or grid is not None:
-            raise BdmError("--onnx builds an engine only: --check, --fp16, --int8, --out-dir, --solver, --grid, --steps, "
-                           "--eta, --clip and --guidance need --ckpt")
+            raise BdmError("--onnx builds an engine only: --check, --fp16, --int8, --out-dir, --solver, --grid, "
+                           "--steps, --eta, --clip and --guidance need --ckpt")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise BdmError(f"--out {out}: folder {folder} does not exist or is not writable")

@@ -13,8 +13,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's ``KeyboardInterrupt`` so that the same clean-up runs on the way out."""
 
 
+_TERMINATED = []   # SIGTERMs since run_cli began (a library's bare ``except:`` may swallow the exception)
+
+
 def _raise_terminated(signum, frame):
+    _TERMINATED.append(signum)
     raise Terminated()
+
+
+def check_terminated():
+    """Raise :class:`Terminated` again if SIGTERM arrived, even where a library swallowed the first one
+    (Polygraphy's lazy importer has bare ``except:`` clauses): call before publishing outputs."""
+    if _TERMINATED:
+        raise Terminated()
 
 
 # Import names whose pip package is named differently.
@@ -86,6 +97,7 @@ def run_cli(command, args=None, prog_name=None):
         click.echo("Error: " + " ".join(str(message).split()), err=True)
         sys.exit(code)
 
+    del _TERMINATED[:]
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave SIGTERM alone

@@ -198,13 +198,15 @@ class Staging:
         self._files, self._folders = [], []
 
     def discard(self):
-        """Remove every temporary output (this command's own: nothing else is ever removed)."""
-        for tmp, _ in self._files:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        for folder in self._folders:
-            shutil.rmtree(folder[0], ignore_errors=True)
-        self._files, self._folders = [], []
+        """Remove every temporary output (this command's own: nothing else is ever removed); signals are
+        held meanwhile, so a second Ctrl-C or SIGTERM cannot leave half of them."""
+        with _signals_deferred():
+            for tmp, _ in self._files:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            for folder in self._folders:
+                shutil.rmtree(folder[0], ignore_errors=True)
+            self._files, self._folders = [], []
 
     def __enter__(self):
         return self

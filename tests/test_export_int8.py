@@ -167,3 +167,13 @@ def test_cli_int8_errors(tiny_checkpoint, uncond_graph_path, tmp_path, capsys):
 @pytest.fixture
 def uncond_graph_path(int8_uncond):
     return int8_uncond[0]
+
+
+def test_an_earlier_int8_graph_is_never_left_stale(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    _export(tiny_checkpoint, out, capsys)
+    before = (out / "bdm_int8.onnx").read_bytes()
+    code, _, err = in_process(main, ["--ckpt", tiny_checkpoint, "--out-dir", out, "--no-engine", "--steps", STEPS],
+                              capsys)
+    assert_one_line_error(code, err, str(out / "bdm_int8.onnx"), "add --int8")
+    assert (out / "bdm_int8.onnx").read_bytes() == before

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
+from ..limits import DEFAULT_BATCH
 from . import ov_split
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -80,8 +81,14 @@ def resolve_precision(core, device, precision):
     return precision
 
 
-def compile_config(config, threads, cache_dir, precision):
-    """The ``compile_model`` config: the user's ``config`` over ours, the precision hint always ours."""
+def compile_config(config, threads, cache_dir, precision, precise=False):
+    """The ``compile_model`` config: the user's ``config`` over ours, the precision hint always ours.
+
+    ``precise`` (the update, on a device that has the property): ``SNIPPETS_MODE`` ``DISABLE``. The CPU
+    plugin's snippets fuse elementwise chains with static shapes, and in the update's schedule
+    (B3, B4: tan, log, sigmoid) that cost accuracy: measured on a tiny eps-UNet, 1.4e-3 max error
+    against PyTorch FP32 with them, 2.2e-4 without (ONNX Runtime: 2.0e-4); the update is cheap.
+    """
     config = dict(config or {})
     if "INFERENCE_PRECISION_HINT" in config:
         raise BdmError("give the precision as precision= (--precision), not as INFERENCE_PRECISION_HINT in "
@@ -93,9 +100,33 @@ def compile_config(config, threads, cache_dir, precision):
         out["INFERENCE_NUM_THREADS"] = int(threads)
     if cache_dir:
         out["CACHE_DIR"] = os.fspath(cache_dir)
+    if precise:
+        out["SNIPPETS_MODE"] = "DISABLE"
     out.update(config)
     out["INFERENCE_PRECISION_HINT"] = OV_TYPES[precision]
     return out
+
+
+def _supported(core, device):
+    """The device's ``SUPPORTED_PROPERTIES`` (names), empty if it cannot say."""
+    try:
+        return set(str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES"))
+    except Exception:
+        return set()
+
+
+def static(model, b, net_out=None):
+    """A copy of ``model`` with batch ``b`` in every per-image input (``net_out``: ``NET_OUT``'s shape)."""
+    shapes = {}
+    for port in model.inputs:
+        name = port.get_any_name()
+        if name == ov_split.NET_OUT:
+            shapes[name] = net_out
+        elif name in fmt.PER_IMAGE:
+            shapes[name] = [b] + [d.get_length() for d in list(port.get_partial_shape())[1:]]
+    copy = model.clone()
+    copy.reshape(shapes)
+    return copy
 
 
 def ran_precision(compiled, kinds=("Convolution", "FullyConnected", "MatMul")):
@@ -129,6 +160,8 @@ class OpenVinoBackend:
         device = device or "CPU"
         self._check_device(core, device)
         self.precision = resolve_precision(core, device, precision or "auto")
+        if batch is not None:
+            batch = int(batch)
         if cache_dir is None and not (config and "CACHE_DIR" in config):
             cache_dir = default_cache_dir()
         try:
@@ -141,29 +174,41 @@ class OpenVinoBackend:
             raise BdmError(f"{path}: not a bdm step graph: inputs {missing} missing")
         self.inputs = names
         self.stateful = fmt.U_X_PREV in names
-        f32 = compile_config(config, threads, cache_dir, "fp32")
-        if self.precision == "fp32":
-            parts = [(model, f32)]
-        else:
-            net, update = ov_split.split(model, path)
-            parts = [(net, compile_config(config, threads, cache_dir, self.precision)), (update, f32)]
-        self._compiled = [self._compile(core, m, device, cfg, path) for m, cfg in parts]
-        self._requests = [c.create_infer_request() for c in self._compiled]
-        self._feeds = [[p.get_any_name() for p in c.inputs if p.get_any_name() != ov_split.NET_OUT]
-                       for c in self._compiled]
+        self._shape = tuple(info.image_shape)
+        precise = device.upper().startswith("CPU")
+        net, update = ov_split.split(model, path)
+        self._parts = [(net, compile_config(config, threads, cache_dir, self.precision)),
+                       (update, compile_config(config, threads, cache_dir, "fp32", precise))]
+        self._core, self.ov_device, self._path = core, device, path
+        self._live, self._buffers, self._bufs = {}, {}, None
+        self._select(batch or DEFAULT_BATCH)  # compiled now: the usual chunk, and the checks below
         ran = ran_precision(self._compiled[0])
         if self.precision != "fp32" and ran is not None and ran != self.precision:
             raise BdmError(f"OpenVINO's {device} ran the network in {ran}, not {self.precision}: it has no "
                            f"{self.precision} kernels on this machine (fp16 on a CPU needs AMX-FP16); "
                            "use --precision auto or fp32")
         self.network_precision = ran or self.precision
-        self.ov_device = device
         self.provider = (f"OpenVINO {ov.__version__.split('-')[0]} {device}: network {self.network_precision}, "
                          "update fp32")
         self.device = "cpu"   # host buffers: OpenVINO copies to and from its device
-        self.max_batch = None  # dynamic batch
-        self._buffers = {}
-        self._bufs = None
+        self.max_batch = None  # any chunk size (each compiled once, with static shapes)
+
+    def _select(self, b):
+        """Compiled parts and requests for chunks of ``b`` images, compiled with a static batch of ``b``.
+
+        Static shapes: OpenVINO's CPU plugin ran the network 1.5-1.7x faster than with a dynamic
+        batch (docs/openvino.md); the compiled-model cache makes a size seen before cheap to compile.
+        """
+        if b not in self._live:
+            if len(self._live) > 1:  # at most two sizes live: the full chunk and the last one
+                self._live.pop(next(iter(self._live)))
+            compiled, net_out = [], None
+            for model, cfg in self._parts:
+                compiled.append(self._compile(self._core, static(model, b, net_out), self.ov_device, cfg, self._path))
+                net_out = compiled[-1].output(0).get_partial_shape()  # the update's NET_OUT input
+            feeds = [[p.get_any_name() for p in c.inputs if p.get_any_name() != ov_split.NET_OUT] for c in compiled]
+            self._live[b] = (compiled, [c.create_infer_request() for c in compiled], feeds)
+        self._compiled, self._requests, self._feeds = self._live[b]
 
     @staticmethod
     def _check_device(core, device):
@@ -175,22 +220,28 @@ class OpenVinoBackend:
     @staticmethod
     def _compile(core, model, device, config, path):
         try:
-            return core.compile_model(model, device, config)
+            try:
+                return core.compile_model(model, device, config)
+            except RuntimeError:
+                if "SNIPPETS_MODE" not in config:  # an OpenVINO without the property: compile without it
+                    raise
+                return core.compile_model(model, device, {k: v for k, v in config.items() if k != "SNIPPETS_MODE"})
         except Exception as e:
             raise BdmError(f"{path}: OpenVINO cannot compile it for {device}: {str(e).splitlines()[0]}")
 
     @property
     def compiled_models(self):
-        """The compiled parts: ``[whole]`` at fp32, else ``[network, update]`` (for inspection)."""
+        """The compiled parts ``[network, update]`` of the current chunk size (for inspection)."""
         return list(self._compiled)
 
     # -- buffers --------------------------------------------------------------------------------
     def prepare(self, b):
-        """Host buffers for chunks of ``b`` images (kept for the next chunk of the same size)."""
+        """Compiled parts and host buffers for chunks of ``b`` images (kept for the next chunk of the same size)."""
+        self._select(b)
         if b not in self._buffers:
             if len(self._buffers) > 1:
                 self._buffers.pop(next(iter(self._buffers)))
-            img = (b,) + tuple(self._shape_of())
+            img = (b,) + self._shape
             bufs = {"z0": np.empty(img, np.float32), "z1": np.empty(img, np.float32),
                     fmt.NOISE: np.empty(img, np.float32), fmt.T: np.empty((b,), np.float32),
                     fmt.S: np.empty((b,), np.float32), fmt.ETA: np.empty((1,), np.float32),
@@ -200,10 +251,6 @@ class OpenVinoBackend:
                              fmt.T_PREV: np.empty((b,), np.float32)})
             self._buffers[b] = bufs
         self._bufs, self._b = self._buffers[b], b
-
-    def _shape_of(self):
-        shape = self._compiled[0].input(fmt.Z).get_partial_shape()
-        return [d.get_length() for d in list(shape)[1:]]
 
     def upload(self, name, array):
         """Copy a host array into input ``name``'s buffer."""
@@ -250,7 +297,6 @@ class OpenVinoBackend:
 
     def close(self):
         """Drop the compiled models, requests and buffers."""
-        self._buffers = {}
+        self._buffers, self._live = {}, {}
         self._bufs = None
-        self._requests = []
-        self._compiled = []
+        self._requests, self._compiled, self._parts = [], [], []

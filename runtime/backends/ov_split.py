@@ -25,6 +25,8 @@ def network_output(model):
     """The output port of the network inside ``model`` (the last ``/model/`` tensor), or ``None``."""
     last = None
     for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":  # weights and constants the optimizer may share with the update
+            continue
         for out in op.outputs():
             if _in_network(out):
                 last = out
@@ -70,7 +72,7 @@ def split(model, path):
         target.replace_source_output(param.output(0))
     results = update_copy.get_results()
     needed = ancestors([r.output(0) for r in results])
-    if any(_in_network(o) for node in needed.values() for o in node.outputs()):
+    if any(_in_network(o) for node in needed.values() if node.get_type_name() != "Constant" for o in node.outputs()):
         raise BdmError(f"{path}: the update reads the network at more than its output: cannot run the network "
                        "in reduced precision; use --precision fp32")
     update = ov.Model(results, _parameters(update_copy, needed) + [param], "bdm_update")

@@ -55,8 +55,8 @@ from .limits import MAX_STEPS
               help="OpenVINO's compiled-model cache folder (default: $BDM_OPENVINO_CACHE, else "
                    "~/.cache/bdm/openvino); 'none' disables it.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime CPU threads (default: one per core; at most 4 per core; 1 suits a busy, "
-                   "shared machine).")
+              help="ONNX Runtime / OpenVINO CPU threads (default: one per core; at most 4 per core; 1 suits a "
+                   "busy, shared machine).")
 @click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
               help="TensorRT: replay each step as a captured CUDA graph.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG here.")

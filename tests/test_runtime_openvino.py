@@ -86,12 +86,15 @@ def test_fp32_parity_conditional(cond_onnx, cache, eta, labels, guidance):
     assert np.abs(got - ref).max() < PARITY_TOL * (1 + 2 * guidance)
 
 
-def test_format1_graph_and_the_mixture(tiny_checkpoint, tmp_path, cache):
+def test_format1_fp16_and_closed_form_graphs(tiny_checkpoint, tmp_path, cache):
     old = _export(tiny_checkpoint, str(tmp_path / "v1.onnx"), format_version=1)
     got, ref = _both(old, cache, 3, steps=5, eta=1.0)
     assert np.abs(got - ref).max() < PARITY_TOL
     got, ref = _both(old, cache, 3, precision="auto", steps=5, eta=0.0)  # the split serves format 1 too
     assert np.isfinite(got).all()
+    half = _export(tiny_checkpoint, str(tmp_path / "fp16.onnx"), fp16=True)  # Casts around the network
+    with _ov(half, cache, precision="fp32") as s:
+        assert s._backend.compiled_models[0].inputs[0].get_names() >= {"z"} and np.isfinite(s.sample(2, steps=3)).all()
     mix = export_mixture(tmp_path, default_steps=6)[0]  # a closed-form denoiser: no convolutions
     got, ref = _both(mix, cache, 5, steps=6, eta=1.0)
     assert np.abs(got - ref).max() < PARITY_TOL

@@ -107,19 +107,21 @@ def compile_config(config, threads, cache_dir, precision, precise=False):
     return out
 
 
-def _supported(core, device):
-    """The device's ``SUPPORTED_PROPERTIES`` (names), empty if it cannot say."""
-    try:
-        return set(str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES"))
-    except Exception:
-        return set()
+_KNOWN = set(fmt.INPUTS_V1 + fmt.STATE_INPUTS + fmt.OPTIONAL_INPUTS + fmt.OUTPUTS_V1 + (fmt.U_X, ov_split.NET_OUT))
+
+
+def port_name(port):
+    """The bdm name of an input or output port (OpenVINO may merge a Cast's tensor name into a graph input's)."""
+    names = port.get_names()
+    known = sorted(n for n in names if n in _KNOWN)
+    return known[0] if known else port.get_any_name()
 
 
 def static(model, b, net_out=None):
     """A copy of ``model`` with batch ``b`` in every per-image input (``net_out``: ``NET_OUT``'s shape)."""
     shapes = {}
     for port in model.inputs:
-        name = port.get_any_name()
+        name = port_name(port)
         if name == ov_split.NET_OUT:
             shapes[name] = net_out
         elif name in fmt.PER_IMAGE:
@@ -168,7 +170,7 @@ class OpenVinoBackend:
             model = core.read_model(path)
         except Exception as e:
             raise BdmError(f"{path}: OpenVINO cannot read it: {str(e).splitlines()[0]}")
-        names = set(p.get_any_name() for p in model.inputs)
+        names = set(port_name(p) for p in model.inputs)
         missing = [n for n in fmt.inputs(info.format_version) if n not in names]
         if missing:
             raise BdmError(f"{path}: not a bdm step graph: inputs {missing} missing")
@@ -206,7 +208,7 @@ class OpenVinoBackend:
             for model, cfg in self._parts:
                 compiled.append(self._compile(self._core, static(model, b, net_out), self.ov_device, cfg, self._path))
                 net_out = compiled[-1].output(0).get_partial_shape()  # the update's NET_OUT input
-            feeds = [[p.get_any_name() for p in c.inputs if p.get_any_name() != ov_split.NET_OUT] for c in compiled]
+            feeds = [[port_name(p) for p in c.inputs if port_name(p) != ov_split.NET_OUT] for c in compiled]
             self._live[b] = (compiled, [c.create_infer_request() for c in compiled], feeds)
         self._compiled, self._requests, self._feeds = self._live[b]
 

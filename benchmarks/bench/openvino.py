@@ -201,7 +201,8 @@ def targets(result, net="cifar10-32x32", batch=16, step_ratio=3.0, run_ratio=1.4
     if mine.get("wall_s"):
         v = mine["x_ort_wall"]
         out.append({"target": f"bdm-run --backend openvino ({auto}) >= {run_ratio}x ONNX Runtime, shipped model's "
-                              f"whole default run ({result['shipped_run']['n']} images, wall)", "value": v, "threshold": run_ratio,
+                              f"whole default run ({result['shipped_run']['n']} images, wall)",
+                    "value": v, "threshold": run_ratio,
                     "met": v >= run_ratio})
         if run.get("pytorch-bf16", {}).get("sampling_s"):
             v = _pairwise(run["pytorch-bf16"]["sampling_s"], mine["sampling_s"])

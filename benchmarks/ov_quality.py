@@ -7,9 +7,8 @@ Models: the shipped one (``models/fmnist32``, at its own default sampler) and th
 blurring model (``runs/study/bdm10-spectral``, at its best 20-evaluation setting of
 ``benchmarks/results/study.json``: SDE-DPM-Solver++(2M), eta 1, logsnr grid, not clipped).
 Backends: ONNX Runtime FP32 (the reference), OpenVINO at every reduced precision the CPU
-really runs (and at fp32 with ``--with-fp32``) (``bdm_runtime.backends.openvino.native_precisions``; a
-type OpenVINO lists but
-computes in fp32 is recorded as refused). Each (model, backend) samples the same seeds, so the
+really runs (``bdm_runtime.backends.openvino.native_precisions``; a type OpenVINO lists but
+computes in fp32 is recorded as refused), and at fp32 with ``--with-fp32``. Each (model, backend) samples the same seeds, so the
 paired differences of FD are what the precision changes; the seed spread says how large the
 metric's own noise is. The speed columns come from a shared machine: see ``benchmarks.bench``.
 """

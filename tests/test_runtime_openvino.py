@@ -129,20 +129,21 @@ def test_fp32_runs_every_node_in_fp32(unet_onnx, cache):
     assert [r for r in rows if r[1] in REDUCED] == []
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_network_fp32_update_per_node(unet_onnx, cache, precision):
+@pytest.mark.parametrize("graph,precision", [("unet_onnx", "bf16"), ("cond_onnx", "bf16"), ("unet_onnx", "fp16")])
+def test_reduced_network_fp32_update_per_node(graph, precision, cache, request):
+    path = request.getfixturevalue(graph)  # the conditional graph: B12's guided combination is update
     native = native_precisions(ov.Core(), "CPU")
     if precision not in native:
         pytest.skip(f"this CPU has no {precision} units (OpenVINO CPU capabilities: {native})")
     try:
-        s = _ov(unet_onnx, cache, precision=precision)
+        s = _ov(path, cache, precision=precision)
     except BdmError as e:  # OpenVINO lists the type but its CPU plugin computes it in fp32 here
         assert "ran the network in fp32" in str(e)
         pytest.skip(f"{precision}: {e}")
     with s:
         network, update = s._backend.compiled_models
         assert s.precision == precision and f"network {precision}, update fp32" in s.provider
-        x = s.sample(2, seed=1, steps=3)
+        x = s.sample(2, seed=1, steps=3, **({"labels": [0, 2], "guidance": 1.5} if graph == "cond_onnx" else {}))
     assert np.isfinite(x).all()
     want = {"bf16": "bf16", "fp16": "f16"}[precision]
     convs = [p for layer, p in _precisions(network) if layer == "Convolution"]

@@ -22,8 +22,12 @@ DEFAULTS = dict(
     steps=10000, batch_size=64, lr=2e-4, warmup=500, grad_clip=1.0, weight_decay=0.0,
     ema_decay=0.9995, p_uncond=0.1, flip=False, seed=0,
     sample_every=0, sample_n=64, sample_steps=50, sample_eta=0.0, ckpt_every=1000, log_every=100,
-    device="auto", workers=0, threads=0,
+    device="auto", workers=0, threads=0, precision="auto",
 )
+# The network's arithmetic in training: float32, or bfloat16 autocast (the loss, the forward process B5,
+# the optimiser and the EMA weights stay float32). "auto": bf16 on CUDA and on CPUs with BF16 units
+# (AMX / AVX512-BF16), float32 elsewhere; a run stores the precision it resolved to, so --resume keeps it.
+PRECISIONS = ("auto", "fp32", "bf16")
 SEED_MAX = 2 ** 64 - 1  # torch.manual_seed takes 0 .. 2^64 - 1
 # Options that define the network or the data: a resumed run cannot change them.
 FIXED = ("image_size", "fit", "ch", "ch_mult", "num_res_blocks", "attn", "blur_sigma_max", "min_scale",
@@ -33,7 +37,7 @@ STATS_IMAGES = 10000
 # Options that change the trajectory: a resumed run may change them, but then it no longer equals
 # an uninterrupted run (we say so).
 TRAJECTORY = ("batch_size", "lr", "warmup", "grad_clip", "weight_decay", "ema_decay", "p_uncond", "flip",
-              "seed", "dropout")
+              "seed", "dropout", "precision")
 
 
 
@@ -106,6 +110,7 @@ def normalize(opts):
         (o["ckpt_every"] >= 0, "--ckpt-every must be >= 0 (0 = only at the end)"),
         (o["sample_every"] >= 0, "--sample-every must be >= 0 (0 = never)"),
         (valid_device(o["device"]), f"--device must be auto, cpu, cuda or cuda:N, got {o['device']!r}"),
+        (o["precision"] in PRECISIONS + ("legacy",), f"--precision must be one of {', '.join(PRECISIONS)}, got {o['precision']!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -121,7 +126,8 @@ def resolve_options(options, stored=None):
     given = {k: v for k, v in options.items() if v is not None}
     opts = dict(DEFAULTS)
     if stored is not None:
-        opts.update({"param": "eps"}, **stored)   # checkpoints from before B14 are eps models
+        # checkpoints from before B14 are eps models; from before --precision, bf16 on CUDA only
+        opts.update({"param": "eps", "precision": "legacy"}, **stored)
         old = normalize(opts)
         new = normalize(dict(opts, **given))
         for k in FIXED:
@@ -134,3 +140,17 @@ def resolve_options(options, stored=None):
                   f"uninterrupted one", file=sys.stderr)
     opts.update(given)
     return normalize(opts)
+
+
+def resolve_precision(precision, device):
+    """The precision a run on ``device`` trains in: ``fp32`` or ``bf16`` (see ``PRECISIONS``).
+
+    ``legacy`` (a checkpoint from before the option) does what those runs did: bf16 on CUDA, float32 on CPU.
+    """
+    from bdm_runtime.cpu import native_bf16
+
+    if precision in ("fp32", "bf16"):
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if precision == "auto" and native_bf16() else "fp32"

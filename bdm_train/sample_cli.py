@@ -8,10 +8,10 @@ temporary file. The outputs appear together at the end, or not at all (see ``bdm
 import click
 import numpy as np
 
-from bdm_runtime.errors import BdmError, run_cli
+from bdm_runtime.errors import BdmError, echo_result, run_cli
 from bdm_runtime.grids import GRIDS, SOLVERS
 from bdm_runtime.labels import normalize_labels, parse_labels
-from bdm_runtime.limits import DEFAULT_BATCH, MAX_STEPS
+from bdm_runtime.limits import DEFAULT_BATCH, MAX_STEPS, out_of_memory
 
 
 def _prepare(ckpt, n, steps, eta, labels, guidance, device, ema, clip_denoised, solver=None, grid=None):
@@ -68,14 +68,18 @@ def sample_checkpoint(ckpt, n=64, steps=None, eta=None, seed=0, first_index=0, l
     return np.concatenate(parts), labels
 
 
-def _check_sizes(model, process, n, batch, out, npz):
+def _check_sizes(model, process, n, batch, out, npz, guidance=0.0):
     """Refuse up front a grid that cannot fit in memory, or an ``.npz`` that cannot fit on its disk."""
     from bdm_runtime.images import grid_memory, npz_bytes
-    from bdm_runtime.limits import check_disk, check_memory
+    from bdm_runtime.limits import activation_bytes, check_disk, check_memory, check_sample_memory
 
     c, (h, w) = model.in_channels, tuple(process.image_size)
     scale = _grid_scale(h)
-    working = 8 * min(n, batch) * c * h * w * 4  # a chunk's latents, noise and network activations (lower bound)
+    widest = max((p.shape[0] for p in model.parameters() if p.ndim == 4), default=0)
+    chunk = min(n, batch)  # a chunk's latents, noise and network activations (measured: bdm_runtime.limits)
+    check_sample_memory(chunk, (c, h, w), chunk, True, activation_bytes(widest, (c, h, w), guidance > 0),
+                        f"lower --batch (now {batch})")
+    working = 8 * chunk * c * h * w * 4
     check_memory(grid_memory(n, h, w, c, scale) + working, f"--out {out}: a grid of {n} images",
                  "lower --n (use --first-index to draw the rest in further calls)")
     if npz:
@@ -121,11 +125,16 @@ def cli(ckpt, n, solver, grid, steps, eta, seed, first_index, label, guidance, b
     labels = parse_labels(label)
     model, process, kw, labels, device = _prepare(ckpt, n, steps, eta, labels, guidance, device, not raw, clip,
                                                   solver, grid)
-    shape = _check_sizes(model, process, n, batch, out, npz)
+    shape = _check_sizes(model, process, n, batch, out, npz, guidance)
     chunks = _chunks(model, process, n, batch, labels, first_index, seed=seed, guidance=guidance, device=device,
                      **kw)
-    _write(chunks, n, shape, labels, first_index, out, npz, ckpt, quiet)
-    click.echo(out)
+    try:
+        _write(chunks, n, shape, labels, first_index, out, npz, ckpt, quiet)
+    except (RuntimeError, MemoryError) as e:  # torch's or numpy's allocation failure; else a bug: its traceback
+        if not out_of_memory(e):
+            raise
+        raise BdmError(f"{ckpt}: out of memory in a batch of {min(n, batch)} images: lower --batch") from None
+    echo_result(out, "bdm-sample")
 
 
 def _write(chunks, n, shape, labels, first_index, out, npz, source, quiet):

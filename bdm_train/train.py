@@ -25,7 +25,7 @@ from bdm_runtime.limits import MAX_STEPS
 
 from . import data as datalib
 from .batches import Dist, batch_indices, batch_noise, derived_seed
-from .options import DEFAULTS, SEED_MAX, resolve_options
+from .options import DEFAULTS, PRECISIONS, SEED_MAX, resolve_options, resolve_precision
 from .prepare import setup
 
 
@@ -86,6 +86,7 @@ def train(data, out, resume=False, progress=True, **options):
     if opts["threads"] > 0:  # on shared cores 1 thread can beat 2 (OpenMP threads stall each other)
         torch.set_num_threads(opts["threads"])
     dist = Dist(opts["device"])
+    opts["precision"] = resolve_precision(opts["precision"], dist.device)   # stored: --resume keeps it
     try:
         run = setup(data, out, path, opts, state, dist)
         if dist.main:
@@ -115,9 +116,10 @@ def train_step(run):
         y = torch.where(drop < opts["p_uncond"], torch.full_like(run.labels[idx], nc), run.labels[idx])  # B12
 
     def forward(z, t, y):
-        """The network in bf16 autocast on CUDA; the forward process (B5) stays float32 outside it."""
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return run.net(z, t, y)
+        """The network in bf16 autocast at ``--precision bf16``; the forward process (B5) and the loss stay
+        float32 outside it, and the weights, their gradients and the optimiser are float32 throughout."""
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=opts["precision"] == "bf16"):
+            return run.net(z, t, y).float()
 
     torch.manual_seed(derived_seed(opts["seed"], 2, step) + dist.rank)   # dropout masks
     loss = run.process.loss(forward, x, y, t=t, eps=eps, spec=run.model)  # B8 / B14, mean over this rank's slice
@@ -189,11 +191,8 @@ def log_losses(run, meter, bar):
 # -- checkpointing (model.pt is written by Run.save) --------------------------------------------
 def _previous(path, resume):
     """The checkpoint to continue (``resume``), else ``None``; refuses to replace a trained model silently."""
-    from bdm_runtime.io import remove_stale
-
     from . import checkpoint as ckpt
 
-    remove_stale(os.path.dirname(path))  # temporary files of a killed run: never read, removed here
     if not resume:
         if os.path.exists(path):
             raise BdmError(f"{path} already holds a model: continue it with --resume, or train into another --out "
@@ -268,6 +267,9 @@ UNIT = click.FloatRange(0, 1, max_open=True)
 @_opt("--device", help="auto, cpu, cuda or cuda:N.")
 @_opt("--workers", type=INT, help="Threads decoding an image folder.")
 @_opt("--threads", type=INT, help="torch CPU threads (0 = torch's default).")
+@_opt("--precision", type=click.Choice(PRECISIONS), help="The network's arithmetic: fp32, or bf16 autocast "
+      "(weights, loss and optimiser stay float32); auto = bf16 on CUDA and on CPUs with BF16 units (AMX, "
+      "AVX512-BF16), else fp32. Stored in the checkpoint; --resume keeps it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def cli(ctx, data, out, resume, quiet, **options):

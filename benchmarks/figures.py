@@ -1,4 +1,4 @@
-"""The README's pictures: the forward process (the paper's Figure 1) and quality vs sampler steps.
+"""The docs' pictures: the forward process (the paper's Figure 1) and quality vs sampler steps.
 
     python -m benchmarks.figures forward                              # docs/forward_process.png
     python -m benchmarks.figures study benchmarks/results/study.json  # docs/quality_vs_steps.png
@@ -189,7 +189,7 @@ def plot_study(study_json, out=STUDY_PNG):
 # -- CLI ----------------------------------------------------------------------------------------
 @click.group()
 def cli():
-    """Figures for the README."""
+    """Figures for the docs (docs/studies.md)."""
 
 
 @cli.command("forward")

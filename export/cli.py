@@ -147,7 +147,7 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
               help="Default eta stored in the graph, 0 deterministic .. 1 stochastic (default: the checkpoint's "
                    "for ddim and the checkpoint's solver, else 0).")
 @click.option("--clip/--no-clip", default=None, help="Clip x_hat to [-1, 1] at every step, stored in the graph "
-              "(default: the checkpoint's sampler config); --no-clip suits blurring models (see the README's study).")
+              "(default: the checkpoint's sampler config); --no-clip suits blurring models (see docs/studies.md).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
               help="Build a TensorRT engine from this step graph only (no torch needed); with --out.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Engine path for --onnx (X.plan; "

@@ -15,16 +15,34 @@ import time
 
 import click
 
-from .errors import BdmError, run_cli
+from .errors import BdmError, echo_result, run_cli
 from .grids import GRIDS, SOLVERS
 from .io import check_outputs
 from .labels import normalize_labels, parse_labels
 from .limits import MAX_STEPS
 
 
+# The options bdm-serve shares (bdm_runtime.serve.cli): defined once, so both take them alike.
+ENGINE_OPTION = click.option(
+    "--engine", "engine", required=True, type=click.Path(dir_okay=False),
+    help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
+BATCH_OPTION = click.option(
+    "--batch", type=click.IntRange(min=1), default=None,
+    help="Images per chunk (default: the engine's profile maximum, or 64 for ONNX Runtime).")
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+    help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="ONNX Runtime / OpenVINO CPU threads (default: one per core; at most 4 per core; 1 suits a busy, "
+         "shared machine).")
+CUDA_GRAPH_OPTION = click.option(
+    "--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+    help="TensorRT: replay each step as a captured CUDA graph.")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
-              help="Step graph .onnx (ONNX Runtime) or TensorRT engine .plan (with X.plan.json beside it).")
+@ENGINE_OPTION
 @click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of images.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the noise protocol.")
 @click.option("--first-index", type=click.IntRange(min=0), default=0, show_default=True,
@@ -42,8 +60,7 @@ from .limits import MAX_STEPS
               "(comma-separated). Default: the null label (unconditional).")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance weight w of B12 (needs a guided graph and --label).")
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per chunk (default: the engine's profile maximum, "
-              "or 64 for ONNX Runtime).")
+@BATCH_OPTION
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort", "openvino"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine; "
                    "openvino runs the .onnx with OpenVINO (--device, --precision).")
@@ -54,11 +71,8 @@ from .limits import MAX_STEPS
 @click.option("--ov-cache", type=click.Path(file_okay=False), default=None,
               help="OpenVINO's compiled-model cache folder (default: $BDM_OPENVINO_CACHE, else "
                    "~/.cache/bdm/openvino); 'none' disables it.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime / OpenVINO CPU threads (default: one per core; at most 4 per core; 1 suits a "
-                   "busy, shared machine).")
-@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
-              help="TensorRT: replay each step as a captured CUDA graph.")
+@THREADS_OPTION
+@CUDA_GRAPH_OPTION
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG here.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Write one PNG per image here.")
 @click.option("--npz", type=click.Path(dir_okay=False), default=None,
@@ -71,7 +85,7 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
     """Sample images from a bdm step graph or TensorRT engine."""
     import bdm_runtime
 
-    check_outputs(out, out_dir, npz)
+    check_outputs(out, out_dir, npz, range(first_index, first_index + n))
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
@@ -83,12 +97,13 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
         timer = [0.0]
         chunks = _sample_chunks(sampler, n, timer, quiet, seed=seed, steps=steps, eta=eta, labels=labels,
                                 guidance=guidance, first_index=first_index, solver=solver, grid=grid)
-        first = next(chunks)  # the first chunk has checked every argument: only now is anything created
-        written = _write(itertools.chain([first], chunks), sampler, n, labels, first_index, out, out_dir, npz,
-                         grid_scale, engine)
+        with contextlib.closing(chunks):  # on a failure, the progress bar is gone before the Error line
+            first = next(chunks)  # the first chunk has checked every argument: only now is anything created
+            written = _write(itertools.chain([first], chunks), sampler, n, labels, first_index, out, out_dir, npz,
+                             grid_scale, engine)
     seconds = timer[0]
-    click.echo(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
-               f"backend {used} -> {', '.join(written)}")
+    echo_result(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
+                f"backend {used} -> {', '.join(written)}", "bdm-run")
 
 
 def _openvino_options(backend, device, precision, ov_cache):
@@ -120,9 +135,12 @@ def _chunk_labels(labels, start, b):
 def _check_sizes(sampler, n, labels, out, npz, grid_scale):
     """Refuse up front what cannot fit: the grid (all images at once) in memory, the ``.npz`` on its disk."""
     from .images import grid_memory, npz_bytes
-    from .limits import check_disk, check_memory
+    from .limits import check_disk, check_memory, check_sample_memory
 
     c, h, w = sampler.image_shape
+    chunk = min(n, sampler.batch)
+    check_sample_memory(chunk, sampler.image_shape, chunk, True, sampler.activation_bytes,
+                        f"lower --batch (images per chunk; now {sampler.batch})")
     if out:
         check_memory(grid_memory(n, h, w, c, grid_scale), f"--out {out}: a grid of {n} images",
                      "lower --n, or write --out-dir/--npz, which stream")
@@ -165,12 +183,12 @@ def _write(chunks, sampler, n, labels, first_index, out, out_dir, npz, grid_scal
     import numpy as np
 
     from .images import NpzWriter, check_finite, save_dir, save_grid, to_uint8
-    from .io import Staging, writing
+    from .io import ImageNames, Staging, writing
 
     c, h, w = sampler.image_shape
     k = sampler.num_classes
     with Staging() as stage:
-        folder = stage.folder(out_dir) if out_dir else None
+        folder = stage.folder(out_dir, ImageNames(range(first_index, first_index + n))) if out_dir else None
         with writing(npz):
             npz_file = NpzWriter(stage.file(npz)) if npz else None
         grid = np.empty((n, h, w, c), dtype=np.uint8) if out else None

@@ -43,6 +43,31 @@ def describe_os_error(e):
     return str(e) or type(e).__name__
 
 
+def echo_result(line, prog_name):
+    """Print a command's closing summary on stdout, after its outputs are published.
+
+    The work is done and on disk, so a stdout that cannot take the line (a pipe whose reader has gone,
+    a full device) does not make the command fail: one line on stderr says so and the exit stays 0.
+    stdout then points at the null device, so the interpreter's last flush cannot fail either.
+    """
+    import contextlib
+    import os
+    import sys
+
+    import click
+
+    try:
+        click.echo(line)
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        with contextlib.suppress(OSError):
+            click.echo(f"{prog_name}: done (outputs written), but stdout did not take the summary: "
+                       f"{e.strerror or e}", err=True)
+
+
 def run_cli(command, args=None, prog_name=None):
     """Run a click command: user mistakes become one ``Error: ...`` line and a non-zero exit.
 

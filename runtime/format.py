@@ -18,6 +18,9 @@ Metadata lives in the ONNX file's ``metadata_props`` (JSON values), and for a Te
 ``X.plan`` in ``X.plan.json`` beside it, under the keys below.
 """
 import json
+import math
+
+from .errors import BdmError
 
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -94,3 +97,52 @@ def missing_keys(meta):
     """The required keys absent from ``meta`` (those of its format version)."""
     keys = REQUIRED_KEYS if meta.get(K_FORMAT_VERSION, FORMAT_VERSION) != 1 else REQUIRED_KEYS_V1
     return [k for k in keys if k not in meta]
+
+
+# bdm.process: BlurringDiffusion's constructor arguments, and the ranges a graph may claim (checked at
+# load, so a crafted file is one line, not an overflow or a solver that never ends).
+PROCESS_FLOATS = {  # name: (low, high, low inclusive)
+    "blur_sigma_max": (0.0, 1e3, True),      # B4; the paper's is 20
+    "min_scale": (0.0, 1.0, False),          # B4's d_min in (0, 1]
+    "logsnr_min": (-100.0, 100.0, True),     # B3's truncation; the paper's is [-10, 10]
+    "logsnr_max": (-100.0, 100.0, True),
+}
+MAX_IMAGE_SIDE = 4096   # pixels per side
+MAX_CHANNELS = 64
+
+
+def check_image_shape(shape, where):
+    """``[C, H, W]`` as a tuple, if ``C`` in ``1..MAX_CHANNELS`` and ``H``, ``W`` in ``1..MAX_IMAGE_SIDE``."""
+    ok = isinstance(shape, (list, tuple)) and len(shape) == 3 and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    if not ok or not (1 <= shape[0] <= MAX_CHANNELS and all(1 <= d <= MAX_IMAGE_SIDE for d in shape[1:])):
+        raise BdmError(f"{where}: bad {K_IMAGE_SHAPE} {shape!r} (want [C, H, W] with C in 1..{MAX_CHANNELS} "
+                       f"and H, W in 1..{MAX_IMAGE_SIDE}): the file was altered; export it again")
+    return tuple(shape)
+
+
+def check_process(process, where, image_shape=None, fix="the file was altered; export it again"):
+    """Refuse a ``bdm.process`` config that is not BlurringDiffusion's: a missing or non-finite field, a value
+    out of its range, ``logsnr_min >= logsnr_max``, or an ``image_size`` other than ``image_shape``'s H, W."""
+    def bad(why):
+        return BdmError(f"{where}: bad {K_PROCESS}: {why}: {fix}")
+
+    if not isinstance(process, dict):
+        raise bad(f"not an object ({type(process).__name__})")
+    missing = [k for k in ("image_size",) + tuple(PROCESS_FLOATS) if k not in process]
+    if missing:
+        raise bad(f"{', '.join(missing)} missing")
+    size = process["image_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_IMAGE_SIDE for d in size)):
+        raise bad(f"image_size {size!r} (want [H, W] in 1..{MAX_IMAGE_SIDE})")
+    if image_shape is not None and tuple(size) != tuple(image_shape[1:]):
+        raise bad(f"image_size {list(size)} but images are {image_shape[1]}x{image_shape[2]}")
+    for name, (low, high, closed) in PROCESS_FLOATS.items():
+        v = process[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (
+                (low <= v if closed else low < v) and v <= high):
+            raise bad(f"{name} {v!r} (want a number in {'[' if closed else '('}{low:g}, {high:g}])")
+    if not process["logsnr_min"] < process["logsnr_max"]:
+        raise bad(f"logsnr_min {process['logsnr_min']!r} is not below logsnr_max {process['logsnr_max']!r}")
+    return process

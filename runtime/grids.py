@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import BdmError
+from .limits import MAX_STEPS
 from .noise import check_positive_int, time_grid as uniform_grid
 
 # B10 (DDIM-eta), B11 (second order; eta 0) and B16 (B11 with eta > 0: SDE-DPM-Solver++(2M) at eta 1).
@@ -30,6 +31,7 @@ GRIDS = ("uniform", "power", "logsnr", "edm", "spectral")
 DEFAULT_RHO = {"power": 2.0, "edm": 7.0}
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0   # B13, before clamping to the trained range
 _TABLE = 4097                       # log-SNR points of the spectral grid's table of ell_k
+_BRACKET = 40                       # most widenings of the spectral solver's bracket (2% to 1e6x: ~12 suffice)
 
 
 class Schedule:
@@ -40,6 +42,9 @@ class Schedule:
     """
 
     def __init__(self, process):
+        from .format import check_process
+
+        check_process(process, "process config", fix="give BlurringDiffusion(...).config()")  # finite, in range
         try:
             h, w = (int(d) for d in process["image_size"])
             self.blur_sigma_max = float(process["blur_sigma_max"])
@@ -193,14 +198,22 @@ def _illinois(residual, guess, whole):
     a = b = guess
     fa = fb = ev(guess)
     widen = 1.02
-    while fa <= 0 < best[0][0]:
+    for _ in range(_BRACKET):
+        if not fa <= 0 < best[0][0]:
+            break
         a = a / widen
         fa = ev(a)
-        widen *= widen
-    while fb > 0:
+        widen = min(widen * widen, 1e6)
+    widen = 1.02
+    for _ in range(_BRACKET):
+        if not fb > 0:
+            break
         b = min(b * widen, whole)
         fb = ev(b)
-        widen *= widen
+        widen = min(widen * widen, 1e6)
+    if fb > 0 or fa <= 0 < best[0][0] or not (math.isfinite(fa) and math.isfinite(fb)):
+        raise BdmError(f"the spectral grid found no step size for this process ({len(best)} tries): "
+                       "use another grid (--grid edm, logsnr, power or uniform)")
     for _ in range(100):
         if fa == fb or abs(fb) <= 1e-12 * whole or abs(b - a) <= 1e-14 * whole:
             break
@@ -231,6 +244,12 @@ def resolve(steps, grid, process=None, default_steps=None):
     if grid is None or isinstance(grid, str):
         steps = default_steps if steps is None else steps
         return time_grid(steps, grid or "uniform", process)
+    try:
+        count = len(grid)
+    except TypeError:
+        raise BdmError(f"grid must be a name ({', '.join(GRIDS)}) or a sequence of times, got {type(grid).__name__}")
+    if count - 1 > MAX_STEPS:  # before converting it: the bound of every other way to ask for steps
+        raise BdmError(f"the explicit grid has {count - 1} steps, at most {MAX_STEPS} are allowed")
     times = check_times(grid)
     if steps is not None and check_positive_int(steps, "steps") != len(times) - 1:
         raise BdmError(f"steps={steps} but the explicit grid has {len(times) - 1} steps")

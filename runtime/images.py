@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 
 from .errors import BdmError
-from .io import atomic_path
+from .io import atomic_path, image_name
 
 
 def to_uint8(x):
@@ -79,7 +79,7 @@ def save_dir(images, folder, first_index=0):
     """Write each image as ``folder/NNNNNN.png`` (named by its index in the seed protocol)."""
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(images):
-        save_png(img, os.path.join(folder, f"{first_index + i:06d}.png"))
+        save_png(img, os.path.join(folder, image_name(first_index + i)))
 
 
 def save_npz(path, **arrays):

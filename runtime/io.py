@@ -1,27 +1,51 @@
 """Output files: atomic writes, a command's outputs published together or not at all, and the checks
 made before any work, so that a mistake costs no compute and writes nothing.
 
-Temporary names are hidden, carry the writer's process id (``.NAME.PID.XXXXXXXX.tmp.EXT``) and
-are removed when the writer fails or is interrupted (Ctrl-C, SIGTERM: see
-``bdm_runtime.errors.run_cli``). Those of a process that was killed outright (SIGKILL, power loss)
-are ignored by every reader and removed by the next writer to the same folder
-(:func:`remove_stale`).
+Temporary names are hidden and carry a random token (``.NAME.XXXXXXXX.tmp.EXT``, made with
+``O_EXCL``, so two writers never share one); ``NAME`` is shortened where needed so that a temporary
+name fits whenever the final name does (``NAME_MAX``). A writer removes its own temporaries when it
+fails or is interrupted (Ctrl-C, SIGTERM: see ``bdm_runtime.errors.run_cli``), and nothing else:
+a name cannot prove which process, container or host made it, so no writer ever deletes another
+one's files. A ``.*.tmp`` left by a process killed outright (SIGKILL, power loss) is never read;
+delete it by hand once no bdm command is writing to that folder (docs/runtime.md, "Reliability").
 """
 import contextlib
+import errno
 import os
-import re
 import shutil
 import signal
 import tempfile
 
 from .errors import BdmError
 
-# .NAME.PID.XXXXXXXX.tmp[.EXT]: mkstemp/mkdtemp fill XXXXXXXX from [a-z0-9_].
-_TEMP = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+_TOKEN = 8          # the random characters mkstemp/mkdtemp add (from [a-z0-9_])
+_MAX_EXT = 16       # longest extension kept on a temporary name (Pillow and numpy look at it)
+_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _prefix(base):
-    return f".{base}.{os.getpid()}."
+def name_max(folder):
+    """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing ancestor) takes."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (AttributeError, ValueError, OSError):
+        return 255
+
+
+def _affixes(folder, base, suffix):
+    """``(prefix, suffix)`` of a temporary name for ``base`` in ``folder``: ``.BASE.`` + token + ``suffix``,
+    with ``BASE`` cut (to whole UTF-8 characters) so the whole name fits ``NAME_MAX``; the token keeps it unique."""
+    room = name_max(folder) - len(os.fsencode(suffix)) - _TOKEN - 2
+    raw = os.fsencode(base)
+    short = base if len(raw) <= room else raw[:max(room, 1)].decode("utf-8", "ignore")  # whole characters only
+    return f".{short}.", suffix
+
+
+def _temp_suffix(base):
+    ext = os.path.splitext(base)[1]
+    return ".tmp" + (ext if len(os.fsencode(ext)) <= _MAX_EXT else "")
 
 
 def _mode(path, mode):
@@ -40,7 +64,8 @@ def temp_file(target):
     """A new empty hidden temporary file beside ``target`` (keeping its extension: Pillow and numpy look at it)."""
     folder = os.path.dirname(os.path.abspath(target))
     base = os.path.basename(target)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(base), suffix=".tmp" + os.path.splitext(base)[1], dir=folder)
+    prefix, suffix = _affixes(folder, base, _temp_suffix(base))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     os.close(fd)
     _mode(tmp, 0o666)
     return tmp
@@ -67,43 +92,8 @@ def writing(target):
     try:
         yield
     except OSError as e:
-        raise BdmError(f"cannot write {target}: {e.strerror or e} (is the disk full?)") from None
-
-
-def _alive(pid):
-    """Whether process ``pid`` exists (POSIX; elsewhere assume it does, and so never remove its files)."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
-def is_temp(name):
-    """Whether ``name`` is one of our temporary files or folders."""
-    return _TEMP.match(name) is not None
-
-
-def remove_stale(folder):
-    """Remove the temporary files and folders in ``folder`` left by processes that no longer run."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        m = _TEMP.match(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        hint = " (is the disk full?)" if e.errno in _SPACE else ""
+        raise BdmError(f"cannot write {target}: {e.strerror or e}{hint}") from None
 
 
 @contextlib.contextmanager
@@ -139,50 +129,65 @@ class Staging:
     block normally renames every one into place (a folder's files join ``target``; missing
     folders on the way appear in one rename); an exception (an error, Ctrl-C, SIGTERM) removes
     them all. Nothing is created until the first ``file``/``folder`` call, so a command that
-    validates its arguments first creates nothing when they are wrong.
+    validates its arguments first creates nothing when they are wrong. Before renaming anything
+    the commit checks that every staged file is still there (``folder(target, expect=names)``
+    names a folder's files): if another process removed one, nothing is published and the
+    command fails instead of reporting outputs it does not have.
     """
 
     def __init__(self):
         self._files = []    # (tmp, target)
-        self._folders = []  # (tmp, where the tmp folder goes, or None to merge into the target)
+        self._folders = []  # (tmp, where the tmp folder goes or None to merge, inner folder, target, expected names)
 
     def file(self, target):
         """A temporary file beside ``target`` (same extension) that becomes ``target``."""
         target = os.fspath(target)
-        remove_stale(os.path.dirname(os.path.abspath(target)))
         tmp = temp_file(target)
         self._files.append((tmp, target))
         return tmp
 
-    def folder(self, target):
-        """A temporary folder whose contents end up in folder ``target`` (created if missing)."""
+    def folder(self, target, expect=()):
+        """A temporary folder whose contents end up in folder ``target`` (created if missing); ``expect``:
+        the names of the files the caller will write there (re-iterable, with ``len``; checked at the commit)."""
         target = os.path.abspath(os.fspath(target))
         top = target
         while not os.path.isdir(os.path.dirname(top)):  # the first missing folder on the way
             top = os.path.dirname(top)
         if os.path.isdir(target):
-            remove_stale(target)
-            tmp = tempfile.mkdtemp(prefix=_prefix("staged"), suffix=".tmp", dir=target)
-            self._folders.append((tmp, None))
+            prefix, suffix = _affixes(target, "staged", ".tmp")
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target)
+            self._folders.append((tmp, None, tmp, target, expect))
             inner = tmp
         else:
             parent = os.path.dirname(top)
-            remove_stale(parent)
-            tmp = tempfile.mkdtemp(prefix=_prefix(os.path.basename(top)), suffix=".tmp", dir=parent)
-            self._folders.append((tmp, top))
+            prefix, suffix = _affixes(parent, os.path.basename(top), ".tmp")
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
             inner = os.path.join(tmp, os.path.relpath(target, top))
+            self._folders.append((tmp, top, inner, target, expect))
             os.makedirs(inner, exist_ok=True)
         _mode(tmp, 0o777)
         return inner
 
+    def _check_complete(self):
+        """``BdmError`` if a staged file vanished (another process removed it): then nothing is published."""
+        gone = [target for tmp, target in self._files if not os.path.isfile(tmp)]
+        for _, _, inner, target, expect in self._folders:
+            lost = [name for name in expect if not os.path.isfile(os.path.join(inner, name))]
+            if lost:
+                gone.append(f"{target} ({len(lost)} of {len(expect)} files, e.g. {lost[0]})")
+        if gone:
+            raise BdmError(f"staged outputs vanished before publishing: {', '.join(gone)}; another process removed "
+                           "them (a cleaner of hidden .*.tmp files?): nothing was published, run the command again")
+
     def commit(self):
-        """Rename every output into place (signals held meanwhile)."""
+        """Rename every output into place (signals held meanwhile), after checking every one is complete."""
+        self._check_complete()
         for tmp, _ in self._files:
             _fsync(tmp)
         with _signals_deferred():
             for tmp, target in self._files:
                 os.replace(tmp, target)
-            for tmp, top in self._folders:
+            for tmp, top, _, _, _ in self._folders:
                 if top is None:
                     _merge(tmp, os.path.dirname(tmp))
                     continue
@@ -193,12 +198,12 @@ class Staging:
         self._files, self._folders = [], []
 
     def discard(self):
-        """Remove every temporary output."""
+        """Remove every temporary output (this command's own: nothing else is ever removed)."""
         for tmp, _ in self._files:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-        for tmp, _ in self._folders:
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in self._folders:
+            shutil.rmtree(folder[0], ignore_errors=True)
         self._files, self._folders = [], []
 
     def __enter__(self):
@@ -240,14 +245,83 @@ def check_writable_dir(flag, path):
         raise BdmError(f"{flag} {path}: folder {probe} is not writable")
 
 
-def check_outputs(out, out_dir, npz):
-    """Refuse unwritable destinations before sampling (so a mistake costs no compute and writes nothing).
+def check_name(flag, path):
+    """``BdmError`` (naming ``flag``) if a component of ``path`` is longer than its file system takes
+    (``NAME_MAX`` bytes), or the whole path longer than ``PATH_MAX``: refused before any work."""
+    full = os.path.abspath(path)
+    limit = name_max(os.path.dirname(full))
+    for part in full.split(os.sep):
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise BdmError(f"{flag} {path}: the name {part[:40]}... is {size} bytes, this file system takes at most "
+                           f"{limit}: choose a shorter name")
+    try:
+        path_max = int(os.pathconf(os.path.dirname(full) if os.path.isdir(os.path.dirname(full)) else "/",
+                                   "PC_PATH_MAX"))
+    except (AttributeError, ValueError, OSError):
+        path_max = 4096
+    if len(os.fsencode(full)) >= path_max:
+        raise BdmError(f"{flag} {path}: the path is {len(os.fsencode(full))} bytes, at most {path_max - 1} here: "
+                       "choose a shorter one")
 
-    ``out`` a grid ``*.png``, ``out_dir`` a folder for one PNG per image, ``npz`` a ``*.npz`` (each
-    may be ``None``, not all); the checks of ``bdm-run`` and ``bdm-sample``.
+
+def image_name(index):
+    """The file name of image ``index`` in an ``--out-dir`` folder."""
+    return f"{index:06d}.png"
+
+
+class ImageNames:
+    """The file names of images ``indices`` (a ``range``) in an ``--out-dir`` folder, made as they are read."""
+
+    def __init__(self, indices):
+        self.indices = indices
+
+    def __iter__(self):
+        return map(image_name, self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _same(a, b):
+    """Whether paths ``a`` and ``b`` name the same file (symlinks and ``..`` resolved)."""
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def check_collisions(out, out_dir, npz, images=range(0)):
+    """Refuse outputs that would overwrite one another: ``--out``/``--npz`` the same file, or one of the
+    images ``images`` (indices) that ``--out-dir`` receives, or the ``--out-dir`` folder itself."""
+    named = [(flag, p) for flag, p in (("--out", out), ("--npz", npz)) if p]
+    if len(named) == 2 and _same(out, npz):
+        raise BdmError(f"--out {out} and --npz {npz} are the same file: give two names")
+    if not out_dir:
+        return
+    for flag, p in named:
+        if _same(p, out_dir):
+            raise BdmError(f"{flag} {p} is the --out-dir folder {out_dir}: give another name")
+        if not _same(os.path.dirname(os.path.abspath(p)), out_dir):
+            continue
+        name = os.path.basename(p)
+        stem = os.path.splitext(name)[0]
+        if name.lower().endswith(".png") and stem.isdigit() and len(stem) >= 6 and int(stem) in images:
+            raise BdmError(f"{flag} {p} is also image {int(stem)} of --out-dir {out_dir}: the image would replace "
+                           "it; write it elsewhere or name it otherwise (e.g. grid.png)")
+
+
+def check_outputs(out, out_dir, npz, images=range(0)):
+    """Refuse unwritable, too long or colliding destinations before sampling (so a mistake costs no compute
+    and writes nothing).
+
+    ``out`` a grid ``*.png``, ``out_dir`` a folder for one PNG per image (of indices ``images``),
+    ``npz`` a ``*.npz`` (each may be ``None``, not all); the checks of ``bdm-run`` and ``bdm-sample``.
     """
     if not (out or out_dir or npz):
         raise BdmError("nothing to write: give --out GRID.png, --out-dir DIR and/or --npz FILE.npz")
+    for flag, path in (("--out", out), ("--npz", npz), ("--out-dir", out_dir)):
+        if path:
+            check_name(flag, path)
+    if out_dir and len(images):
+        check_name("--out-dir", os.path.join(out_dir, image_name(images[-1])))
     for flag, path in (("--out", out), ("--npz", npz)):
         if path is None:
             continue
@@ -264,3 +338,4 @@ def check_outputs(out, out_dir, npz):
         raise BdmError(f"--npz {npz}: name it *.npz")
     if out_dir:
         check_writable_dir("--out-dir", out_dir)
+    check_collisions(out, out_dir, npz, images)

@@ -17,9 +17,22 @@ MAX_STEPS = 1000000
 # memory stays bounded whatever --n is (measured: bdm-sample at n = 2000 took 2.25 GB with one
 # chunk, 358 MB in chunks of 64).
 DEFAULT_BATCH = 64
-# Float32 images of a chunk alive at once while sampling: the latent, the noise draw, the backend's
-# two latent buffers, its noise and x0 buffers (a lower bound: the network's activations come on top).
-CHUNK_COPIES = 6
+# Float32 image-sized arrays per image of a chunk alive at once while sampling: the latent, the noise
+# draw, the backend's buffers (two latents, two u_x states, noise, x0) and the step graph's own
+# intermediates of the DCT-domain update. Measured: the mixture step graph (tests/helpers.py, no
+# convolutions, format 2) peaks at 11.6 KB more per 8x8x1 image (peak RSS slope from batch 1,000 to
+# 100,000, ONNX Runtime CPU, Intel Xeon with AMX): 45 copies. The network's activations come on top (below).
+CHUNK_COPIES = 48
+# The network's activations per image: ACTIVATION_FACTOR x its widest layer's channels (the most output
+# channels of a convolution weight) x H x W float32 values. Measured as the slope of peak RSS between
+# batch 64 and 256 (2 steps, 1 thread, Intel Xeon with AMX/AVX512-BF16/FP16/VNNI; probe: load, sample,
+# ru_maxrss), as a factor of widest x H x W x 4 bytes:
+#   ONNX Runtime CPU  tiny 16x16 ch 16 (widest 96)   0.49 MB/image  5.0
+#                     tiny 32x32 ch 32 (widest 192)  3.89 MB/image  4.9
+#                     shipped fmnist32 (widest 96)   2.01 MB/image  5.1
+#   torch (bdm-sample) the same three models         0.58, 1.77, 0.95 MB/image: 5.9, 2.3, 2.4
+# 7 covers every measurement with 18% to spare; a guided graph runs each image twice (B12).
+ACTIVATION_FACTOR = 7
 # CPU threads per core: more only adds contention (bdm-run --threads 100000 hung for minutes).
 THREADS_PER_CORE = 4
 
@@ -69,7 +82,8 @@ def check_threads(threads, name="threads", allow_zero=False):
 
 
 def memory_bytes():
-    """This machine's memory in bytes (or its cgroup limit when lower); ``None`` where unknown."""
+    """This machine's memory in bytes (or its cgroup limit, or this process's address-space limit, when lower);
+    ``None`` where unknown."""
     total = None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -81,6 +95,14 @@ def memory_bytes():
         if limit.isdigit():
             total = int(limit) if total is None else min(total, int(limit))
     except OSError:
+        pass
+    try:  # an address-space limit (ulimit -v) bounds what this process can allocate too
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            total = soft if total is None else min(total, soft)
+    except (ImportError, AttributeError, ValueError, OSError):
         pass
     return total
 
@@ -102,12 +124,33 @@ def check_disk(path, need, what):
         raise BdmError(f"{what} {path} needs {gib(need)} of disk, {folder} has {gib(free)} free")
 
 
-def check_sample_memory(n, image_shape, chunk, output=True):
+def activation_bytes(widest, image_shape, guided=False):
+    """The network's activation memory per image (see ``ACTIVATION_FACTOR``) for a widest layer of ``widest``
+    channels on ``image_shape`` ``(C, H, W)`` images; 0 where ``widest`` is unknown (0)."""
+    _, h, w = (int(d) for d in image_shape)
+    return ACTIVATION_FACTOR * int(widest) * h * w * 4 * (2 if guided else 1)
+
+
+def check_sample_memory(n, image_shape, chunk, output=True, activations=0, fix=None):
     """Refuse sampling ``n`` images of ``image_shape`` in chunks of ``chunk`` when this machine's memory cannot
-    hold the working set of a chunk plus (``output``) the whole float32 result."""
+    hold the working set of a chunk (its images and ``activations`` bytes per image of network activations)
+    plus (``output``) the whole float32 result. ``fix``: what to change, in the caller's terms."""
     per_image = 4
     for d in image_shape:
         per_image *= int(d)
-    need = CHUNK_COPIES * chunk * per_image + (n * per_image if output else 0)
-    check_memory(need, f"sampling {n} images of {'x'.join(map(str, image_shape))} in chunks of {chunk}",
-                 "sample fewer at a time (first_index continues the sequence), or pass out= or a smaller batch")
+    need = (CHUNK_COPIES * per_image + int(activations)) * chunk + (n * per_image if output else 0)
+    fix = fix or ("sample fewer at a time (first_index continues the sequence), give an out= array, "
+                  "or load with a smaller batch=")
+    what = f"sampling {n} images of {'x'.join(map(str, image_shape))} in chunks of {chunk}"
+    if activations:
+        what += f" (network activations {gib(int(activations) * chunk)})"
+    check_memory(need, what, fix)
+
+
+def out_of_memory(error):
+    """Whether ``error`` (from a backend or torch) says an allocation failed: the user asked for too much."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return any(w in text for w in ("out of memory", "bad_alloc", "failed to allocate", "can't allocate",
+                                   "cannot allocate", "allocation fail"))

@@ -33,6 +33,21 @@ class NoiseStream:
         self.shape = tuple(int(d) for d in shape)
         self.generators = [np.random.default_rng([int(seed), int(first_index) + i]) for i in range(n)]
 
+    @classmethod
+    def of_images(cls, seeds, indices, shape):
+        """Generators for images ``(seeds[k], indices[k])``: any mix of seeds and indices in one chunk.
+
+        Each image still has its own ``default_rng([S, i])``, so it comes out exactly as in a call
+        with seed ``S`` that covers index ``i`` (what lets a server merge requests into one batch).
+        """
+        if len(seeds) != len(indices) or not len(seeds):
+            raise BdmError(f"need as many seeds as indices (at least one), got {len(seeds)} and {len(indices)}")
+        stream = cls(0, 0, 0, shape)
+        for seed, index in zip(seeds, indices):
+            check_seed(seed, index)
+        stream.generators = [np.random.default_rng([int(s), int(i)]) for s, i in zip(seeds, indices)]
+        return stream
+
     def draw(self, out=None):
         """The next draw of every image, stacked: float32 ``[n, *shape]`` (written into ``out`` if given)."""
         if out is None:

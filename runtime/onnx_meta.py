@@ -9,6 +9,7 @@ nor ONNX Runtime, yet must read the metadata to build and label an engine.
 """
 import mmap
 import os
+import stat
 
 from .errors import BdmError
 
@@ -16,7 +17,8 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 # ModelProto, GraphProto, ValueInfoProto and StringStringEntryProto field numbers (onnx.proto3).
 _MODEL_IR_VERSION, _MODEL_GRAPH, _MODEL_METADATA = 1, 7, 14
-_GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 11, 12, 13
+_GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 5, 11, 12, 13
+_TENSOR_DIMS = 1  # TensorProto.dims (repeated int64: packed or not)
 _VALUE_INFO_NAME, _VALUE_INFO_TYPE = 1, 2
 _TYPE_TENSOR, _TENSOR_ELEM_TYPE, _TENSOR_SHAPE = 1, 1, 2  # TypeProto.tensor_type, Tensor.elem_type/.shape
 _SHAPE_DIM, _DIM_VALUE = 1, 1  # TensorShapeProto.dim, Dimension.dim_value (dim_param = 2: symbolic)
@@ -137,6 +139,27 @@ def _value_shapes(buf, span, field):
     return shapes
 
 
+def _widest(buf, graph):
+    """The most output channels of a convolution weight (a 4-D initializer ``[out, in, kh, kw]``), or 0: the
+    network's widest feature map per pixel, which sets its activation memory (``bdm_runtime.limits``)."""
+    widest = 0
+    for init in _sub(buf, graph, _GRAPH_INITIALIZER):
+        dims = []
+        for n, w, v in _fields(buf, init[0], init[1]):
+            if n != _TENSOR_DIMS:
+                continue
+            if w == _VARINT:
+                dims.append(v)
+            elif w == _LEN:  # packed
+                pos = v[0]
+                while pos < v[1]:
+                    d, pos = _varint(buf, pos, v[1])
+                    dims.append(d)
+        if len(dims) == 4:
+            widest = max(widest, dims[0])
+    return widest
+
+
 def value_types(path):
     """``{tensor name: ONNX elem type}`` of the graph's inputs, outputs and ``value_info``."""
     path = os.fspath(path)
@@ -159,8 +182,9 @@ class OnnxInfo:
     """What the runtime needs from an ``.onnx``: ``metadata`` (raw strings), ``inputs``, ``outputs`` and
     ``shapes`` (``{input or output name: declared shape}``, see :func:`_shape`)."""
 
-    def __init__(self, ir_version, metadata, inputs, outputs, shapes=None):
+    def __init__(self, ir_version, metadata, inputs, outputs, shapes=None, widest=0):
         self.ir_version = ir_version
+        self.widest = widest  # see _widest
         self.metadata = metadata
         self.inputs = inputs
         self.outputs = outputs
@@ -185,21 +209,41 @@ def parse(buf):
         outputs = _value_names(buf, graph, _GRAPH_OUTPUT)
         shapes = _value_shapes(buf, graph, _GRAPH_INPUT)
         shapes.update(_value_shapes(buf, graph, _GRAPH_OUTPUT))
+        widest = _widest(buf, graph)
     except (_Malformed, UnicodeDecodeError) as e:
         raise ValueError(f"not an ONNX model ({e})")
-    return OnnxInfo(ir_version, metadata, inputs, outputs, shapes)
+    return OnnxInfo(ir_version, metadata, inputs, outputs, shapes, widest)
+
+
+def check_regular(path):
+    """``BdmError`` unless ``path`` is a regular file (after symlinks): a FIFO would block ``open`` forever,
+    a device or socket is no model."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BdmError(f"{path}: no such file")
+    except PermissionError:
+        raise BdmError(f"{path}: permission denied")
+    if stat.S_ISDIR(mode):
+        raise BdmError(f"{path}: is a directory, not a model file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise BdmError(f"{path}: {kind}, not a model file: give the .onnx or .plan file itself")
 
 
 def read(path):
     """Read ``path``'s metadata and input/output names; ``BdmError`` naming the file if it is not ONNX."""
     path = os.fspath(path)
     try:
+        check_regular(path)
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise BdmError(f"{path}: empty file, not an ONNX model")
             # mmap (indexed directly: no buffer exports to outlive it): the weights are never read.
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 return parse(mm)
+    except BdmError:  # already names the file
+        raise
     except FileNotFoundError:
         raise BdmError(f"{path}: no such file")
     except IsADirectoryError:

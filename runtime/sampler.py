@@ -15,9 +15,10 @@ from .errors import BdmError
 from .grids import SOLVERS, previous_times, resolve, solver_eta
 from .step_info import StepInfo, engine_info, onnx_info, read_side_file, side_file  # noqa: F401 (public here too)
 from .labels import normalize_labels
-from .limits import DEFAULT_BATCH, check_sample_memory, check_steps, check_threads
+from .limits import DEFAULT_BATCH, activation_bytes, check_sample_memory, check_steps, check_threads
 from .loop import Plan, run_chunk
 from .noise import NoiseStream, check_positive_int, check_seed
+from .onnx_meta import check_regular
 
 BACKENDS = ("auto", "ort", "trt", "openvino")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -60,10 +61,7 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
     path = os.fspath(path)
     if backend not in BACKENDS:
         raise BdmError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if not os.path.exists(path):
-        raise BdmError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise BdmError(f"{path}: is a directory, not a model file")
+    check_regular(path)  # a FIFO would block the first read forever
     if threads is not None:
         threads = check_threads(threads)
     if batch is not None:
@@ -170,6 +168,14 @@ class Sampler:
     def precision(self):
         """The type the network runs in: OpenVINO's as its runtime model reports it, else the graph's own."""
         return getattr(self._require(), "network_precision", None) or self.info.precision
+
+    @property
+    def activation_bytes(self):
+        """Host memory of the network's activations per image (``bdm_runtime.limits``): 0 where the
+        network runs on a GPU or the graph's layers are unknown (a TensorRT engine)."""
+        if self._require().device != "cpu":
+            return 0
+        return activation_bytes(self.info.widest, self.image_shape, self.info.guided)
 
     @property
     def session_options(self):
@@ -283,7 +289,7 @@ class Sampler:
         uploads and noise draws; asynchronous backends are synchronised around each timed step).
         """
         n = check_positive_int(n, "n", BdmError)
-        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None)
+        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None, self.activation_bytes)
         plan = self.plan(steps, eta, solver, grid)
         try:
             check_seed(seed, first_index)
@@ -292,6 +298,34 @@ class Sampler:
         all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
         w = self._guidance(guidance, labels)
         host, device = self._destination(out, n)
+        streams = lambda start, b: NoiseStream(seed, first_index + start, b, self.image_shape)  # noqa: E731
+        self._run(n, streams, plan, all_labels, w, host, device, progress, timing)
+        return host if device is None else out
+
+    def sample_images(self, seeds, indices, steps=None, eta=None, labels=None, guidance=None, solver=None,
+                      grid=None, out=None):
+        """Draw image ``indices[k]`` of seed ``seeds[k]`` for every ``k``, in chunks: float32 ``[n, C, H, W]``.
+
+        Image ``k`` equals image ``indices[k]`` of :meth:`sample` with seed ``seeds[k]`` (the noise
+        protocol draws every image from its own ``(seed, index)``), so images of different requests
+        run as one chunk through the step graph: what ``bdm-serve`` does with a batch Triton merged.
+        The other arguments are those of :meth:`sample`, shared by all images (labels: one per image).
+        """
+        seeds, indices = np.asarray(seeds).reshape(-1), np.asarray(indices).reshape(-1)
+        n = check_positive_int(len(seeds), "number of images", BdmError)
+        check_sample_memory(n, self.image_shape, min(n, self.batch), out is None)
+        plan = self.plan(steps, eta, solver, grid)
+        all_labels = normalize_labels(labels, n, self.info.num_classes, BdmError)
+        w = self._guidance(guidance, labels)
+        host, device = self._destination(out, n)
+        streams = lambda start, b: NoiseStream.of_images(  # noqa: E731
+            seeds[start:start + b].tolist(), indices[start:start + b].tolist(), self.image_shape)
+        streams(0, n)  # checks every seed and index before any step runs
+        self._run(n, streams, plan, all_labels, w, host, device, False, None)
+        return host if device is None else out
+
+    def _run(self, n, streams, plan, all_labels, w, host, device, progress, timing):
+        """The chunks of a call: ``streams(start, b)`` gives the noise of images ``start .. start + b - 1``."""
         with self._lock:
             backend = self._require()
             chunk = self.batch
@@ -300,15 +334,17 @@ class Sampler:
             try:
                 for start in range(0, n, chunk):
                     b = min(chunk, n - start)
-                    stream = NoiseStream(seed, first_index + start, b, self.image_shape)
+                    stream = streams(start, b)
                     z = stream.draw()                                 # the initial latent z_1
                     noise = _drawer(stream) if plan.eta > 0 else None  # then one draw per step (xi)
                     lab = None if all_labels is None else all_labels[start:start + b]
                     dest = host[start:start + b] if device is None else device.rows(start, b)
                     run_chunk(backend, z, plan, noise, lab, w, dest, tick, timing)
+            except MemoryError:  # a buffer the up-front estimate allowed, refused by the machine now
+                raise BdmError(f"{self.info.path}: out of memory in a chunk of {chunk} images: "
+                               "lower the batch (--batch, or batch= of load)") from None
             finally:
                 finish()
-        return host if device is None else out
 
     def generate(self, n, seed=0, steps=None, eta=None, labels=None, guidance=None, first_index=0,
                  out=None, progress=False, solver=None, grid=None, timing=None):

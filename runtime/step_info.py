@@ -35,6 +35,8 @@ class StepInfo:
         self.precision = meta[fmt.K_PRECISION]
         self.version = meta[fmt.K_VERSION]
         self.inputs = inputs
+        self.widest = 0  # the widest convolution's channels where the graph is at hand (onnx_info), else 0
+        self.symbolic = False  # whether the graph leaves its image dimensions symbolic (onnx_info)
 
     @classmethod
     def from_meta(cls, path, meta, inputs=None, outputs=None, shapes=None):
@@ -74,6 +76,8 @@ class StepInfo:
             raise BdmError(f"{path}: graph outputs {sorted(outputs)}, format {version} has "
                            f"{sorted(fmt.outputs(version))}")
         _check_image_shapes(path, shape, shapes or {})
+        fmt.check_image_shape(shape, path)  # after the graph's own shapes: those say more
+        fmt.check_process(meta[fmt.K_PROCESS], path, shape)
         return cls(path, meta, inputs)
 
 
@@ -117,7 +121,11 @@ def onnx_info(path):
     from . import onnx_meta
 
     info = onnx_meta.read(path)
-    return StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs, info.shapes)
+    step = StepInfo.from_meta(path, _decode(path, info.metadata), info.inputs, info.outputs, info.shapes)
+    step.widest = info.widest
+    z = info.shapes.get(fmt.Z)
+    step.symbolic = z is None or any(d is None for d in z[1:])  # then only a step can tell a wrong shape
+    return step
 
 
 def side_file(plan_path):
@@ -127,7 +135,11 @@ def side_file(plan_path):
 
 def read_side_file(plan_path):
     """Decoded ``bdm.*`` metadata of a TensorRT engine, from ``X.plan.json`` beside it."""
+    from .onnx_meta import check_regular
+
     path = side_file(plan_path)
+    if os.path.lexists(path):
+        check_regular(path)  # a FIFO would block the read forever
     try:
         with open(path, "r", encoding="utf-8") as f:
             raw = json.load(f)

@@ -233,7 +233,7 @@ def _io(path):
 
 
 def test_interface(uncond, cond, tmp_path):
-    """Names, dtypes and shapes of the README's table: format 2 (written now) and format 1 (on request)."""
+    """Names, dtypes and shapes of docs/export.md's table: format 2 (written now) and format 1 (on request)."""
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     img = ["batch", 1, 16, 16]
     base = [(fmt.Z, f32, img), (fmt.T, f32, ["batch"]), (fmt.S, f32, ["batch"]), (fmt.ETA, f32, [1]),

@@ -1,11 +1,11 @@
 """The layers, enforced (an import-linter contract written as a test, no extra dependency).
 
 Every ``import`` in the repository is read with ``ast`` (module level and inside functions alike:
-a lazy import is still a dependency) and checked against the layering the README describes:
+a lazy import is still a dependency) and checked against the layering docs/layout.md describes:
 
 - ``bdm_runtime`` (folder ``runtime/``) is the base: the standard library, numpy, click, Pillow,
   tqdm and the inference libraries it drives; never torch, onnx, training, export or benchmarks;
-- ``bdm_train`` uses only the runtime's torch-free core (noise protocol, errors, files, labels, images);
+- ``bdm_train`` uses only the runtime's torch-free core (noise protocol, errors, files, labels, images, cpu);
 - ``bdm_export`` (folder ``export/``) builds on training and the runtime;
 - nothing but tests and benchmarks themselves imports ``benchmarks``, and benchmarks import no
   private (``_name``) object or module of the packages;
@@ -27,11 +27,12 @@ OURS = ("bdm_runtime", "bdm_export", "bdm_train", "benchmarks")
 
 # What the runtime may import besides the standard library: its install_requires and the
 # inference libraries of the [ort], [trt] and [openvino] extras (setup.cfg).
-RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy", "openvino"}
+RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy", "openvino",
+                       "pytriton", "triton_python_backend_utils"}  # the last two: bdm-serve ([serve])
 # The runtime's torch-free core, all that training may use of it.
 RUNTIME_CORE = {"bdm_runtime", "bdm_runtime.errors", "bdm_runtime.io", "bdm_runtime.labels",
                 "bdm_runtime.noise", "bdm_runtime.images", "bdm_runtime.format",
-                "bdm_runtime.grids", "bdm_runtime.limits"}
+                "bdm_runtime.grids", "bdm_runtime.limits", "bdm_runtime.cpu"}
 
 
 def module_name(rel):

@@ -146,3 +146,33 @@ def test_plot_shows_each_models_best_per_cost(tmp_path):
                                   reference={"fd_train_1000": 1.2}), str(tmp_path / "q.png"))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _row(model, blur, ch, steps, mean_fd):
+    return dict(model=model, blur_sigma_max=blur, ch=ch, steps=steps, mean_fd=mean_fd)
+
+
+def test_scale_gaps_compare_equal_capacity_and_budget():
+    """Issue 19's question: the best blurring model over the best DDPM at the same (ch, steps), and 1.5x."""
+    from benchmarks.study.scale_report import gaps
+
+    rows = [_row("ddpm", 0, 16, 6000, 6.0), _row("bdm10-spectral", 10, 16, 6000, 13.5),
+            _row("bdm3-spectral", 3, 16, 6000, 8.5), _row("ddpm", 0, 16, 12000, 5.0),
+            _row("bdm10-spectral", 10, 16, 12000, 10.0), _row("ddpm-ch32", 0, 32, 6000, 4.0)]
+    out = {(g["ch"], g["steps"]): g for g in gaps(rows)}
+    assert set(out) == {(16, 6000), (16, 12000)}            # ch 32 has no blurring row yet: no comparison
+    assert out[16, 6000]["blur"] == "bdm3-spectral" and out[16, 6000]["ratio"] == round(8.5 / 6.0, 2)
+    assert out[16, 6000]["within"] and not out[16, 12000]["within"]     # 1.42 <= 1.5 < 2.0
+
+
+def test_scale_settings_follow_the_second_study():
+    """Each parameterisation is measured at its best settings per cost, with the clip that suits it."""
+    from benchmarks.study.scale import LINES, settings
+
+    for param, clip in (("eps", True), ("spectral", False)):
+        ss = settings(param)
+        assert [(s.solver, s.eta, s.steps) for s in ss] == [("dpmpp2m", 1.0, 20), ("dpmpp2m", 1.0, 50),
+                                                            ("ddim", 1.0, 100)]
+        assert all(s.clip is clip for s in ss)
+    assert {LINES[m]["ch"] for m in LINES} == {16, 32}
+    assert sorted({LINES[m]["blur_sigma_max"] for m in LINES}) == [0.0, 3.0, 5.0, 10.0, 20.0]

@@ -52,9 +52,10 @@ def _models(only):
 @click.option("--allow-partial", is_flag=True, help="Export/sample/evaluate checkpoints short of --steps.")
 @click.option("--nfes", default=",".join(map(str, NFES)), show_default=True,
               help="Network evaluations of the solver x grid sweep (e.g. 10,20 to answer those first).")
+@click.option("--keep", default="", help="Training steps whose checkpoints are kept as model_stepN.pt, e.g. 6000,12000.")
 @click.option("--smoke", is_flag=True, help="Tiny network, 4 steps, 16 samples, under /tmp: checks the wiring.")
 def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_blocks, attn, batch_size, lr, runs,
-            results, device, backend, threads, allow_partial, nfes, smoke):
+            results, device, backend, threads, allow_partial, nfes, keep, smoke):
     """Run (or resume) the study's stages in order."""
     import torch
 
@@ -87,7 +88,7 @@ def run_cmd(stages, hours, steps, only, n, chunk, ch, dropout, ch_mult, num_res_
     study = Study(**kw)
     allow = allow_partial or smoke
     if "train" in chosen:
-        study.train(hours=hours, chunk_steps=2 if smoke else 1000)
+        study.train(hours=hours, chunk_steps=2 if smoke else 1000, keep=tuple(int_list(keep, "keep")))
     if "export" in chosen and backend == "runtime":
         study.export(allow)
     # Twice: the solver x grid sweep uses the clip setting the legacy points measured better.
@@ -135,6 +136,34 @@ def diagnose_cmd(runs, only):
                    "frequencies, MSE of the clipped x_hat in pixels")
         for t, (low, clipped) in denoising_error(study.ckpt(model)).items():
             click.echo(f"  t={t:<5g} {low:10.4f} {clipped:10.4f}")
+
+
+@cli.command("scale")
+@click.option("--stages", default="train,measure,report", show_default=True, help="Subset of train, measure, report.")
+@click.option("--models", "only", default=None, help="Comma-separated lines of the third study [all].")
+@click.option("--hours", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop starting training chunks after this long (per sitting).")
+@click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True, help="Samples per point.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="CPU threads.")
+def scale_cmd(stages, only, hours, n, threads):
+    """The third study (issue 19): blur strength, budget and capacity (resumable; two processes, one core each)."""
+    import torch
+
+    from . import scale, scale_report
+
+    names = list(scale.LINES) if only is None else [m.strip() for m in only.split(",") if m.strip()]
+    if not names or any(m not in scale.LINES for m in names):
+        raise BdmError(f"--models {only!r}: choose from {', '.join(scale.LINES)}")
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    if any(s not in ("train", "measure", "report") for s in chosen):
+        raise BdmError(f"--stages {stages!r}: choose from train, measure, report")
+    torch.set_num_threads(threads)
+    if "train" in chosen:
+        scale.train(names, hours=hours)
+    if "measure" in chosen:
+        scale.measure(names, n=n, threads=threads)
+    if "report" in chosen:
+        scale_report.report()
 
 
 def main(args=None):

@@ -71,11 +71,12 @@ class Study:
         return min(best, key=best.get)
 
     # -- stage 1: training (resumable, time-bounded per sitting) --------------------------------
-    def train(self, hours=None, chunk_steps=1000):
+    def train(self, hours=None, chunk_steps=1000, keep=()):
         """Train every model to ``steps`` in chunks of ``chunk_steps``; stop starting chunks after ``hours``.
 
         Models are trained round-robin chunk by chunk, so an interrupted budget leaves them at
-        (nearly) the same step count, and the comparison stays fair at any point.
+        (nearly) the same step count, and the comparison stays fair at any point. The checkpoint at each
+        step in ``keep`` is also kept as ``model_stepN.pt`` (a budget the study measures on the way).
         """
         from bdm_train.train import train
 
@@ -103,6 +104,19 @@ class Study:
                   steps=target, ckpt_every=chunk_steps, sample_steps=50, sample_eta=0.0, device=self.device,
                   **self.net, **self.opt)
             self._add_budget(model, todo[model], target, time.time() - start)
+            if target in keep:
+                self.snapshot(model, target)
+
+    def snapshot(self, model, step):
+        """A copy of the model's checkpoint at ``step`` (``model_stepN.pt``), written atomically."""
+        import shutil
+
+        from bdm_runtime.io import atomic_path
+
+        path = os.path.join(self.folder(model), f"model_step{step}.pt")
+        if ckpt_step(self.ckpt(model)) == step and not os.path.isfile(path):
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self.ckpt(model), tmp)
 
     def _add_budget(self, model, first, last, seconds):
         path = os.path.join(self.folder(model), "budget.json")

@@ -5,10 +5,14 @@ graph's ``u_x`` state) lives in two device buffers that swap roles every step (`
 ``i`` is bound as ``z`` of step ``i + 1``), so it never visits the host during the loop; ``x0``
 comes back once, after the last step. On the CPU provider the same code runs with device ``"cpu"``.
 """
+import contextlib
+import sys
+
 import numpy as np
 
 from .. import format as fmt
 from ..errors import BdmError
+from ..limits import out_of_memory
 from . import DeviceOut
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -33,6 +37,22 @@ def default_providers(ort, cuda_stream=None):
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
+def step_error(path, error, batch, image_shape, symbolic):
+    """A ``BdmError`` naming ``path`` and the fix for an ONNX Runtime failure inside a step that the user's
+    request or file caused (memory for the batch; a graph that does not take its metadata's image shape),
+    else ``None``."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if out_of_memory(error):
+        return BdmError(f"{path}: ONNX Runtime ran out of memory in a step of {batch} images ({first}): "
+                        "lower the batch (--batch, or batch= of load)")
+    text = str(error).lower()
+    if symbolic and any(w in text for w in ("dimension", "shape", "invalid")):
+        shown = "x".join(map(str, image_shape))
+        return BdmError(f"{path}: the graph does not run on {shown} images, the shape its metadata gives ({first}): "
+                        "its metadata was altered; export it again")
+    return None
+
+
 class OrtBackend:
     """Runs a bdm step graph (``.onnx``) with ONNX Runtime.
 
@@ -52,13 +72,14 @@ class OrtBackend:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if threads:
                 opts.intra_op_num_threads = int(threads)
-            opts.log_severity_level = 3  # errors only: the CLI prints one line, not ORT's warnings
+            opts.log_severity_level = 4  # fatal only: a failed step raises, and the CLI prints that as one line
         elif threads:
             raise BdmError("give threads or session_options, not both (set intra_op_num_threads on the options)")
         if providers is None:
             providers = default_providers(ort, cuda_stream)
-        try:
-            self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        try:  # ORT prints its provider-fallback banner: to stderr, stdout is the caller's
+            with contextlib.redirect_stdout(sys.stderr):
+                self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise BdmError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}")
         self.provider = self.session.get_providers()[0]
@@ -72,6 +93,7 @@ class OrtBackend:
             raise BdmError(f"{path}: not a bdm step graph: inputs {missing} missing")
         self.stateful = fmt.U_X_PREV in self.inputs
         self._shape = tuple(info.image_shape)
+        self._path, self._symbolic = path, info.symbolic
         self.max_batch = None  # dynamic batch: any chunk size
         self._buffers = {}
         self._bufs = self._ios = None
@@ -158,7 +180,13 @@ class OrtBackend:
             io = self._binding(parity, out)
         else:
             io = self._ios[parity]
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # ORT raises RuntimeError and its own types
+            error = step_error(self._path, e, self._b, self._shape, self._symbolic)
+            if error is None:  # not the user's request or file: a bug keeps its traceback
+                raise
+            raise error from None
 
     def synchronize(self):
         """Nothing to wait for: ``run_with_iobinding`` returns when the step is done."""

@@ -1,0 +1,238 @@
+"""``bdm-serve`` against direct sampling, in one interleaved run: requests/s and latency at 1, 4, 16 clients.
+
+    python -m benchmarks.serve_bench                      # the shipped models/fmnist32, exported to a temp dir
+    python -m benchmarks.serve_bench --rounds 3 --out benchmarks/results/serve
+
+Each round measures, one after the other on the same machine: direct ``Sampler.sample`` of single
+images in a loop (batch 1); the server with 1, 4 and 16 concurrent clients, each sending
+single-image requests back to back (latency per request, throughput, and the batch size Triton's
+dynamic batcher formed, from its metrics); and direct sampling at that batch size. Medians over
+rounds. Targets (issue 21), at 16 clients: throughput >= 0.8x direct sampling at the batch size the
+batcher formed, and >= 0.8x of the gain batching gives direct sampling over batch 1.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import click
+import numpy as np
+
+from benchmarks.bench.machine import CpuShare, loadavg, machine_info, median
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"
+CLIENTS = (1, 4, 16)
+
+
+def free_ports(n=3):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def export(ckpt, folder):
+    """The shipped checkpoint as a step graph (``bdm-export``), its path."""
+    subprocess.run([sys.executable, "-m", "bdm_export.cli", "--ckpt", ckpt, "--out-dir", folder], check=True,
+                   capture_output=True, timeout=600)
+    return os.path.join(folder, "bdm.onnx")
+
+
+def start_server(engine, ports, threads, max_batch, delay_us, log):
+    http, grpc, metrics = ports
+    cmd = [sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads),
+           "--max-batch", str(max_batch), "--queue-delay-us", str(delay_us)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    import urllib.request
+
+    end = time.monotonic() + 180
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{http}/v2/models/bdm/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.25)
+    proc.terminate()
+    proc.wait(timeout=60)
+    raise RuntimeError(f"bdm-serve did not become ready; see {log}")
+
+
+def counts(metrics_port):
+    """``(inferences, executions)`` of model bdm from Triton's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = []
+    for name in ("nv_inference_count", "nv_inference_exec_count"):
+        m = re.search(rf'^{name}{{model="bdm",version="1"}} (\d+)', text, re.M)
+        out.append(int(m.group(1)) if m else 0)
+    return tuple(out)
+
+
+def client_loop(http_port, seed, indices, latencies):
+    """One client: single-image requests back to back, each latency appended."""
+    import tritonclient.http as hc
+
+    client = hc.InferenceServerClient(f"{HOST}:{http_port}", connection_timeout=300, network_timeout=300)
+    try:
+        for i in indices:
+            inputs = []
+            for name, v in (("seed", seed), ("index", i)):
+                x = hc.InferInput(name, [1, 1], "INT64")
+                x.set_data_from_numpy(np.array([[v]], np.int64))
+                inputs.append(x)
+            begin = time.perf_counter()
+            client.infer("bdm", inputs).as_numpy("image")
+            latencies.append(time.perf_counter() - begin)
+    finally:
+        client.close()
+
+
+def served(ports, clients, per_client, seed):
+    """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed."""
+    latencies, threads = [], []
+    before = counts(ports[2])
+    for c in range(clients):
+        idx = range(c * per_client, (c + 1) * per_client)
+        threads.append(threading.Thread(target=client_loop, args=(ports[0], seed, idx, latencies), daemon=True))
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    wall = time.perf_counter() - begin
+    n = clients * per_client
+    if len(latencies) != n:
+        raise RuntimeError(f"{n - len(latencies)} of {n} requests failed or timed out")
+    time.sleep(0.2)
+    after = counts(ports[2])
+    executions = max(after[1] - before[1], 1)
+    return {"clients": clients, "requests": n, "requests_per_s": n / wall,
+            "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+            "mean_batch": (after[0] - before[0]) / executions, "executions": executions}
+
+
+def direct(sampler, batch, images, seed):
+    """Images/s of ``Sampler.sample`` in calls of ``batch`` images (``images`` in all), in one process."""
+    begin = time.perf_counter()
+    for start in range(0, images, batch):
+        sampler.sample(min(batch, images - start), seed=seed, first_index=start)
+    return images / (time.perf_counter() - begin)
+
+
+def one_round(sampler, ports, images, seed):
+    """Direct batch 1, the server at 1/4/16 clients, then direct at the batch the batcher formed at 16."""
+    row = {"direct_b1": direct(sampler, 1, images, seed)}
+    for c in CLIENTS:
+        per = max(1, -(-images // c)) if c < 16 else max(2, -(-2 * images // c))
+        row[f"served_c{c}"] = served(ports, c, per, seed)
+    b = max(1, int(round(row["served_c16"]["mean_batch"])))
+    row["formed_batch"] = b
+    row["direct_formed"] = direct(sampler, b, max(images, 2 * b), seed)
+    return row
+
+
+def summarize(rounds):
+    """Medians over rounds and the two target ratios."""
+    med = lambda f: median([f(r) for r in rounds])  # noqa: E731
+    out = {"direct_b1_images_per_s": med(lambda r: r["direct_b1"]),
+           "direct_formed_images_per_s": med(lambda r: r["direct_formed"]),
+           "formed_batch": med(lambda r: r["formed_batch"]), "served": {}}
+    for c in CLIENTS:
+        k = f"served_c{c}"
+        out["served"][c] = {m: med(lambda r: r[k][m]) for m in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch")}
+    s16, d1, db = out["served"][16]["requests_per_s"], out["direct_b1_images_per_s"], out["direct_formed_images_per_s"]
+    out["ratio_vs_direct_at_formed_batch"] = s16 / db
+    out["gain_direct"] = db / d1
+    out["gain_served"] = s16 / d1
+    out["ratio_of_gains"] = (s16 - d1) / (db - d1) if db > d1 else None
+    return out
+
+
+def markdown(result):
+    s, m = result["summary"], result["machine"]
+    lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
+             f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
+             f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
+             f"queue delay {result['queue_delay_us']} us; {result['rounds']} interleaved rounds (medians); "
+             f"load average {result['load_before']} -> {result['load_after']}; other processes' CPU "
+             f"{result['cpu_share']}.", "",
+             "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
+    for c, v in s["served"].items():
+        lines.append(f"| {c} | {v['requests_per_s']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} "
+                     f"| {v['mean_batch']:.2f} |")
+    lines += ["", f"Direct `Sampler.sample`: batch 1 {s['direct_b1_images_per_s']:.2f} images/s; batch "
+              f"{s['formed_batch']:.0f} (the batch formed at 16 clients) {s['direct_formed_images_per_s']:.2f} "
+              f"images/s (batching gain x{s['gain_direct']:.2f}).", "",
+              f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** "
+              "(target >= 0.8)",
+              f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
+              f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    return "n/a (batching gives direct sampling no gain here)" if v is None else f"{v:.2f}"
+
+
+def write(result, out):
+    from bdm_runtime.io import atomic_path
+
+    for ext, text in ((".json", json.dumps(result, indent=1, sort_keys=True) + "\n"), (".md", markdown(result))):
+        with atomic_path(out + ext) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+@click.command()
+@click.option("--ckpt", default=os.path.join(ROOT, "models", "fmnist32", "model.pt"), show_default=True)
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--images", type=click.IntRange(4, 10000), default=32, show_default=True,
+              help="Images per measurement (16 clients send twice as many).")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--queue-delay-us", type=click.IntRange(0, 10 ** 7), default=2000, show_default=True)
+@click.option("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve"), show_default=True,
+              help="Write OUT.json and OUT.md.")
+def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, out):
+    import bdm_runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = export(ckpt, tmp)
+        ports = free_ports()
+        load_before, share = loadavg(), CpuShare()
+        proc = start_server(engine, ports, threads, max_batch, queue_delay_us, os.path.join(tmp, "server.log"))
+        try:
+            with bdm_runtime.load(engine, threads=threads) as sampler:
+                sampler.sample(2)  # warm-up
+                results = []
+                for r in range(rounds):
+                    results.append(one_round(sampler, ports, images, seed=r))
+                    click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    result = {"model": os.path.relpath(ckpt, ROOT), "machine": machine_info(), "threads": threads,
+              "max_batch": max_batch, "queue_delay_us": queue_delay_us, "rounds": rounds, "images": images,
+              "load_before": load_before, "load_after": loadavg(), "cpu_share": share.result(),
+              "per_round": results, "summary": summarize(results)}
+    write(result, out)
+    click.echo(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The third study's report: every measured (line, budget), the blur curve per budget and capacity, the answer."""
+import os
+
+import numpy as np
+
+from .common import RESULTS, log, point_name, read_json, write_json
+from .scale import LINES, PLOT, SCALE_RUNS, SEEDS, point_dir, settings, study2_eval
+
+RATIO = 1.5      # the issue's question: does a blurring model come within 1.5x of the best DDPM?
+
+
+def _fd(name, step, seed, setting, runs):
+    res = read_json(os.path.join(point_dir(name, step, seed, setting, runs), "eval.json"))
+    res = res or study2_eval(name, step, seed, setting, runs)
+    return None if res is None else float(res["fd"])
+
+
+def collect(runs=SCALE_RUNS):
+    """One row per measured (line, budget): FD per setting at seed 1, the best, its three-seed mean and spread."""
+    rows = []
+    for name, spec in LINES.items():
+        for step in spec["budgets"]:
+            fds = {s: _fd(name, step, 1, s, runs) for s in settings(spec["param"])}
+            fds = {s: v for s, v in fds.items() if v is not None}
+            if not fds:
+                continue
+            best = min(fds, key=fds.get)
+            seeds = [v for v in (_fd(name, step, k, best, runs) for k in SEEDS) if v is not None]
+            rows.append(dict(model=name, blur_sigma_max=spec["blur_sigma_max"], param=spec["param"], ch=spec["ch"],
+                             steps=step, precision=spec["precision"],
+                             fd={point_name(s): round(v, 3) for s, v in fds.items()},
+                             best=point_name(best), best_fd=round(fds[best], 3),
+                             seeds=len(seeds), mean_fd=round(float(np.mean(seeds)), 3),
+                             spread=round(float(np.ptp(seeds)), 3) if len(seeds) > 1 else None))
+    return rows
+
+
+def gaps(rows):
+    """Best blurring FD / DDPM FD at equal (capacity, budget): the trend the issue asks about."""
+    out = []
+    for ch, steps in sorted({(r["ch"], r["steps"]) for r in rows}):
+        same = [r for r in rows if (r["ch"], r["steps"]) == (ch, steps)]
+        ddpm = [r for r in same if r["blur_sigma_max"] == 0]
+        blur = [r for r in same if r["blur_sigma_max"] > 0]
+        if ddpm and blur:
+            b = min(blur, key=lambda r: r["mean_fd"])
+            d = min(ddpm, key=lambda r: r["mean_fd"])
+            out.append(dict(ch=ch, steps=steps, ddpm=d["model"], ddpm_fd=d["mean_fd"], blur=b["model"],
+                            blur_fd=b["mean_fd"], ratio=round(b["mean_fd"] / d["mean_fd"], 2),
+                            within=b["mean_fd"] <= RATIO * d["mean_fd"]))
+    return out
+
+
+def markdown(rows, gap_rows):
+    lines = ["# Third study: blur strength, budget and capacity (issue 19)", "",
+             "FD-FMNIST, 1,000 samples; seed 1 at every setting, seeds 1-3 at each row's best (mean).", "",
+             "| model | blur | ch | steps | precision | FD per setting (seed 1) | best | 3-seed mean (spread) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{k} {v}" for k, v in r["fd"].items())
+        spread = f" ({r['spread']})" if r["spread"] is not None else ""
+        lines.append(f"| {r['model']} | {r['blur_sigma_max']:g} | {r['ch']} | {r['steps']} | {r['precision']} | "
+                     f"{per} | {r['best_fd']} | {r['mean_fd']} over {r['seeds']}{spread} |")
+    lines += ["", "Best blurring model / best DDPM at equal capacity and budget:", "",
+              "| ch | steps | DDPM (FD) | best blurring (FD) | ratio | within 1.5x |", "|---|---|---|---|---|---|"]
+    for g in gap_rows:
+        lines.append(f"| {g['ch']} | {g['steps']} | {g['ddpm']} ({g['ddpm_fd']}) | {g['blur']} ({g['blur_fd']}) | "
+                     f"{g['ratio']} | {'yes' if g['within'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, out=PLOT):
+    """FD against blur strength, one line per (capacity, budget)."""
+    from ..figures import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ch, steps in sorted({(r["ch"], r["steps"]) for r in rows}):
+        pts = sorted((r["blur_sigma_max"], r["mean_fd"]) for r in rows if (r["ch"], r["steps"]) == (ch, steps))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"ch {ch}, {steps} steps")
+    ax.set_xlabel("blur_sigma_max (0 = DDPM)")
+    ax.set_ylabel("FD-FMNIST (best setting, seed mean)")
+    ax.set_yscale("log")
+    ax.legend()
+    _save(fig, out)
+
+
+def report(runs=SCALE_RUNS, results=RESULTS, out=PLOT):
+    rows = collect(runs)
+    gap_rows = gaps(rows)
+    write_json(os.path.join(results, "scale.json"), dict(rows=rows, gaps=gap_rows))
+    from bdm_runtime.io import atomic_path
+
+    with atomic_path(os.path.join(results, "scale.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(rows, gap_rows))
+    if rows:
+        plot(rows, out)
+    log(f"scale report: {len(rows)} rows, {len(gap_rows)} comparisons")
+    return rows, gap_rows

@@ -22,6 +22,9 @@ def targets(result):
                               f"(worst network: {worst[0]})",
                     "value": worst[1], "threshold": TARGET_OVERHEAD, "met": worst[1] < TARGET_OVERHEAD,
                     "per_network": dict(over)})
+    from .openvino import targets as openvino_targets
+
+    out += openvino_targets(result)
     imp = result.get("import_runtime", {})
     if "median_s" in imp:
         ok = imp["median_s"] < TARGET_IMPORT_S and not imp["torch_in_sys_modules"]
@@ -60,6 +63,10 @@ def markdown(res):
         from benchmarks.defaults import markdown as defaults_markdown
 
         L += defaults_markdown(res["defaults"])
+    if "shipped_run" in res:
+        from .openvino import markdown as openvino_markdown
+
+        L += openvino_markdown(res["shipped_run"])
     L += _gpu(res["gpu"])
     L += ["## Targets (evaluated, never asserted)", ""]
     for t in res["targets"]:
@@ -77,7 +84,8 @@ def _head(res):
         f"Machine: {m.get('cpu_model')}, {m.get('affinity_cpus', m.get('logical_cpus'))} cores "
         f"({', '.join(m.get('simd', []))}), {m.get('mem_total_gib')} GiB; {m['platform']}; "
         f"Python {m['python']}, torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, "
-        f"numpy {m['versions']['numpy']}. Date {res['run']['date']}; load average (1/5/15 min) "
+        f"numpy {m['versions']['numpy']}, openvino {m['versions'].get('openvino')} (CPU capabilities "
+        f"{', '.join(m.get('openvino_cpu_capabilities') or []) or '-'}). Date {res['run']['date']}; load average (1/5/15 min) "
         f"{res['run']['load_before']} before, {res['run']['load_after']} after (the run's own threads count "
         f"in the latter); other processes used {_share(res['run'].get('cpu_share'))} during the run; "
         f"run took {res['run']['duration_s']:.0f} s.",
@@ -94,7 +102,10 @@ def _head(res):
         "% peak = achieved GFLOP/s (Conv/Gemm/MatMul FLOPs of the graph x images x steps / time) over the "
         "measured matmul peak. ort-fp16: ONNX Runtime's CPU provider has no FP16 convolutions; it folds the FP16 "
         "weights to FP32 at load (more memory) and runs FP32 NCHWc convolutions between Cast nodes, so the "
-        "FP16 graph is timed for completeness, not expected to be faster on a CPU.",
+        "FP16 graph is timed for completeness, not expected to be faster on a CPU. pytorch-bf16 = the same loop "
+        "under `torch.autocast('cpu', dtype=torch.bfloat16)`; openvino-P = `bdm_runtime.load(..., "
+        "backend='openvino', precision=P)`: the network in P, the update in FP32 (docs/openvino.md); "
+        "x ORT FP32 = median of the pairwise ratios to ort-fp32.",
         ""]
 
 
@@ -106,15 +117,18 @@ def _network(n):
          f"torch's FLOP counter: {n['gflop_torch_counter']:.4f}); ONNX {n['onnx_mib']['fp32']:.1f} MiB FP32, "
          f"{n['onnx_mib']['fp16']:.1f} MiB FP16; {n['steps']} steps per timed call; other processes used "
          f"{_share(n.get('cpu_share'))} while it was timed.", "",
-         "| batch | backend | images/s | ms/step | x PyTorch | GFLOP/s | % peak | loop overhead |",
-         "|---:|---|---:|---:|---:|---:|---:|---:|"]
+         "| batch | backend | images/s | ms/step | x PyTorch | x ORT FP32 | GFLOP/s | % peak | loop overhead |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in n["rows"]:
         ratio = r.get("ratio_vs_pytorch", {}).get("median")
+        vs_ort = r.get("ratio_vs_ort_fp32", {}).get("median")
         lo = r.get("loop_overhead")
         over = "{:.1f}% ({:.0f} us/step)".format(100 * lo["median"], lo["us_per_step"]) if lo else "-"
         L.append(f"| {r['batch']} | {r['backend']} | {_f(r['images_per_s'])} | {_f(r['ms_per_step'])} | "
-                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_f(r['gflops_per_s'], 1)} | "
-                 f"{_f(r['pct_of_peak'], 1)} | {over} |")
+                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_f(vs_ort) + 'x' if vs_ort else '-'} | "
+                 f"{_f(r['gflops_per_s'], 1)} | {_f(r['pct_of_peak'], 1)} | {over} |")
+    for name, why in n.get("openvino_refused", {}).items():
+        L.append(f"| all | {name} | refused: {why} | | | | | | |")
     return L
 
 

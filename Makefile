@@ -27,7 +27,7 @@ ENGINE = $$(test -f $(1)/bdm_fp16.plan && ! test $(1)/bdm.onnx -nt $(1)/bdm_fp16
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[train,export,ort,serve,dev]"
+	$(PIP) install -q -e ".[train,export,ort,serve,openvino,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -34,7 +34,8 @@ BACKEND_OPTION = click.option(
     help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine.")
 THREADS_OPTION = click.option(
     "--threads", type=click.IntRange(min=1), default=None,
-    help="ONNX Runtime CPU threads (default: one per core; at most 4 per core; 1 suits a busy, shared machine).")
+    help="ONNX Runtime / OpenVINO CPU threads (default: one per core; at most 4 per core; 1 suits a busy, "
+         "shared machine).")
 CUDA_GRAPH_OPTION = click.option(
     "--cuda-graph/--no-cuda-graph", default=False, show_default=True,
     help="TensorRT: replay each step as a captured CUDA graph.")
@@ -60,7 +61,16 @@ CUDA_GRAPH_OPTION = click.option(
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance weight w of B12 (needs a guided graph and --label).")
 @BATCH_OPTION
-@BACKEND_OPTION
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "openvino"]), default="auto", show_default=True,
+              help="auto: ONNX Runtime for .onnx, TensorRT for .plan; trt on an .onnx builds and caches an engine; "
+                   "openvino runs the .onnx with OpenVINO (--device, --precision).")
+@click.option("--device", default=None, help="OpenVINO device: CPU, GPU, NPU, AUTO (default CPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="OpenVINO: the network's type; the sampler update stays FP32. auto: the fastest type the "
+                   "device runs natively (bf16 on CPUs with AMX or AVX512-BF16, else fp32). Default: auto.")
+@click.option("--ov-cache", type=click.Path(file_okay=False), default=None,
+              help="OpenVINO's compiled-model cache folder (default: $BDM_OPENVINO_CACHE, else "
+                   "~/.cache/bdm/openvino); 'none' disables it.")
 @THREADS_OPTION
 @CUDA_GRAPH_OPTION
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG here.")
@@ -70,8 +80,8 @@ CUDA_GRAPH_OPTION = click.option(
 @click.option("--grid-scale", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Upscale the grid PNG by this factor (nearest).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance, batch, backend, threads, cuda_graph, out,
-        out_dir, npz, grid_scale, quiet):
+def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance, batch, backend, device, precision,
+        ov_cache, threads, cuda_graph, out, out_dir, npz, grid_scale, quiet):
     """Sample images from a bdm step graph or TensorRT engine."""
     import bdm_runtime
 
@@ -79,8 +89,8 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
     if n < 1:
         raise BdmError(f"--n must be at least 1, got {n}")
     labels = parse_labels(label)
-    with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph,
-                          threads=threads) as sampler:
+    with bdm_runtime.load(engine, backend=backend, batch=batch, cuda_graph=cuda_graph, threads=threads,
+                          **_openvino_options(backend, device, precision, ov_cache)) as sampler:
         labels = _check_labels(labels, n, sampler.num_classes)
         _check_sizes(sampler, n, labels, out, npz, grid_scale)
         used = f"{sampler.backend} ({sampler.provider})"
@@ -94,6 +104,18 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
     seconds = timer[0]
     echo_result(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
                 f"backend {used} -> {', '.join(written)}", "bdm-run")
+
+
+def _openvino_options(backend, device, precision, ov_cache):
+    """The OpenVINO keywords of ``load`` from the CLI's options (refused with another backend)."""
+    given = {"--device": device, "--precision": precision, "--ov-cache": ov_cache}
+    if backend != "openvino":
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise BdmError(f"{', '.join(named)}: OpenVINO options; add --backend openvino")
+        return {}
+    cache = None if ov_cache is None else (False if ov_cache.lower() == "none" else ov_cache)
+    return {"device": device, "precision": precision, "cache_dir": cache}
 
 
 def _check_labels(labels, n, num_classes):

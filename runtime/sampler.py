@@ -20,7 +20,7 @@ from .loop import Plan, run_chunk
 from .noise import NoiseStream, check_positive_int, check_seed
 from .onnx_meta import check_regular
 
-BACKENDS = ("auto", "ort", "trt")
+BACKENDS = ("auto", "ort", "trt", "openvino")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 ORT_DEFAULT_BATCH = DEFAULT_BATCH  # chunk size when the backend has no profile maximum (bounds host memory)
 
@@ -41,17 +41,22 @@ def _stream_handle(stream):
 
 
 def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cuda_graph=False,
-         engine_cache=None, threads=None, session_options=None):
+         engine_cache=None, threads=None, session_options=None, device=None, precision=None, config=None,
+         core=None, cache_dir=None):
     """Open a bdm step graph (``.onnx``) or TensorRT engine (``.plan``) as a :class:`Sampler`.
 
-    ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"`` or
+    ``backend``: ``"auto"`` (ONNX Runtime for ``.onnx``, TensorRT for ``.plan``), ``"ort"``,
     ``"trt"`` (an ``.onnx`` is then built into an engine once and cached beside it, or in
-    ``engine_cache``). ``providers``: ONNX Runtime providers as ONNX Runtime takes them (names or
+    ``engine_cache``) or ``"openvino"``. ``providers``: ONNX Runtime providers as ONNX Runtime takes them (names or
     ``(name, options)``; default CUDA when available, else CPU); ``session_options``: an
     ``onnxruntime.SessionOptions``, used as given. ``batch``: the largest chunk run at once (capped by an engine's profile maximum).
     ``cuda_stream``: the caller's CUDA stream (handle or stream object). ``cuda_graph``: replay
-    the TensorRT step as a CUDA graph once shapes are fixed. ``threads``: ONNX Runtime's intra-op
-    CPU threads (default: ONNX Runtime's choice, one per core); 1 suits a busy or shared machine.
+    the TensorRT step as a CUDA graph once shapes are fixed. ``threads``: ONNX Runtime's (or
+    OpenVINO's) intra-op CPU threads (default: the library's choice, one per core); 1 suits a busy or shared machine.
+    OpenVINO only (``bdm_runtime.backends.openvino``): ``device`` (``"CPU"`` default, ``"GPU"``,
+    ``"NPU"``, ``"AUTO"``), ``precision`` of the network (``"auto"`` default, ``"fp32"``, ``"bf16"``,
+    ``"fp16"``; the update stays FP32), ``config`` (``compile_model`` properties), ``core`` (an
+    ``openvino.Core``), ``cache_dir`` (compiled-model cache; ``False`` disables it).
     """
     path = os.fspath(path)
     if backend not in BACKENDS:
@@ -61,32 +66,49 @@ def load(path, backend="auto", providers=None, batch=None, cuda_stream=None, cud
         threads = check_threads(threads)
     if batch is not None:
         batch = check_positive_int(batch, "batch", BdmError)
+    openvino = dict(device=device, precision=precision, config=config, core=core, cache_dir=cache_dir)
+    given = [k for k, v in openvino.items() if v is not None]
+    if given and backend != "openvino":
+        raise BdmError(f"{', '.join(given)}: OpenVINO options; give backend='openvino' (--backend openvino)")
     stream = _stream_handle(cuda_stream)
     if path.lower().endswith(ENGINE_SUFFIXES):
-        if backend == "ort":
+        if backend in ("ort", "openvino"):
             raise BdmError(f"{path}: a TensorRT engine runs only with --backend trt; "
-                           "give ONNX Runtime the .onnx instead")
+                           f"give {'ONNX Runtime' if backend == 'ort' else 'OpenVINO'} the .onnx instead")
         info, raw = engine_info(path)
         from .backends.trt import TrtBackend
 
         be = TrtBackend(path, info, raw, batch=batch, cuda_stream=stream, cuda_graph=cuda_graph)
     else:
-        info = onnx_info(path)
-        if backend == "trt":
-            from .backends.trt import TrtBackend
-            from .trt_build import cached_engine
-
-            plan = cached_engine(path, info, engine_cache=engine_cache, batch=batch)
-            plan_info, raw = engine_info(plan)
-            be = TrtBackend(plan, plan_info, raw, batch=batch, cuda_stream=stream, cuda_graph=cuda_graph)
-        else:
-            if cuda_graph:
-                raise BdmError("--cuda-graph needs the TensorRT backend")
-            from .backends.ort import OrtBackend
-
-            be = OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads,
-                            session_options=session_options)
+        be, info = _onnx_backend(path, backend, providers, batch, stream, cuda_graph, engine_cache, threads,
+                                 session_options, openvino)
     return Sampler(be, info, batch=batch)
+
+
+def _onnx_backend(path, backend, providers, batch, stream, cuda_graph, engine_cache, threads, session_options,
+                  openvino):
+    """``(backend, info)`` for an ``.onnx``: ONNX Runtime, OpenVINO, or a TensorRT engine built from it."""
+    info = onnx_info(path)
+    if backend == "trt":
+        from .backends.trt import TrtBackend
+        from .trt_build import cached_engine
+
+        plan = cached_engine(path, info, engine_cache=engine_cache, batch=batch)
+        plan_info, raw = engine_info(plan)
+        return TrtBackend(plan, plan_info, raw, batch=batch, cuda_stream=stream, cuda_graph=cuda_graph), info
+    if cuda_graph:
+        raise BdmError("--cuda-graph needs the TensorRT backend")
+    if backend == "openvino":
+        if providers is not None or session_options is not None or stream is not None:
+            raise BdmError("providers, session_options and cuda_stream are ONNX Runtime options; "
+                           "OpenVINO takes device, precision and config")
+        from .backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, info, threads=threads, batch=batch, **openvino), info
+    from .backends.ort import OrtBackend
+
+    return OrtBackend(path, info, providers=providers, batch=batch, cuda_stream=stream, threads=threads,
+                      session_options=session_options), info
 
 
 # -- the sampler ----------------------------------------------------------------------------------
@@ -130,7 +152,7 @@ class Sampler:
 
     @property
     def backend(self):
-        """``"ort"`` or ``"trt"``."""
+        """``"ort"``, ``"trt"`` or ``"openvino"``."""
         return self._require().name
 
     @property
@@ -141,6 +163,11 @@ class Sampler:
     @property
     def device(self):
         return self._require().device
+
+    @property
+    def precision(self):
+        """The type the network runs in: OpenVINO's as its runtime model reports it, else the graph's own."""
+        return getattr(self._require(), "network_precision", None) or self.info.precision
 
     @property
     def activation_bytes(self):

@@ -26,8 +26,8 @@ SCANNED = ("runtime", "export", "bdm_train", "benchmarks", "examples", "tests")
 OURS = ("bdm_runtime", "bdm_export", "bdm_train", "benchmarks")
 
 # What the runtime may import besides the standard library: its install_requires and the
-# inference libraries of the [ort] and [trt] extras (setup.cfg).
-RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy",
+# inference libraries of the [ort], [trt] and [openvino] extras (setup.cfg).
+RUNTIME_THIRD_PARTY = {"numpy", "click", "PIL", "tqdm", "onnxruntime", "tensorrt", "polygraphy", "openvino",
                        "pytriton", "triton_python_backend_utils"}  # the last two: bdm-serve ([serve])
 # The runtime's torch-free core, all that training may use of it.
 RUNTIME_CORE = {"bdm_runtime", "bdm_runtime.errors", "bdm_runtime.io", "bdm_runtime.labels",

@@ -21,6 +21,7 @@ def main(argv=None):
     p.add_argument("--networks", default=None, help="comma-separated subset of: "
                    + ", ".join(n["name"] for n in NETWORKS + QUICK_NETWORKS))
     p.add_argument("--no-sweep", action="store_true", help="skip the ONNX Runtime settings sweep")
+    p.add_argument("--batches", default=None, help="comma-separated subset of the batch sizes (default: all)")
     p.add_argument("--default", default=None, help="new sampler default SOLVER:GRID:STEPS[:ETA] timed against the "
                    "old one (100 ancestral DDIM steps) on the shipped model (default: its own config)")
     p.add_argument("--max-load", type=float, default=None, help="first wait until the 1-min load is below this")
@@ -36,7 +37,8 @@ def main(argv=None):
 
     default = parse_default(a.default) if a.default else None
     res = run(quick=a.quick, threads=a.threads, networks=a.networks.split(",") if a.networks else None,
-              sweep=not a.no_sweep, log=log, default=default)
+              sweep=not a.no_sweep, log=log, default=default,
+              batches=[int(b) for b in a.batches.split(",")] if a.batches else None)
     out = a.out or (None if a.quick else DEFAULT_OUT)
     if out:
         write(res, out)

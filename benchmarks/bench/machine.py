@@ -92,7 +92,8 @@ def machine_info():
         info["cpu_model"] = fields.get("model name")
         flags = set(fields.get("flags", "").split())
         info["simd"] = sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16",
-                                       "avx512_vnni", "amx_tile"})
+                                       "avx512_vnni", "amx_tile", "amx_bf16", "amx_fp16", "amx_int8",
+                                       "avx_vnni"})
     except OSError:
         info["cpu_model"] = platform.processor() or None
     try:
@@ -101,13 +102,23 @@ def machine_info():
     except (OSError, ValueError, IndexError):
         pass
     versions = {"numpy": np.__version__}
-    for mod in ("torch", "onnxruntime", "onnx", "tensorrt"):
+    for mod in ("torch", "onnxruntime", "onnx", "tensorrt", "openvino"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
     info["versions"] = versions
+    info["openvino_cpu_capabilities"] = _openvino_capabilities()
     return info
+
+
+def _openvino_capabilities():
+    """OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` (what it says it runs natively), ``None`` without it."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return sorted(str(c) for c in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 

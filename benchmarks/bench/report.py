@@ -29,6 +29,9 @@ def targets(result):
         out.append({"target": f"ONNX Runtime INT8 >= {INT8_TARGET_RATIO}x ONNX Runtime FP32 images/s, "
                               f"{INT8_TARGET_NET}, batch {TARGET_BATCH}",
                     "value": v, "threshold": INT8_TARGET_RATIO, "met": v >= INT8_TARGET_RATIO})
+    from .openvino import targets as openvino_targets
+
+    out += openvino_targets(result)
     imp = result.get("import_runtime", {})
     if "median_s" in imp:
         ok = imp["median_s"] < TARGET_IMPORT_S and not imp["torch_in_sys_modules"]
@@ -43,10 +46,6 @@ def _f(x, nd=2):
     if isinstance(x, float) and abs(x) >= 100:
         return f"{x:,.0f}"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
-
-
-def _x(ratio):
-    return "-" if not ratio else _f(ratio["median"]) + "x"
 
 
 def _share(cs):
@@ -71,6 +70,10 @@ def markdown(res):
         from benchmarks.defaults import markdown as defaults_markdown
 
         L += defaults_markdown(res["defaults"])
+    if "shipped_run" in res:
+        from .openvino import markdown as openvino_markdown
+
+        L += openvino_markdown(res["shipped_run"])
     L += _gpu(res["gpu"])
     L += ["## Targets (evaluated, never asserted)", ""]
     for t in res["targets"]:
@@ -88,7 +91,8 @@ def _head(res):
         f"Machine: {m.get('cpu_model')}, {m.get('affinity_cpus', m.get('logical_cpus'))} cores "
         f"({', '.join(m.get('simd', []))}), {m.get('mem_total_gib')} GiB; {m['platform']}; "
         f"Python {m['python']}, torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, "
-        f"numpy {m['versions']['numpy']}. Date {res['run']['date']}; load average (1/5/15 min) "
+        f"numpy {m['versions']['numpy']}, openvino {m['versions'].get('openvino')} (CPU capabilities "
+        f"{', '.join(m.get('openvino_cpu_capabilities') or []) or '-'}). Date {res['run']['date']}; load average (1/5/15 min) "
         f"{res['run']['load_before']} before, {res['run']['load_after']} after (the run's own threads count "
         f"in the latter); other processes used {_share(res['run'].get('cpu_share'))} during the run; "
         f"run took {res['run']['duration_s']:.0f} s.",
@@ -105,7 +109,10 @@ def _head(res):
         "% peak = achieved GFLOP/s (Conv/Gemm/MatMul FLOPs of the graph x images x steps / time) over the "
         "measured matmul peak. ort-fp16: ONNX Runtime's CPU provider has no FP16 convolutions; it folds the FP16 "
         "weights to FP32 at load (more memory) and runs FP32 NCHWc convolutions between Cast nodes, so the "
-        "FP16 graph is timed for completeness, not expected to be faster on a CPU.",
+        "FP16 graph is timed for completeness, not expected to be faster on a CPU. pytorch-bf16 = the same loop "
+        "under `torch.autocast('cpu', dtype=torch.bfloat16)`; openvino-P = `bdm_runtime.load(..., "
+        "backend='openvino', precision=P)`: the network in P, the update in FP32 (docs/openvino.md); "
+        "x ORT FP32 = median of the pairwise ratios to ort-fp32.",
         ""]
 
 
@@ -118,16 +125,18 @@ def _network(n):
          f"{n['onnx_mib']['fp16']:.1f} MiB FP16, {n['onnx_mib'].get('int8', float('nan')):.1f} MiB INT8 (x FP32: "
          f"ort-int8's speed over ort-fp32, repeat by repeat); {n['steps']} steps per timed call; other processes used "
          f"{_share(n.get('cpu_share'))} while it was timed.", "",
-         "| batch | backend | images/s | ms/step | x PyTorch | x FP32 | GFLOP/s | % peak | loop overhead |",
+         "| batch | backend | images/s | ms/step | x PyTorch | x ORT FP32 | GFLOP/s | % peak | loop overhead |",
          "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in n["rows"]:
         ratio = r.get("ratio_vs_pytorch", {}).get("median")
+        vs_ort = r.get("ratio_vs_ort_fp32", {}).get("median")
         lo = r.get("loop_overhead")
         over = "{:.1f}% ({:.0f} us/step)".format(100 * lo["median"], lo["us_per_step"]) if lo else "-"
         L.append(f"| {r['batch']} | {r['backend']} | {_f(r['images_per_s'])} | {_f(r['ms_per_step'])} | "
-                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_x(r.get('ratio_vs_ort_fp32'))} | "
-                 f"{_f(r['gflops_per_s'], 1)} | "
-                 f"{_f(r['pct_of_peak'], 1)} | {over} |")
+                 f"{_f(ratio) + 'x' if ratio is not None else '-'} | {_f(vs_ort) + 'x' if vs_ort else '-'} | "
+                 f"{_f(r['gflops_per_s'], 1)} | {_f(r['pct_of_peak'], 1)} | {over} |")
+    for name, why in n.get("openvino_refused", {}).items():
+        L.append(f"| all | {name} | refused: {why} | | | | | | |")
     return L
 
 

@@ -12,15 +12,16 @@ from .fresh import baseline_rss, fresh_process_figures, import_times
 from .gpu import gpu_section
 from .machine import CpuShare, loadavg, machine_info, matmul_peak
 from .networks import build, eps_std, export_graphs, flops_check
+from .openvino import precisions, shipped_run
 from .report import markdown, targets
 from .timing import ort_sweep, time_network
 
 
-def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=None):
+def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=None, batches=None):
     """Measure everything; returns the result dict (see the package docstring).
 
     ``default``: the new sampler default timed against the old one (``benchmarks.defaults``;
-    ``None``: the shipped model's own).
+    ``None``: the shipped model's own). ``batches``: time only these batch sizes.
     """
     from benchmarks import defaults
 
@@ -30,6 +31,8 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=No
     if networks:
         pool = {n["name"]: n for n in NETWORKS + QUICK_NETWORKS}
         nets = tuple(pool[n] for n in networks)
+    if batches:  # a subset of the batch sizes (a loaded machine: batch 64 of the CIFAR-10 UNet takes long)
+        nets = tuple(dict(n, batches=tuple(b for b in n["batches"] if b in batches)) for n in nets)
     res = _setup(quick, threads, log)
     pk = res["matmul_peak"]
     res["networks"], models, paths_all = [], {}, {}
@@ -44,6 +47,8 @@ def run(quick=False, threads=2, networks=None, sweep=True, log=print, default=No
                                          target["repeats"], log)
         res["gpu"] = gpu_section(nets, models, paths_all, quick, log)
     res["defaults"] = defaults.measure(default, threads=threads, quick=quick, log=log)
+    if precisions():
+        res["shipped_run"] = shipped_run(threads=threads, quick=quick, log=log)
     res["targets"] = targets(res)
     res["run"]["load_after"] = loadavg()
     res["run"]["cpu_share"] = share.result()
@@ -94,8 +99,8 @@ def _network(net, folder, threads, quick, pk, log):
              "load_before": loadavg()}
     log(f"{net['name']}: exported in {sum(export_s.values()):.0f} s, {entry['gflop_per_eval']:.4f} GFLOP/eval")
     net_share = CpuShare()
-    entry["rows"], entry["ort_session_options"] = time_network(net, model, process, paths, threads, quick,
-                                                               pk["peak_gflops"], flops, log)
+    entry["rows"], entry["ort_session_options"], entry["openvino_refused"] = time_network(
+        net, model, process, paths, threads, quick, pk["peak_gflops"], flops, log)
     entry["cpu_share"] = net_share.result()
     entry["fresh_process"] = fresh_process_figures(net, model, paths, folder, threads, quick)
     entry["seconds"] = round(time.perf_counter() - t, 1)

@@ -59,8 +59,8 @@ def summarise(rec, b, steps, flops_per_image, peak):
             pairs = [p / t for p, t in zip(ref, times)]
             row["ratio_vs_pytorch"] = {"per_repeat": [round(x, 4) for x in pairs], "median": round(median(pairs), 4)}
             row["max_abs_diff_vs_pytorch"] = float(np.abs(r["out"] - rec["pytorch"]["out"]).max())
-        if name == "ort-int8":  # INT8 against FP32 on the same runtime, repeat by repeat
-            pairs = [f / t for f, t in zip(rec["ort-fp32"]["times_s"], times)]
+        if "ort-fp32" in rec and name != "ort-fp32":
+            pairs = [o / t for o, t in zip(rec["ort-fp32"]["times_s"], times)]
             row["ratio_vs_ort_fp32"] = {"per_repeat": [round(x, 4) for x in pairs], "median": round(median(pairs), 4)}
         if r["step_sums_s"]:
             sums = r["step_sums_s"]
@@ -74,7 +74,8 @@ def summarise(rec, b, steps, flops_per_image, peak):
 
 
 def time_network(net, model, process, paths, threads, quick, peak, flops, log):
-    """All timed rows of one network (every batch, every backend)."""
+    """``(rows, ORT session options, OpenVINO refusals)``: all timed rows of one network (every batch, every
+    backend: PyTorch FP32 and bf16 autocast, ONNX Runtime FP32/FP16, OpenVINO per precision)."""
     import torch
 
     from bdm_train.sampling import sample
@@ -89,17 +90,28 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
     def torch_call(b, steps):
         return sample(model, process, b, SEED, steps, eta=ETA, batch_size=b, channels=c, num_classes=0).numpy()
 
-    runners = {"pytorch": Runner("pytorch", torch_call),
+    from .openvino import close, ov_runners, torch_bf16_runner
+
+    ov, refused = ov_runners(paths["fp32"], threads, cache_dir=False)
+    ov8, refused8 = ov_runners(paths["int8"], threads, cache_dir=False)   # INT8 graph: i8 convs, float rest
+    for k in list(ov8):
+        r = ov8.pop(k)
+        r.name = k.replace("openvino-", "openvino-int8-")
+        ov[r.name] = r
+    refused.update({k.replace("openvino-", "openvino-int8-"): v for k, v in refused8.items()})
+    runners = {"pytorch": Runner("pytorch", torch_call), "pytorch-bf16": torch_bf16_runner(model, process, c),
                "ort-fp32": Runner("ort-fp32", lambda b, s: ort32.sample(b, seed=SEED, steps=s, eta=ETA,
                                                                         timing=times32.append), times32),
                "ort-fp16": Runner("ort-fp16", lambda b, s: ort16.sample(b, seed=SEED, steps=s, eta=ETA,
                                                                         timing=times16.append), times16),
                "ort-int8": Runner("ort-int8", lambda b, s: ort8.sample(b, seed=SEED, steps=s, eta=ETA,
                                                                        timing=times8.append), times8)}
+    runners.update(ov)
     rows = []
     torch.set_num_threads(threads)
     for b in net["batches"]:
-        names = ["pytorch", "ort-fp32"] + (["ort-fp16"] if b in net["fp16"] else []) + ["ort-int8"]
+        names = (["pytorch", "ort-fp32"] + (["ort-fp16"] if b in net["fp16"] else []) + ["ort-int8", "pytorch-bf16"]
+                 + [k for k in ov if b in net.get("openvino", net["batches"])])
         repeats = net.get("repeats_at", {}).get(b, net["repeats"])
         t = time.perf_counter()
         rec = interleaved([runners[n] for n in names], b, net["steps"], repeats)
@@ -110,7 +122,8 @@ def time_network(net, model, process, paths, threads, quick, peak, flops, log):
     ort32.close()
     ort16.close()
     ort8.close()
-    return rows, options
+    close(ov)
+    return rows, options, refused
 
 
 

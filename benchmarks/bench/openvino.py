@@ -139,8 +139,9 @@ def shipped_run(threads=2, repeats=3, quick=False, log=print):
                     wall, sampling, _ = _bdm_run(path, os.path.join(tmp, f"{rep}.npz"), threads, rows[k], n)
                 else:
                     wall = sampling = _torch_run(model, process, sampler, k == "pytorch-bf16", n)
-                rec[k]["wall_s"].append(round(wall, 3))
-                rec[k]["sampling_s"].append(round(sampling, 3))
+                # microseconds: --quick's 2 images x 1 step can take under half a millisecond
+                rec[k]["wall_s"].append(round(wall, 6))
+                rec[k]["sampling_s"].append(round(sampling, 6))
     _ratios(rec)
     log("  shipped run: " + ", ".join(f"{k} {statistics.median(v['wall_s']):.2f} s" for k, v in rec.items()
                                       if v.get("wall_s")))
@@ -154,8 +155,10 @@ def _ratios(rec):
     for k, r in rec.items():
         if r.get("wall_s"):
             for what in ("wall_s", "sampling_s"):
-                pairs = [a / b for a, b in zip(ref[what], r[what])]
-                r[f"x_ort_{what[:-2]}"] = round(statistics.median(pairs), 3)
+                # bdm-run reports sampling to 0.01 s: --quick's 2 images x 1 step can read 0.00 (no ratio then)
+                pairs = [a / b for a, b in zip(ref[what], r[what]) if b > 0]
+                if pairs:
+                    r[f"x_ort_{what[:-2]}"] = round(statistics.median(pairs), 3)
 
 
 def markdown(sec):

@@ -177,3 +177,19 @@ def test_an_earlier_int8_graph_is_never_left_stale(tiny_checkpoint, tmp_path, ca
                               capsys)
     assert_one_line_error(code, err, str(out / "bdm_int8.onnx"), "add --int8")
     assert (out / "bdm_int8.onnx").read_bytes() == before
+
+
+def test_openvino_runs_the_int8_graph(int8_uncond):
+    """The same file on OpenVINO (i8 convolutions): the images ONNX Runtime draws from it, to far less than
+    another seed's distance (FP32 hint: both compute the float layers in FP32, only kernels differ)."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the [openvino] extra)")
+    _, int8 = int8_uncond
+    with bdm_runtime.load(int8, backend="ort") as s:
+        want, other = s.sample(6, seed=3), s.sample(6, seed=4)
+    with bdm_runtime.load(int8, backend="openvino", precision="fp32") as s:
+        got = s.sample(6, seed=3)
+        assert "network i8" in s.provider
+    err = float(np.sqrt(np.mean((got.astype(np.float64) - want) ** 2)))
+    between = float(np.sqrt(np.mean((other.astype(np.float64) - want) ** 2)))
+    print(f"openvino vs ort on int8: {err:.4f}; another seed {between:.4f}")
+    assert err < 0.25 * between

@@ -75,7 +75,7 @@ def test_wheel_installs_only_bdm_names_and_every_module(wheel):
             extras.setdefault(extra.split("==")[1].strip().strip("'\""), set()).add(req.split(">")[0].strip())
     assert "onnxruntime" in extras["ort"] and "onnxruntime-gpu" in extras["ort-gpu"], extras
     assert not any({"onnxruntime", "onnxruntime-gpu"} <= reqs for reqs in extras.values()), extras
-    assert set(scripts) == {"bdm-train", "bdm-sample", "bdm-export", "bdm-run"}
+    assert set(scripts) == {"bdm-train", "bdm-sample", "bdm-export", "bdm-run", "bdm-serve"}
     assert all(target.split(".")[0] in FOLDERS for target in scripts.values()), scripts
 
 

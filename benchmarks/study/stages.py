@@ -102,6 +102,7 @@ class Study:
             train(fmnist.folder(), self.folder(model), resume=os.path.isfile(self.ckpt(model)), progress=False,
                   image_size=32, fit="pad", blur_sigma_max=spec["blur_sigma_max"], param=spec["param"],
                   steps=target, ckpt_every=chunk_steps, sample_steps=50, sample_eta=0.0, device=self.device,
+                  threads=self.threads,
                   **self.net, **self.opt)
             self._add_budget(model, todo[model], target, time.time() - start)
             if target in keep:

@@ -126,12 +126,12 @@ def refuse_stale(out_dir, names, engines):
     An export writes the set ``bdm.onnx``, ``bdm_fp16.onnx`` (``--fp16``), ``bdm_int8.onnx`` (``--int8``) and
     their engines (``.plan`` + ``.plan.json``, where TensorRT builds them). A file of that set that this export
     does not write would stay from an earlier export and no longer match (``make demo`` would even
-    run an old FP16 engine): the export is refused, naming it, and nothing is deleted.
+    run an old FP16 engine): the export is refused, naming it (graphs before engines), and nothing is deleted.
     """
     written = set(names)
     if engines:
         written |= {os.path.splitext(n)[0] + ext for n in names for ext in (".plan", ".plan.json")}
-    for name in [stem + ext for stem in ("bdm", "bdm_fp16", "bdm_int8") for ext in (".onnx", ".plan", ".plan.json")]:
+    for name in [stem + ext for ext in (".onnx", ".plan", ".plan.json") for stem in ("bdm", "bdm_fp16", "bdm_int8")]:
         path = os.path.join(out_dir, name)
         if name in written or not os.path.lexists(path):
             continue

@@ -102,7 +102,8 @@ def cli(engine, n, seed, first_index, solver, grid, steps, eta, label, guidance,
             written = _write(itertools.chain([first], chunks), sampler, n, labels, first_index, out, out_dir, npz,
                              grid_scale, engine)
     seconds = timer[0]
-    echo_result(f"bdm-run: {n} images in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} images/s), "
+    shown = f"{seconds:.2f}" if seconds >= 0.1 else f"{seconds:.2g}"   # a tiny run is not "0.00 s"
+    echo_result(f"bdm-run: {n} images in {shown} s ({n / max(seconds, 1e-9):.1f} images/s), "
                 f"backend {used} -> {', '.join(written)}", "bdm-run")
 
 

@@ -82,7 +82,7 @@ def _bdm_run(path, out, threads, extra, n=RUN_N):
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "bdm-run failed")
-    m = re.search(r"images in ([0-9.]+) s", done.stdout)
+    m = re.search(r"images in ([0-9.e+-]+) s", done.stdout)
     return wall, float(m.group(1)), done.stdout.strip()
 
 

@@ -22,7 +22,7 @@ DEMO_STEPS ?= 1500
 # older than bdm.onnx is from an earlier export and never chosen (bdm-export refuses to leave one).
 ENGINE = $$(test -f $(1)/bdm_fp16.plan && ! test $(1)/bdm.onnx -nt $(1)/bdm_fp16.plan && echo $(1)/bdm_fp16.plan || echo $(1)/bdm.onnx)
 
-.PHONY: demo demo-train test install clean fmnist features figures study ship
+.PHONY: demo demo-train test install clean fmnist features figures study ship scale
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,15 @@ study: $(VENV)/.installed fmnist
 	    $(if $(HOURS),--hours $(HOURS)) & \
 	wait
 	$(PY) -m benchmarks.study run --stages parity,report --allow-partial
+
+# The third study (issue 19: blur strength, budget, capacity; docs/studies.md): resumable, two processes.
+SCALE_A ?= bdm10-spectral,bdm3-spectral,bdm5-spectral
+SCALE_B ?= ddpm,ddpm-ch32,bdm10-spectral-ch32,bdm-spectral
+scale: $(VENV)/.installed fmnist
+	$(PY) -m benchmarks.study scale --stages train,measure --models $(SCALE_A) $(if $(HOURS),--hours $(HOURS)) & \
+	$(PY) -m benchmarks.study scale --stages train,measure --models $(SCALE_B) $(if $(HOURS),--hours $(HOURS)) & \
+	wait
+	$(PY) -m benchmarks.study scale --stages report
 
 ship: $(VENV)/.installed
 	$(PY) -m benchmarks.study run --stages ship

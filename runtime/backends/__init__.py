@@ -21,6 +21,27 @@ and runs steps:
 
 Modules here import their inference library when a model is loaded, never at ``import bdm_runtime``.
 """
+import numpy as np
+
+from .. import format as fmt
+
+
+class HostTimes:
+    """``set_times`` / ``select`` for backends whose time inputs are host arrays (ONNX Runtime, OpenVINO):
+    the chunk's grid kept as host rows, one row per step, uploaded step by step through ``upload``."""
+
+    def set_times(self, times, t_prev=None):
+        """The chunk's grid as host rows (row ``i``: step ``i``'s value for every image)."""
+        b = self._b
+        self._times = np.repeat(np.asarray(times, np.float32)[:, None], b, axis=1)
+        self._t_prev = None if t_prev is None else np.repeat(np.asarray(t_prev, np.float32)[:, None], b, axis=1)
+
+    def select(self, i):
+        """Step ``i``'s ``t``, ``s`` (and ``t_prev``) into the inputs."""
+        self.upload(fmt.T, self._times[i])
+        self.upload(fmt.S, self._times[i + 1])
+        if self._t_prev is not None and fmt.T_PREV in self.inputs:
+            self.upload(fmt.T_PREV, self._t_prev[i])
 
 
 class DeviceOut:

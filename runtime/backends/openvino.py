@@ -19,7 +19,7 @@ import numpy as np
 from .. import format as fmt
 from ..errors import BdmError
 from ..limits import DEFAULT_BATCH
-from . import ov_split
+from . import HostTimes, ov_split
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OV_TYPES = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -143,7 +143,7 @@ def ran_precision(compiled, kinds=("Convolution", "FullyConnected", "MatMul")):
     return {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(best, best)
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(HostTimes):
     """Runs a bdm step graph (``.onnx``) with OpenVINO on ``device`` (``"CPU"``, ``"GPU"``, ``"NPU"``, ``"AUTO"``).
 
     ``precision``: the network's type (``auto``, ``fp32``, ``bf16``, ``fp16``); the update is FP32
@@ -262,19 +262,7 @@ class OpenVinoBackend:
         np.copyto(self._bufs[key], np.asarray(array).reshape(self._bufs[key].shape))
 
     # -- the loop's primitives ------------------------------------------------------------------
-    def set_times(self, times, t_prev=None):
-        """The chunk's grid as host rows (row ``i``: step ``i``'s value for every image)."""
-        b = self._b
-        self._times = np.repeat(np.asarray(times, np.float32)[:, None], b, axis=1)
-        self._t_prev = None if t_prev is None else np.repeat(np.asarray(t_prev, np.float32)[:, None], b, axis=1)
-
-    def select(self, i):
-        """Step ``i``'s ``t``, ``s`` (and ``t_prev``) into the input buffers."""
-        self.upload(fmt.T, self._times[i])
-        self.upload(fmt.S, self._times[i + 1])
-        if self._t_prev is not None and fmt.T_PREV in self.inputs:
-            self.upload(fmt.T_PREV, self._t_prev[i])
-
+    # set_times, select: HostTimes's
     def _feed(self, names, parity):
         bufs = self._bufs
         state = {fmt.Z: "z%d" % parity, fmt.U_X_PREV: "u%d" % parity}

@@ -13,7 +13,7 @@ import numpy as np
 from .. import format as fmt
 from ..errors import BdmError
 from ..limits import out_of_memory
-from . import DeviceOut
+from . import DeviceOut, HostTimes
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
@@ -53,7 +53,7 @@ def step_error(path, error, batch, image_shape, symbolic):
     return None
 
 
-class OrtBackend:
+class OrtBackend(HostTimes):
     """Runs a bdm step graph (``.onnx``) with ONNX Runtime.
 
     ``session_options``: an ``onnxruntime.SessionOptions`` used as given (``threads`` then does
@@ -159,19 +159,7 @@ class OrtBackend:
         return io
 
     # -- the loop's primitives ------------------------------------------------------------------
-    def set_times(self, times, t_prev=None):
-        """The chunk's grid as host rows (row ``i``: step ``i``'s value for every image)."""
-        b = self._b
-        self._times = np.repeat(np.asarray(times, np.float32)[:, None], b, axis=1)
-        self._t_prev = None if t_prev is None else np.repeat(np.asarray(t_prev, np.float32)[:, None], b, axis=1)
-
-    def select(self, i):
-        """Step ``i``'s ``t``, ``s`` (and ``t_prev``) into the bound inputs."""
-        self.upload(fmt.T, self._times[i])
-        self.upload(fmt.S, self._times[i + 1])
-        if self._t_prev is not None and fmt.T_PREV in self.inputs:
-            self.upload(fmt.T_PREV, self._t_prev[i])
-
+    # set_times, select: HostTimes's
     def step(self, parity, out=None):
         """One step reading state ``parity``; on the last step ``out`` may receive ``x0`` directly."""
         if isinstance(out, DeviceOut) and self.device != "cuda":

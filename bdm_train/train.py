@@ -97,6 +97,11 @@ def _train_locked(data, out, path, resume, progress, options, lock):
     torch.set_num_threads(opts["threads"])   # on shared cores 1 thread can beat 2 (OpenMP threads stall each other)
     dist = Dist(opts["device"])
     opts["precision"] = resolve_precision(opts["precision"], dist.device)   # stored: --resume keeps it
+    if state is not None:
+        before = resolve_precision(state["config"]["train"].get("precision", "legacy"), dist.device)
+        if before != opts["precision"]:
+            print(f"note: resuming with changed precision ({before} -> {opts['precision']}): the run will differ "
+                  "from an uninterrupted one", file=sys.stderr)
     try:
         run = setup(data, out, path, opts, state, dist)
         if dist.main:

@@ -98,3 +98,17 @@ def test_cli_refuses_an_unknown_precision(data, tmp_path, capsys):
         main(["--data", data, "--out", str(tmp_path / "x"), "--precision", "fp8"])
     assert e.value.code != 0 and "fp8" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_explicit_precision_equal_to_the_stored_one_is_no_change(data, tmp_path, capsys):
+    """A checkpoint from before the option, resumed on CPU with ``--precision fp32`` (what it trained in):
+    nothing changed, so no note; asking for bf16 is a change, and says so."""
+    old = train(data, tmp_path, progress=False, steps=1, precision="fp32", **SMALL)
+    state = torch.load(old, weights_only=True)
+    del state["config"]["train"]["precision"]
+    torch.save(state, old)
+    capsys.readouterr()
+    train(None, tmp_path, resume=True, progress=False, steps=2, precision="fp32", device="cpu")
+    assert "changed precision" not in capsys.readouterr().err
+    train(None, tmp_path, resume=True, progress=False, steps=3, precision="bf16", device="cpu")
+    assert "changed precision (fp32 -> bf16)" in capsys.readouterr().err

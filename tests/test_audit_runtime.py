@@ -21,17 +21,7 @@ from helpers import export_mixture
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-
-def snapshot(folder):
-    """``{relative path: bytes, or "dir"}`` of everything under ``folder`` (hidden entries too)."""
-    out = {}
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(root, f), folder)] = fh.read()
-    return out
+from test_reliability import snapshot  # noqa: E402
 
 
 def run(*args, module="bdm_runtime.cli", address_space=None, timeout=60, **kw):

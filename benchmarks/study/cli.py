@@ -145,7 +145,9 @@ def diagnose_cmd(runs, only):
               help="Stop starting training chunks after this long (per sitting).")
 @click.option("--n", "n", type=click.IntRange(1), default=1000, show_default=True, help="Samples per point.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="CPU threads.")
-def scale_cmd(stages, only, hours, n, threads):
+@click.option("--upto", type=click.IntRange(1), default=None,
+              help="Train and measure only the budgets up to this many steps [all].")
+def scale_cmd(stages, only, hours, n, threads, upto):
     """The third study (issue 19): blur strength, budget and capacity (resumable; two processes, one core each)."""
     import torch
 
@@ -159,9 +161,9 @@ def scale_cmd(stages, only, hours, n, threads):
         raise BdmError(f"--stages {stages!r}: choose from train, measure, report")
     torch.set_num_threads(threads)
     if "train" in chosen:
-        scale.train(names, hours=hours)
+        scale.train(names, hours=hours, upto=upto)
     if "measure" in chosen:
-        scale.measure(names, n=n, threads=threads)
+        scale.measure(names, n=n, threads=threads, upto=upto)
     if "report" in chosen:
         scale_report.report()
 

@@ -74,7 +74,12 @@ def snapshot_path(name, step, runs=SCALE_RUNS):
 
 
 # -- training ------------------------------------------------------------------------------------
-def train(names, hours=None, runs=SCALE_RUNS):
+def budgets(name, upto=None):
+    """The budgets of a line, up to ``upto`` steps (a sitting that cannot reach the largest stops short)."""
+    return tuple(b for b in LINES[name]["budgets"] if upto is None or b <= upto)
+
+
+def train(names, hours=None, runs=SCALE_RUNS, upto=None):
     """Train each line to its largest budget, keeping a checkpoint at every budget (resumable; the learning
     rate is constant after warm-up, so training to 12,000 and then on to 24,000 equals training to 24,000)."""
     from .stages import Study
@@ -82,7 +87,7 @@ def train(names, hours=None, runs=SCALE_RUNS):
     deadline = time.time() + 3600 * hours if hours else None
     # Budget by budget: every line reaches its first budget before any goes on to its second, so a study cut
     # short by a sitting's end has measured points on every line.
-    order = sorted(((k, name, b) for name in names for k, b in enumerate(LINES[name]["budgets"])),
+    order = sorted(((k, name, b) for name in names for k, b in enumerate(budgets(name, upto))),
                    key=lambda r: (r[0], names.index(r[1])))
     for _, name, budget in order:
         if deadline and time.time() >= deadline:
@@ -172,14 +177,14 @@ def same_ema(a, b):
     return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
-def measure(names, n=1000, threads=1, runs=SCALE_RUNS):
+def measure(names, n=1000, threads=1, runs=SCALE_RUNS, upto=None):
     """Every available (line, budget): its settings at seed 1, then seeds 2 and 3 at its best setting."""
     from .. import metrics
 
     ref = metrics.reference_stats()
     for name in names:
         spec = LINES[name]
-        for step in spec["budgets"]:
+        for step in budgets(name, upto):
             if snapshot_path(name, step, runs) is None:
                 log(f"{name}: no checkpoint at step {step} yet; train first")
                 continue

@@ -237,9 +237,9 @@ def check_int8(onnx_path, model, process, *, batch=3, seed=0, log=print):
     with torch.no_grad():
         want = graph(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in graph.input_names))[0].numpy()
     d = np.abs(got.astype(np.float64) - want)
-    log(f"  onnxrt [int8] vs torch [fp32] z_next @ trajectory steps: max abs {d.max():.2e}, "
+    log(f"  onnxrt [{meta[fmt.K_PRECISION]}] vs torch [fp32] z_next @ trajectory steps: max abs {d.max():.2e}, "
         f"rms {np.sqrt((d ** 2).mean()):.2e} (quantization error, not a tolerance)")
     ok = bool(np.isfinite(got).all())
     if not ok:
-        log("  FAILED: the INT8 graph's z_next is not finite")
+        log(f"  FAILED: the {meta[fmt.K_PRECISION]} graph's z_next is not finite")
     return ok

@@ -1,7 +1,9 @@
-"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``, ``bdm_int8.onnx``) and engines.
+"""``bdm-export``: a checkpoint to step graphs (``bdm.onnx``, ``bdm_fp16.onnx``, ``bdm_int8.onnx``,
+``bdm_int8_fp16.onnx``: ``bdm_runtime.format.EXPORT_FILES``) and engines.
 
     bdm-export --ckpt runs/x/model.pt --fp16 --check
     bdm-export --ckpt runs/x/model.pt --int8 --calib-images 32       # + INT8 (QDQ), docs/int8.md
+    bdm-export --ckpt runs/x/model.pt --int8 --fp16                  # + INT8 in the FP16 graph (TensorRT 10/11)
     bdm-export --onnx bdm_fp16.onnx --out bdm.plan          # on the target; no torch needed
 
 User mistakes print one line ``Error: ...`` on stderr and exit non-zero, having created nothing.
@@ -21,6 +23,21 @@ from . import CHECK_TOLERANCES
 from .int8 import DEFAULT_IMAGES, DEFAULT_METHOD, METHODS
 
 _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES.items())
+
+
+def graph_names(fp16, int8):
+    """The graphs an export with these flags writes, in writing order (an INT8 one after those it comes from)."""
+    from bdm_runtime import format as fmt
+
+    chosen = {"--fp16"} if fp16 else set()
+    chosen |= {"--int8"} if int8 else set()
+    return [name for name, flags in fmt.EXPORT_FILES.values() if set(flags) <= chosen]
+
+
+def _precision_of(name):
+    from bdm_runtime import format as fmt
+
+    return next(p for p, (n, _) in fmt.EXPORT_FILES.items() if n == name)
 
 
 def _out_dir(out_dir, ckpt):
@@ -44,13 +61,14 @@ def _describe(meta):
             f"steps on the {meta.get(fmt.K_DEFAULT_GRID, 'uniform')} grid")
 
 
-def _engine(onnx_path, plan, batch, workspace, timing_cache, shown):
+def _engine(onnx_path, plan, batch, workspace, timing_cache, shown, note=True):
     """Build engine ``plan`` (a staged path); returns the line that reports it as ``shown``."""
     from bdm_runtime import format as fmt
 
     from bdm_runtime.trt_build import build_engine
 
-    side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache)
+    side = build_engine(onnx_path, plan, batch=batch, workspace_mib=workspace, timing_cache=timing_cache,
+                        note=note)
     p = side[fmt.K_PROFILE]
     return (f"wrote {shown} (+ .json): TensorRT {side[fmt.K_TRT_VERSION]} engine, {side[fmt.K_PRECISION]}, "
             f"batch profile {p['min']}:{p['opt']}:{p['max']} images")
@@ -82,9 +100,10 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 
         require_quantizer()
     out_dir = _out_dir(out_dir, ckpt)
-    names = ["bdm.onnx"] + (["bdm_fp16.onnx"] if fp16 else []) + (["bdm_int8.onnx"] if int8 else [])
+    names = graph_names(fp16, int8)
     reason = unavailable_reason() if engine else "--no-engine"
-    refuse_stale(out_dir, names, reason is None)
+    skip = {} if reason else _engine_refusals(names)
+    refuse_stale(out_dir, names, [n for n in names if n not in skip] if reason is None else False)
     if check:
         from .check import preload
 
@@ -93,7 +112,7 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
         folder = stage.folder(out_dir)
         try:
             lines = _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch,
-                                   workspace, timing_cache, check, reason, solver, grid, int8)
+                                   workspace, timing_cache, check, reason, solver, grid, int8, skip)
         except Exception:
             check_terminated()   # a SIGTERM a library swallowed surfaces as another error: report it as SIGTERM
             raise
@@ -106,47 +125,71 @@ def export_checkpoint(ckpt, out_dir, ema, fp16, guidance, steps, eta, batch, wor
 
 
 def _write_graph(model, process, folder, name, guidance, steps, eta, clip, solver, grid, int8):
-    """One graph into ``folder``; the INT8 one is calibrated from the FP32 ``bdm.onnx`` written before it."""
+    """One graph into ``folder``; the INT8 one is calibrated from the FP32 ``bdm.onnx`` written before it, and the
+    INT8-FP16 one is that INT8 graph's quantization on the FP16 graph (both written before it)."""
+    from bdm_runtime import format as fmt
+
     from .onnx_export import export_onnx
 
     path = os.path.join(folder, name)
-    if name.endswith("_int8.onnx"):
+    precision = _precision_of(name)
+    first = {p: os.path.join(folder, n) for p, (n, _) in fmt.EXPORT_FILES.items()}
+    if precision == "int8":
         from .int8 import export_int8
 
-        return export_int8(os.path.join(folder, "bdm.onnx"), path, images=int8["images"], method=int8["method"],
-                           progress=True)
+        return export_int8(first["fp32"], path, images=int8["images"], method=int8["method"], progress=True)
+    if precision == fmt.INT8_FP16:
+        from .int8_fp16 import export_int8_fp16
+
+        return export_int8_fp16(first["int8"], first["fp16"], path)
     return export_onnx(model, process, path, channels=model.in_channels, num_classes=model.num_classes,
-                       fp16=name.endswith("_fp16.onnx"), guidance=guidance, clip_denoised=clip,
+                       fp16=precision == "fp16", guidance=guidance, clip_denoised=clip,
                        default_steps=steps, default_eta=eta, default_solver=solver, default_grid=grid)
 
 
 def refuse_stale(out_dir, names, engines):
     """Refuse an export that would leave files of an earlier one beside the new graphs.
 
-    An export writes the set ``bdm.onnx``, ``bdm_fp16.onnx`` (``--fp16``), ``bdm_int8.onnx`` (``--int8``) and
-    their engines (``.plan`` + ``.plan.json``, where TensorRT builds them). A file of that set that this export
-    does not write would stay from an earlier export and no longer match (``make demo`` would even
-    run an old FP16 engine): the export is refused, naming it (graphs before engines), and nothing is deleted.
+    An export writes the set ``bdm.onnx``, ``bdm_fp16.onnx`` (``--fp16``), ``bdm_int8.onnx`` (``--int8``),
+    ``bdm_int8_fp16.onnx`` (both; ``bdm_runtime.format.EXPORT_FILES``) and their engines (``.plan`` +
+    ``.plan.json``, where TensorRT builds them: ``engines``, a bool or the names that get one). A file of
+    that set that this export does not write would stay from an earlier export and no longer match
+    (``make demo`` would even run an old FP16 engine): the export is refused, naming it (graphs before
+    engines), and nothing is deleted.
     """
-    written = set(names)
-    if engines:
-        written |= {os.path.splitext(n)[0] + ext for n in names for ext in (".plan", ".plan.json")}
-    for name in [stem + ext for ext in (".onnx", ".plan", ".plan.json") for stem in ("bdm", "bdm_fp16", "bdm_int8")]:
+    from bdm_runtime import format as fmt
+
+    built = set(names) if engines is True else set(engines or ())
+    written = set(names) | {os.path.splitext(n)[0] + ext for n in built for ext in (".plan", ".plan.json")}
+    given = {flag for name, flags in fmt.EXPORT_FILES.values() if name in names for flag in flags}
+    stems = [(os.path.splitext(n)[0], flags) for n, flags in fmt.EXPORT_FILES.values()]
+    for name, flags in [(stem + ext, flags) for ext in (".onnx", ".plan", ".plan.json") for stem, flags in stems]:
         path = os.path.join(out_dir, name)
         if name in written or not os.path.lexists(path):
             continue
-        flag = "--int8" if name.startswith("bdm_int8") else "--fp16"
+        flag = " ".join(f for f in flags if f not in given)
         fix = (f"add {flag} to replace it too" if name.endswith(".onnx") else
-               f"add {flag} to rebuild it too" if name.startswith(("bdm_fp16", "bdm_int8")) and engines else
-               "build engines too (TensorRT and a GPU; without --no-engine)")
+               f"add {flag} to rebuild it too" if flag and engines else
+               "build engines too (TensorRT and a GPU; without --no-engine)" if not engines else
+               "this TensorRT builds no engine from it")
         raise BdmError(f"{path} is left from an earlier export and would not match the new graphs: {fix}, "
                        "or move it away, or export into another --out-dir")
 
 
+def _engine_refusals(names):
+    """``{name: why}`` for the graphs this TensorRT builds no engine from (``trt_build.route_refusal``)."""
+    from bdm_runtime.trt_build import route_refusal
+
+    reasons = {n: route_refusal(_precision_of(n)) for n in names}
+    return {n: why for n, why in reasons.items() if why}
+
+
 def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta, clip, batch, workspace,
-                   timing_cache, check, reason, solver="ddim", grid="uniform", int8=None):
-    """Graphs (and engines, unless ``reason`` says why not) into the staging ``folder``, checked if asked;
-    returns the lines to report."""
+                   timing_cache, check, reason, solver="ddim", grid="uniform", int8=None, skip=None):
+    """Graphs (and engines, unless ``reason`` says why not, or ``skip`` does for one) into the staging
+    ``folder``, checked if asked; returns the lines to report."""
+    from bdm_runtime import format as fmt
+
     lines, plans = [], {}
     for name in names:
         try:
@@ -158,17 +201,22 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
     if reason:
         lines.append(f"no TensorRT engine built: {reason} (bdm-run runs the .onnx with ONNX Runtime)")
     else:
+        # bdm_int8.onnx's engine on TensorRT 10/11 notes its FP32 float layers, unless the FP16 twin is here too
+        note = fmt.EXPORT_FILES[fmt.INT8_FP16][0] not in names
         for name in names:
             plan = os.path.splitext(name)[0] + ".plan"
+            if name in (skip or {}):
+                lines.append(f"no TensorRT engine built from {os.path.join(out_dir, name)}: {skip[name]}")
+                continue
             plans[name] = os.path.join(folder, plan)
             lines.append(_engine(os.path.join(folder, name), plans[name], batch, workspace, timing_cache,
-                                 os.path.join(out_dir, plan)))
+                                 os.path.join(out_dir, plan), note))
     if check:
         from .check import check_onnx
 
         failed = []
         for name in names:
-            if name.endswith("_int8.onnx"):  # differs from torch by design: measured in docs/int8.md
+            if _precision_of(name) in fmt.INT8_PRECISIONS:  # differs from torch by design: docs/int8.md
                 from .check import check_int8
 
                 click.echo(f"check {name}: ONNX Runtime runs it to finite outputs (INT8 differs from FP32 by "
@@ -191,7 +239,8 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Where bdm.onnx (and bdm_fp16.onnx, engines) go. Default: the checkpoint's folder.")
-@click.option("--fp16", is_flag=True, help="Also write bdm_fp16.onnx: network in FP16, sampler update in FP32.")
+@click.option("--fp16", is_flag=True, help="Also write bdm_fp16.onnx: network in FP16, sampler update in FP32 "
+              "(with --int8 also bdm_int8_fp16.onnx: the INT8 convolutions in that graph, for TensorRT 10/11).")
 @click.option("--int8", is_flag=True, help="Also write bdm_int8.onnx: the network's convolutions in INT8 (QDQ, "
               "symmetric, per-channel weights; first/last/shortcut convs, time embedding, norms and the sampler "
               "update in FP32), calibrated on the FP32 graph's own trajectories (docs/int8.md).")

@@ -57,12 +57,20 @@ K_PARAM = "bdm.param"                    # how the network output is read (PARAM
 # Parameterisations of the network output: eps (B8) and spectral (B14). Graphs compute x_hat
 # inside, so the runtime only reports this; training and export take the names from here.
 PARAMS = ("eps", "spectral")
-# Precisions: fp16 is the network in float16; int8 its convolutions in QDQ INT8 (bdm_export.int8),
-# which also carries K_CALIBRATION: {"method": one of CALIBRATION_METHODS, "images", "steps", "seed":
+# Precisions: fp16 is the network in float16; int8 its convolutions in QDQ INT8 (bdm_export.int8);
+# int8-fp16 the same INT8 convolutions in the fp16 graph (bdm_export.int8_fp16, opset 19: for TensorRT
+# 10/11, whose strongly typed networks run the rest of the network FP16 only if the graph says so).
+# Both INT8 precisions carry K_CALIBRATION: {"method": one of CALIBRATION_METHODS, "images", "steps", "seed":
 # ints; "solver", "grid": the sampler whose trajectories it was calibrated on; "eta"; "float_layers":
 # the network layers kept in float, "quantized": how many convolutions are INT8}.
-PRECISIONS = ("fp32", "fp16", "int8")
+INT8_FP16 = "int8-fp16"
+INT8_PRECISIONS = ("int8", INT8_FP16)   # the Q/DQ graphs, with a calibration record
+PRECISIONS = ("fp32", "fp16") + INT8_PRECISIONS
 CALIBRATION_METHODS = ("max", "percentile", "entropy")
+# The step graphs bdm-export writes, by precision: file name and the flags that ask for it (one definition
+# for the exporter's names and stale-file refusal and for the runtime's hints).
+EXPORT_FILES = {"fp32": ("bdm.onnx", ()), "fp16": ("bdm_fp16.onnx", ("--fp16",)),
+                "int8": ("bdm_int8.onnx", ("--int8",)), INT8_FP16: ("bdm_int8_fp16.onnx", ("--int8", "--fp16"))}
 CALIBRATION_FIELDS = ("method", "images", "steps", "seed", "solver", "grid", "eta", "float_layers", "quantized")
 REQUIRED_KEYS_V1 = (K_FORMAT_VERSION, K_IMAGE_SHAPE, K_PROCESS, K_NUM_CLASSES, K_GUIDANCE,
                     K_CLIP_DENOISED, K_DEFAULT_STEPS, K_DEFAULT_ETA, K_PRECISION, K_VERSION)

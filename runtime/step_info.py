@@ -104,7 +104,7 @@ def _check_precision(path, meta):
     if precision not in fmt.PRECISIONS:
         raise BdmError(f"{path}: bad {fmt.K_PRECISION} {precision!r} (this runtime knows "
                        f"{', '.join(fmt.PRECISIONS)}): upgrade bdm")
-    if precision != "int8":
+    if precision not in fmt.INT8_PRECISIONS:
         return
     calib = meta.get(fmt.K_CALIBRATION)
     missing = [k for k in fmt.CALIBRATION_FIELDS if k not in calib] if isinstance(calib, dict) else ["all"]

@@ -19,9 +19,17 @@ Precision comes from the graph (``bdm_export.fp16``), by TensorRT major version,
 - 10.x: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: types are the graph's, no FP16 flag.
 - 11.x: networks are always strongly typed; the FP16 flag no longer exists.
 
-INT8 graphs (``bdm_export.int8``: Q/DQ around the network's convolutions, explicit quantization):
-8.x/9.x set ``BuilderFlag.INT8`` and ``FP16`` with the sampler update pinned to FP32; 10.x/11.x
-build them strongly typed, so their unquantized layers run in the graph's FP32 (docs/int8.md).
+INT8 graphs (Q/DQ around the network's convolutions, explicit quantization), two files (docs/int8.md):
+
+- ``bdm_int8.onnx`` (precision ``int8``, opset 17, ``bdm_export.int8``): 8.x/9.x set
+  ``BuilderFlag.INT8`` and ``FP16`` with the sampler update pinned to FP32, so the network's float
+  layers may run FP16. 10.x/11.x build it strongly typed: its unquantized layers run in the graph's
+  FP32, and the build prints one note saying so and naming the file below.
+- ``bdm_int8_fp16.onnx`` (precision ``int8-fp16``, opset 19, ``bdm_export.int8_fp16``; written by
+  ``bdm-export --int8 --fp16``): the same Q/DQ convolutions in the FP16 graph, with float16 scales.
+  10.x/11.x build it strongly typed: INT8 convolutions, FP16 elsewhere in the network, FP32 update,
+  all as the graph types them. 8.x/9.x are refused (one line): TensorRT 8.5's parser reads opsets
+  up to 17, and their INT8 + FP16 flags give ``bdm_int8.onnx`` the same mix there.
 
 GroupNorm reaches TensorRT as ONNX ``InstanceNormalization``. TensorRT 8.5's parser always makes it
 the ``InstanceNormalization_TRT`` plugin (the runtime registers plugins before loading); 8.6 does
@@ -120,13 +128,44 @@ def _first_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, timing_cache=None, verbose=False):
+def route_refusal(precision, version=None):
+    """Why TensorRT ``version`` (default: the installed one) builds no engine from a graph of ``precision``
+    (one line naming the file to use instead), or ``None``."""
+    if precision != fmt.INT8_FP16:
+        return None
+    if version is None:
+        import tensorrt
+
+        version = trt_version(tensorrt)
+    if version[0] >= 10:
+        return None
+    return (f"TensorRT {version[0]}.{version[1]} builds no {precision} graph (opset 19, float16 Q/DQ scales: "
+            f"TensorRT 8.5 parses up to opset 17); build {fmt.EXPORT_FILES['int8'][0]} here, whose INT8 + FP16 "
+            "builder flags run its float layers FP16")
+
+
+def _note_fp32_layers(trt, version, precision, path):
+    """One line on stderr when a strongly typed build gives an INT8 graph's unquantized layers FP32."""
+    if precision != "int8" or version[0] < 10:
+        return
+    import sys
+
+    name, flags = fmt.EXPORT_FILES[fmt.INT8_FP16]
+    print(f"note: TensorRT {trt.__version__} builds {os.path.basename(path)} strongly typed, so its unquantized "
+          f"layers run FP32; bdm-export {' '.join(flags)} also writes {name}, which runs them FP16",
+          file=sys.stderr)
+
+
+def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, timing_cache=None, verbose=False,
+                 note=True):
     """Build ``plan_path`` (and ``plan_path + ".json"``) from the step graph ``onnx_path``; returns the json dict.
 
     ``batch`` is ``(min, opt, max)`` or ``"MIN:OPT:MAX"`` in images (the guided branch doubles
     the batch inside the graph only). ``workspace_mib`` limits the builder's workspace pool;
     ``timing_cache`` is a file read (if present) and updated. Any failure of Polygraphy or
-    TensorRT is one ``BdmError`` line (TensorRT's own log says more above it).
+    TensorRT is one ``BdmError`` line (TensorRT's own log says more above it), as is a graph this
+    TensorRT builds no engine from (``route_refusal``). ``note``: say on stderr when an ``int8``
+    graph's float layers will run FP32 (TensorRT 10/11).
     """
     batch = parse_batch(batch)
     meta = read_step_metadata(onnx_path)
@@ -137,8 +176,13 @@ def build_engine(onnx_path, plan_path, batch=DEFAULT_BATCH, workspace_mib=None, 
     from polygraphy.logger import G_LOGGER
 
     version = trt_version(trt)  # >= 8.5, or BdmError
-    device = probe_cuda()[0].device()
     path = os.fspath(onnx_path)
+    refused = route_refusal(meta[fmt.K_PRECISION], version)
+    if refused:
+        raise BdmError(f"{path}: {refused}")
+    device = probe_cuda()[0].device()
+    if note:
+        _note_fp32_layers(trt, version, meta[fmt.K_PRECISION], path)
     with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.WARNING):
         try:
             engine = _build(trt, version, meta, path, batch, workspace_mib, timing_cache)
@@ -198,13 +242,16 @@ def precision_route(precision, version):
     """``(fp16 flag, int8 flag, pin)`` for a graph of ``precision`` on TensorRT ``version``.
 
     Strongly typed networks (10, 11) take everything from the graph: Q/DQ make INT8 layers, the rest
-    runs in the graph's own float types. Weakly typed ones (8.x, 9.x): an FP16 graph gets the FP16
+    runs in the graph's own float types (``int8``: FP32; ``int8-fp16``: FP16 in the network, which
+    8.x/9.x never get: ``route_refusal``). Weakly typed ones (8.x, 9.x): an FP16 graph gets the FP16
     flag with every layer pinned to its ONNX type (``pin="graph"``); an INT8 graph the INT8 and FP16
     flags with the layers outside the network (sampler update, DCTs) pinned to FP32 (``pin="update"``),
     so TensorRT picks INT8 where the graph has Q/DQ and FP16 or FP32 elsewhere in the network.
     """
     if version[0] >= 10 or precision == "fp32":
         return False, False, None
+    if precision == fmt.INT8_FP16:
+        raise BdmError(route_refusal(precision, version))
     if precision == "int8":
         return True, True, "update"
     return True, False, "graph"

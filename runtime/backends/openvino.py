@@ -186,7 +186,7 @@ class OpenVinoBackend(HostTimes):
         self._select(batch or DEFAULT_BATCH)  # compiled now: the usual chunk, and the checks below
         ran = ran_precision(self._compiled[0])
         # an INT8 graph's (bdm_export.int8) Q/DQ convolutions run in i8; its float layers take the hint
-        int8 = info.precision == "int8" and ran == "i8"
+        int8 = info.precision in fmt.INT8_PRECISIONS and ran == "i8"
         if self.precision != "fp32" and ran is not None and ran != self.precision and not int8:
             raise BdmError(f"OpenVINO's {device} ran the network in {ran}, not {self.precision}: it has no "
                            f"{self.precision} kernels on this machine (fp16 on a CPU needs AMX-FP16); "

@@ -78,7 +78,12 @@ def quantized_convs(int8_proto, path):
     return out
 
 
-def _qdq_input(name, x_scale, state):
+def _scope(conv):
+    """``/model/down.0/conv1/`` of ``/model/down.0/conv1/Conv``: Q/DQ nodes stay in the network's ONNX scope."""
+    return conv.name.rsplit("/", 1)[0] + "/"
+
+
+def _qdq_input(conv, name, x_scale, state):
     """Nodes and initializers quantizing the float16 tensor ``name`` (once per tensor, as ONNX Runtime does)."""
     from onnx import helper, numpy_helper
 
@@ -90,9 +95,10 @@ def _qdq_input(name, x_scale, state):
     state["inits"] += [numpy_helper.from_array(x_scale, stem + "_scale"),
                        numpy_helper.from_array(np.int8(0), stem + "_zero")]
     state["nodes"][name] = [
-        helper.make_node("QuantizeLinear", [name, stem + "_scale", stem + "_zero"], [stem + "_q"], name=stem + "_Q"),
+        helper.make_node("QuantizeLinear", [name, stem + "_scale", stem + "_zero"], [stem + "_q"],
+                         name=_scope(conv) + "input_QuantizeLinear"),
         helper.make_node("DequantizeLinear", [stem + "_q", stem + "_scale", stem + "_zero"], [stem + "_dq"],
-                         name=stem + "_DQ")]
+                         name=_scope(conv) + "input_DequantizeLinear")]
     state["done"][name] = (stem + "_dq", x_scale.tobytes())
     return stem + "_dq"
 
@@ -109,7 +115,7 @@ def _weight_dq(conv, w, w_scale, old_shape, path):
              numpy_helper.from_array(_half_scale(w_scale, conv.name + "'s weights", path), stem + "_scale"),
              numpy_helper.from_array(np.zeros(w.shape[0], np.int8), stem + "_zero")]
     node = helper.make_node("DequantizeLinear", [stem + "_quantized", stem + "_scale", stem + "_zero"],
-                            [stem + "_dq"], name=stem + "_DQ", axis=0)
+                            [stem + "_dq"], name=_scope(conv) + "weight_DequantizeLinear", axis=0)
     return inits, node
 
 
@@ -136,7 +142,7 @@ def quantize_like(fp16_proto, convs, path):
             if node.input[1] not in shapes or types.get(node.input[0]) != F16:
                 raise BdmError(f"{path}: {node.name} is not a float16 convolution with constant weights: "
                                "not a bdm FP16 graph (bdm-export --fp16 writes one)")
-            x = _qdq_input(node.input[0], _half_scale(x_scale, node.name + "'s input", path), state)
+            x = _qdq_input(node, node.input[0], _half_scale(x_scale, node.name + "'s input", path), state)
             inits, w_node = _weight_dq(node, w, w_scale, shapes[node.input[1]], path)
             state["inits"] += inits
             nodes += state["nodes"].pop(node.input[0], []) + [w_node]

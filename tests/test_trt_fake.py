@@ -108,7 +108,8 @@ def graphs(tmp_path_factory):
     return {"fp32": write_step_graph(folder / "fp32.onnx"), "fp16": write_step_graph(folder / "fp16.onnx", fp16=True),
             "cond": write_step_graph(folder / "cond.onnx", num_classes=3),
             "fmt2": write_step_graph(folder / "fmt2.onnx", format_version=2),
-            "int8": write_step_graph(folder / "int8.onnx", format_version=2, int8=True)}
+            "int8": write_step_graph(folder / "int8.onnx", format_version=2, int8=True),
+            fmt.INT8_FP16: write_step_graph(folder / "int8_fp16.onnx", format_version=2, int8="fp16")}
 
 
 def _build(env, onnx_path, folder, name="m", **kw):
@@ -175,14 +176,21 @@ def test_builder_route_follows_the_version(key, graphs, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("key", VERSIONS)
-def test_int8_route_follows_the_version(key, graphs, tmp_path, monkeypatch):
+def test_int8_route_follows_the_version(key, graphs, tmp_path, monkeypatch, capsys):
     """INT8 (Q/DQ) graphs: 8.x INT8 + FP16 flags, the update pinned to FP32 and the network left to the
-    builder; 10.x/11.x strongly typed with no flag (the graph's Q/DQ and types decide); the graph given is
-    the .onnx itself, and the engine samples as ONNX Runtime does on it."""
+    builder; 10.x/11.x strongly typed with no flag (the graph's Q/DQ and types decide: one note says its
+    float layers run FP32 and which file runs them FP16); the graph given is the .onnx itself, and the
+    engine samples as ONNX Runtime does on it."""
     env = Env(monkeypatch, key)
     trt, major = env.trt, MAJOR[key]
     plan, side = _build(env, graphs["int8"], tmp_path)
     _only_this_version(env)
+    note = capsys.readouterr().err.strip().splitlines()
+    if major >= 10:
+        assert len(note) == 1 and note[0].startswith(f"note: TensorRT {trt.__version__} builds int8.onnx strongly")
+        assert "run FP32" in note[0] and "bdm-export --int8 --fp16 also writes bdm_int8_fp16.onnx" in note[0]
+    else:
+        assert note == []
     assert json.loads(open(plan, "rb").read())["onnx"] == os.path.abspath(graphs["int8"])
     flags = env.fake.calls[env.fake.names("").index("Builder.create_network")][2]["flags"]
     enum = trt.NetworkDefinitionCreationFlag
@@ -206,6 +214,42 @@ def test_int8_route_follows_the_version(key, graphs, tmp_path, monkeypatch):
         assert layers["/model/conv/q"].get_output(0).dtype == trt.int8      # typed by the graph
     assert side[fmt.K_PRECISION] == "int8" and side[fmt.K_CALIBRATION]["method"] == "max"
     want = _reference(graphs["int8"], 5, seed=2)
+    with bdm_runtime.load(plan, backend="trt") as s:
+        np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", VERSIONS)
+def test_int8_fp16_route_follows_the_version(key, graphs, tmp_path, monkeypatch, capsys):
+    """INT8 in the FP16 graph (opset 19, float16 scales): 10.x/11.x strongly typed with no flag, the network's
+    Q/DQ convolution INT8 between float16 tensors, the update FLOAT, and the engine samples as ONNX Runtime on
+    the graph; 8.x (its parser reads up to opset 17) refuses it in one line naming bdm_int8.onnx."""
+    env = Env(monkeypatch, key)
+    trt, major = env.trt, MAJOR[key]
+    path = graphs[fmt.INT8_FP16]
+    if major < 10:
+        with pytest.raises(BdmError) as e:
+            _build(env, path, tmp_path)
+        assert "\n" not in str(e.value) and str(e.value).startswith(path)
+        assert "opset 19" in str(e.value) and "build bdm_int8.onnx here" in str(e.value)
+        assert env.configs == [] and "OnnxParser.parse_from_file" not in env.fake.names("")  # refused up front
+        assert os.listdir(tmp_path) == []
+        return
+    plan, side = _build(env, path, tmp_path)
+    _only_this_version(env)
+    assert capsys.readouterr().err == ""                                    # no FP32 note: it is FP16
+    flags = env.fake.calls[env.fake.names("").index("Builder.create_network")][2]["flags"]
+    assert flags == (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major == 10 else 0)
+    (config,) = env.configs
+    assert (config["fp16"], config["int8"], config["precision_constraints"]) == (False, False, None)
+    assert not any(n.startswith(("ILayer.precision", "ILayer.set_output_type")) for n in env.fake.names("ILayer"))
+    layers = {layer._name: layer for layer in env.builds[0]["network"][1]._layers}
+    out = {name: layer.get_output(0).dtype for name, layer in layers.items()}
+    assert out["/model/to_half"] == out["/model/conv/dq"] == out["/model/conv/dq_w"] == trt.float16
+    assert out["/model/conv/q"] == trt.int8 and out["/model/conv/Conv"] == trt.float16
+    update = [n for n, layer in layers.items() if not n.startswith("/model/") and layer._kind.name != "CONSTANT"]
+    assert len(update) > 10 and all(out[n] == trt.float32 for n in update), {n: out[n] for n in update}
+    assert side[fmt.K_PRECISION] == "int8-fp16" and side[fmt.K_CALIBRATION]["method"] == "max"
+    want = _reference(path, 5, seed=2)
     with bdm_runtime.load(plan, backend="trt") as s:
         np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
 

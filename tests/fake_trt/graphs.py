@@ -22,27 +22,38 @@ def _PROCESS(image_shape):  # a valid bdm.process (the runtime checks it since a
             "logsnr_max": 10.0}
 
 
-def _int8_conv(c, src, dst):
+def _int8_conv(c, src, dst, half=False):
     """What ``bdm_export.int8`` makes of a network conv: Q/DQ of the input (scale 1/32) and of INT8
-    per-channel weights (zero points 0), under the network's ONNX scope ``/model/``."""
+    per-channel weights (zero points 0), under the network's ONNX scope ``/model/``. ``half``: what
+    ``bdm_export.int8_fp16`` makes of it, in a float16 network (casts in and out, float16 scales)."""
     w = np.zeros((c, c, 1, 1), np.int8)
     w[np.arange(c), np.arange(c)] = 32   # 32 x scale 1/64 = 0.5: the conv halves its input
-    inits = [numpy_helper.from_array(np.float32(1 / 32), "x_scale"), numpy_helper.from_array(np.int8(0), "x_zero"),
-             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(c, 1 / 64, np.float32), "w_scale"),
+    kind = np.float16 if half else np.float32
+    inits = [numpy_helper.from_array(kind(1 / 32), "x_scale"), numpy_helper.from_array(np.int8(0), "x_zero"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(c, 1 / 64, kind), "w_scale"),
              numpy_helper.from_array(np.zeros(c, np.int8), "w_zero")]
-    nodes = [helper.make_node("QuantizeLinear", [src, "x_scale", "x_zero"], ["xq"], name="/model/conv/q"),
+    x, y = (src + "_h", dst + "_h") if half else (src, dst)
+    nodes = [helper.make_node("QuantizeLinear", [x, "x_scale", "x_zero"], ["xq"], name="/model/conv/q"),
              helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xdq"], name="/model/conv/dq"),
              helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], name="/model/conv/dq_w",
                               axis=0),
-             helper.make_node("Conv", ["xdq", "w"], [dst], name="/model/conv/Conv")]
+             helper.make_node("Conv", ["xdq", "w"], [y], name="/model/conv/Conv")]
+    if half:
+        nodes = ([helper.make_node("Cast", [src], [x], name="/model/to_half", to=TensorProto.FLOAT16)] + nodes
+                 + [helper.make_node("Cast", [y], [dst], name="/model/to_float", to=TensorProto.FLOAT)])
     return nodes, inits
+
+
+def _precision(fp16, int8):
+    return fmt.INT8_FP16 if int8 == "fp16" else "int8" if int8 else "fp16" if fp16 else "fp32"
 
 
 def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, default_steps=6, format_version=1,
                      int8=False):
     """Write the graph to ``path`` and return it.
 
-    ``int8=True``: the normalised latent goes through a Q/DQ-quantized 1x1 conv (``_int8_conv``).
+    ``int8=True``: the normalised latent goes through a Q/DQ-quantized 1x1 conv (``_int8_conv``);
+    ``int8="fp16"``: that conv in float16, Q/DQ with float16 scales, opset 19 (precision ``int8-fp16``).
 
     ``format_version=2`` adds the state: ``z_next`` gains ``0.1 (t_prev - t) u_x_prev`` (so a stale
     state buffer or time row shows), and ``u_x = z + t`` is the state passed on.
@@ -71,7 +82,7 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
              helper.make_node("Mul", [fmt.Z, "t4"], [fmt.X0], name="x0")]
     last, inits = "zn2", []
     if int8:
-        conv, inits = _int8_conv(c, "norm", "norm_c")
+        conv, inits = _int8_conv(c, "norm", "norm_c", half=int8 == "fp16")
         at = [n.name for n in nodes].index("norm_s")
         nodes[at:at] = conv
     if fp16:
@@ -103,11 +114,12 @@ def write_step_graph(path, image_shape=(1, 4, 4), num_classes=0, fp16=False, def
     nodes.append(helper.make_node("Mul", [last, "c05"], [fmt.Z_NEXT], name="z_next"))  # keeps |z| bounded
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, img) for n in fmt.outputs(format_version)]
     graph = helper.make_graph(nodes, "fake_step", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opset = 19 if int8 == "fp16" else 17
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9 if opset > 17 else 8)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     meta = {fmt.K_FORMAT_VERSION: format_version, fmt.K_IMAGE_SHAPE: list(image_shape), fmt.K_PROCESS: _PROCESS(image_shape),
             fmt.K_NUM_CLASSES: num_classes, fmt.K_GUIDANCE: guided, fmt.K_CLIP_DENOISED: True,
-            fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: "fp16" if fp16 else "int8" if int8 else "fp32",
+            fmt.K_DEFAULT_STEPS: default_steps, fmt.K_DEFAULT_ETA: 1.0, fmt.K_PRECISION: _precision(fp16, int8),
             fmt.K_VERSION: "0.1.0"}
     if int8:
         meta[fmt.K_CALIBRATION] = {"method": "max", "images": 2, "steps": default_steps, "seed": 0, "solver": "ddim",

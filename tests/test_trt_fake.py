@@ -254,6 +254,26 @@ def test_int8_fp16_route_follows_the_version(key, graphs, tmp_path, monkeypatch,
         np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("key", ["8.6", "10.3"])
+def test_export_builds_the_engines_this_tensorrt_can(key, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """``bdm-export --int8 --fp16`` with TensorRT: every graph gets its engine, but on 8.x bdm_int8_fp16.onnx,
+    which is named with the reason (the export succeeds); on 10/11 no FP32 note, the FP16 twin is there."""
+    from bdm_export.cli import main
+    from helpers import in_process
+
+    Env(monkeypatch, key)
+    out = tmp_path / "out"
+    code, stdout, err = in_process(main, ["--ckpt", tiny_checkpoint, "--out-dir", out, "--steps", 2, "--int8",
+                                          "--fp16", "--calib-images", 1, "--batch", "1:2:4"], capsys)
+    assert code == 0, err
+    stems = ["bdm", "bdm_fp16", "bdm_int8"] + (["bdm_int8_fp16"] if MAJOR[key] >= 10 else [])
+    assert sorted(os.listdir(out)) == sorted([n for n, _ in fmt.EXPORT_FILES.values()] + [
+        s + ext for s in stems for ext in (".plan", ".plan.json")])
+    if MAJOR[key] < 10:
+        assert f"no TensorRT engine built from {out / 'bdm_int8_fp16.onnx'}: TensorRT 8.6 builds no int8-fp16" in stdout
+    assert "note:" not in err
+
+
 def test_build_failures_are_one_line(graphs, tmp_path, monkeypatch):
     import polygraphy
     import polygraphy.backend.trt as ptrt

@@ -4,6 +4,15 @@ import os
 from .core import ONNX_TYPES, Bound, _new
 
 
+# The other ONNX ops of an exported bdm step graph (bdm_export), as TensorRT's parser makes them (by kind only)
+UNET_KINDS = dict({op: "UNARY" for op in ("Sin", "Cos", "Tan", "Exp", "Log", "Sqrt", "Neg")},
+                  **{op: "ELEMENTWISE" for op in ("Sub", "Pow", "Greater")},
+                  **{op: "SHUFFLE" for op in ("Unsqueeze", "Squeeze", "Transpose")},
+                  Gemm="MATRIX_MULTIPLY", MatMul="MATRIX_MULTIPLY", Sigmoid="ACTIVATION", Clip="ACTIVATION",
+                  Softmax="SOFTMAX", Concat="CONCATENATION", Resize="RESIZE", Gather="GATHER", Where="SELECT",
+                  Split="SLICE")
+
+
 class ITensor(Bound):
     def __init__(self, name, dtype):
         self._name, self._dtype = name, dtype
@@ -126,6 +135,7 @@ class OnnxParser(Bound):
                  "Constant": "CONSTANT", "Reshape": "SHUFFLE", "Add": "ELEMENTWISE", "Mul": "ELEMENTWISE",
                  "Div": "ELEMENTWISE", "InstanceNormalization": "NORMALIZATION" if native else "PLUGIN_V2",
                  "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE", "Conv": "CONVOLUTION"}
+        kinds.update(UNET_KINDS)
         for node in model.graph.node:
             outs = [_new(trt.ITensor, o, dtype(o)) for o in node.output]
             tensors.update({t.name: t for t in outs})

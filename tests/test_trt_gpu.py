@@ -234,3 +234,46 @@ def test_int8_engine_matches_onnxruntime_int8(built_int8, batch):
     err = relative_error(got, want)
     print(f"\nint8 engine vs ORT int8, batch {batch}: z_next {err:.2e}")
     assert err < 3e-2
+
+
+@pytest.fixture(scope="module")
+def int8_fp16_graph(built_int8, tmp_path_factory):
+    """``bdm_int8_fp16.onnx`` of the same model and calibration as ``built_int8`` (``bdm_export.int8_fp16``)."""
+    from bdm_export.int8_fp16 import export_int8_fp16
+
+    b = built_int8
+    folder = tmp_path_factory.mktemp("trt_int8_fp16")
+    fp16 = folder / "bdm_fp16.onnx"
+    export_onnx(b["model"], b["process"], fp16, channels=1, default_steps=4, fp16=True)
+    onnx_path = folder / "bdm_int8_fp16.onnx"
+    export_int8_fp16(str(b["onnx"]), str(fp16), str(onnx_path))
+    return dict(b, onnx=onnx_path, plan=folder / "bdm_int8_fp16.plan")
+
+
+def test_int8_fp16_engine_runs_int8_and_fp16_with_an_fp32_update(int8_fp16_graph):
+    """TensorRT 10/11 (strongly typed): INT8 layers, FP16 layers (the rest of the network, as the graph types
+    it), FP32 outputs, and the same step as ONNX Runtime on the graph (the INT8 engine's bound). 8.x/9.x
+    refuse the opset-19 graph in one line naming bdm_int8.onnx."""
+    from bdm_runtime.errors import BdmError
+
+    b = int8_fp16_graph
+    if int(trt.__version__.split(".")[0]) < 10:
+        with pytest.raises(BdmError, match="build bdm_int8.onnx here") as e:
+            build_engine(str(b["onnx"]), str(b["plan"]), batch=BATCH, workspace_mib=512)
+        assert "\n" not in str(e.value) and not os.path.exists(b["plan"])
+        return
+    side = build_engine(str(b["onnx"]), str(b["plan"]), batch=BATCH, workspace_mib=512)
+    assert side[fmt.K_PRECISION] == "int8-fp16"
+    info = _layer_info(_engine(b["plan"]))
+    print(f"\nTensorRT {trt.__version__}")
+    assert "int8" in info.lower() and ("half" in info.lower() or "fp16" in info.lower())
+    kinds = _tensor_kinds(info)
+    for name in (fmt.Z_NEXT, fmt.X0):
+        assert kinds.get(name, {"float"}) <= {"float"}, (name, kinds.get(name))
+    meta = dict(side)
+    meta[fmt.K_DEFAULT_STEPS] = 50
+    feed = make_inputs(meta, b["process"], final=False, batch=5, seed=5)
+    want = session(b["onnx"]).run([fmt.Z_NEXT], feed)[0]
+    err = relative_error(_trt_run(b["plan"], feed)[fmt.Z_NEXT], want)
+    print(f"int8-fp16 engine vs ORT int8-fp16, batch 5: z_next {err:.2e}")
+    assert err < 3e-2

@@ -29,6 +29,7 @@ from .fp16 import F16
 from .int8 import NETWORK
 
 OPSET = 19
+IR_VERSION = 9      # the ONNX IR that opset 19 came with (onnx 1.14)
 F16_TINY = float(np.finfo(np.float16).tiny)   # smallest normal float16; scales below it would lose bits
 F16_MAX = float(np.finfo(np.float16).max)
 
@@ -83,13 +84,14 @@ def _scope(conv):
     return conv.name.rsplit("/", 1)[0] + "/"
 
 
-def _qdq_input(conv, name, x_scale, state):
+def _qdq_input(conv, name, x_scale, state, path):
     """Nodes and initializers quantizing the float16 tensor ``name`` (once per tensor, as ONNX Runtime does)."""
     from onnx import helper, numpy_helper
 
     if name in state["done"]:
         if state["done"][name][1] != x_scale.tobytes():
-            raise BdmError(f"{name} is quantized with two scales")
+            raise BdmError(f"{path}: {conv.name}'s input {name} has two INT8 scales: not a bdm INT8 graph; "
+                           "export it again with bdm-export --int8 --fp16")
         return state["done"][name][0]
     stem = f"{name}_int8"
     state["inits"] += [numpy_helper.from_array(x_scale, stem + "_scale"),
@@ -142,7 +144,8 @@ def quantize_like(fp16_proto, convs, path):
             if node.input[1] not in shapes or types.get(node.input[0]) != F16:
                 raise BdmError(f"{path}: {node.name} is not a float16 convolution with constant weights: "
                                "not a bdm FP16 graph (bdm-export --fp16 writes one)")
-            x = _qdq_input(node, node.input[0], _half_scale(x_scale, node.name + "'s input", path), state)
+            x = _qdq_input(node, node.input[0], _half_scale(x_scale, node.name + "'s input", path), state,
+                           path)
             inits, w_node = _weight_dq(node, w, w_scale, shapes[node.input[1]], path)
             state["inits"] += inits
             nodes += state["nodes"].pop(node.input[0], []) + [w_node]
@@ -160,8 +163,8 @@ def quantize_like(fp16_proto, convs, path):
     graph.node.extend(nodes)
     graph.initializer.extend(keep + state["inits"])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
-                                  ir_version=fp16_proto.ir_version, producer_name=fp16_proto.producer_name,
-                                  producer_version=fp16_proto.producer_version)
+                                  ir_version=max(fp16_proto.ir_version, IR_VERSION),
+                                  producer_name=fp16_proto.producer_name, producer_version=fp16_proto.producer_version)
 
 
 def _metadata(int8_meta, fp16_meta, int8_path, fp16_path):

@@ -139,9 +139,9 @@ def route_refusal(precision, version=None):
         version = trt_version(tensorrt)
     if version[0] >= 10:
         return None
-    return (f"TensorRT {version[0]}.{version[1]} builds no {precision} graph (opset 19, float16 Q/DQ scales: "
-            f"TensorRT 8.5 parses up to opset 17); build {fmt.EXPORT_FILES['int8'][0]} here, whose INT8 + FP16 "
-            "builder flags run its float layers FP16")
+    return (f"TensorRT {version[0]}.{version[1]} builds no {precision} graph (it is opset 19, for float16 Q/DQ "
+            f"scales; TensorRT 8.5/8.6 parse opsets up to 17): build {fmt.EXPORT_FILES['int8'][0]} here, whose "
+            "INT8 + FP16 builder flags run its float layers FP16")
 
 
 def _note_fp32_layers(trt, version, precision, path):

@@ -312,7 +312,9 @@ def cached_engine(onnx_path, info, engine_cache=None, batch=None):
     TensorRT, another GPU (name or compute capability) or another profile.
     """
     trt = import_tensorrt()
-    trt_version(trt)
+    refused = route_refusal(info.precision, trt_version(trt))
+    if refused:   # before any folder or engine is made
+        raise BdmError(f"{os.fspath(onnx_path)}: {refused}")
     device = import_cuda().device()
     profile = tuple(DEFAULT_BATCH) if batch is None else (1, batch, batch)
     stem = os.path.splitext(os.path.basename(onnx_path))[0]

@@ -232,6 +232,8 @@ def test_int8_fp16_route_follows_the_version(key, graphs, tmp_path, monkeypatch,
         assert "\n" not in str(e.value) and str(e.value).startswith(path)
         assert "opset 19" in str(e.value) and "build bdm_int8.onnx here" in str(e.value)
         assert env.configs == [] and "OnnxParser.parse_from_file" not in env.fake.names("")  # refused up front
+        with pytest.raises(BdmError, match="build bdm_int8.onnx here"):    # the runtime's engine cache too
+            bdm_runtime.load(path, backend="trt", engine_cache=str(tmp_path / "cache"))
         assert os.listdir(tmp_path) == []
         return
     plan, side = _build(env, path, tmp_path)
@@ -252,6 +254,11 @@ def test_int8_fp16_route_follows_the_version(key, graphs, tmp_path, monkeypatch,
     want = _reference(path, 5, seed=2)
     with bdm_runtime.load(plan, backend="trt") as s:
         np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
+    cache = tmp_path / "cache"                                 # the runtime's engine cache: named after the graph
+    with bdm_runtime.load(path, backend="trt", engine_cache=str(cache), batch=5) as s:
+        np.testing.assert_allclose(s.sample(5, seed=2), want, rtol=0, atol=1e-6)
+    assert sorted(os.listdir(cache)) == [f"int8_fp16.trt{trt.__version__}.nvidia-orin-sm87.b5.plan" + ext
+                                         for ext in ("", ".json")]
 
 
 @pytest.mark.parametrize("key", ["8.6", "10.3"])

@@ -269,3 +269,19 @@ def test_cli_writes_int8_fp16_with_int8_and_fp16_and_never_leaves_it_stale(tiny_
     code, _, err = in_process(main, args + ["--int8"], capsys)     # would leave the INT8-FP16 graph of before
     assert_one_line_error(code, err, str(out / "bdm_int8_fp16.onnx"), "add --fp16 to replace it too")
     assert (out / "bdm_int8_fp16.onnx").read_bytes() == before
+
+
+def test_openvino_runs_the_int8_fp16_graph(graphs):
+    """The runtime takes the new precision on every backend: OpenVINO runs its Q/DQ convolutions in i8 and
+    draws ONNX Runtime's images from the same file (same bound as test_export_int8's OpenVINO test)."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the [openvino] extra)")
+    path = graphs[fmt.INT8_FP16]
+    with bdm_runtime.load(path, backend="ort", threads=1) as s:
+        want, other = s.sample(6, seed=3).astype(np.float64), s.sample(6, seed=4)
+    with bdm_runtime.load(path, backend="openvino", precision="fp32", threads=1) as s:
+        got = s.sample(6, seed=3)
+        assert "network i8" in s.provider
+    err = float(np.sqrt(np.mean((got - want) ** 2)))
+    between = float(np.sqrt(np.mean((other - want) ** 2)))
+    print(f"openvino vs ort on int8-fp16: {err:.4f}; another seed {between:.4f}")
+    assert err < 0.25 * between

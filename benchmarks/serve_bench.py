@@ -49,11 +49,11 @@ def export(ckpt, folder):
     return os.path.join(folder, "bdm.onnx")
 
 
-def start_server(engine, ports, threads, max_batch, delay_us, log):
+def start_server(engine, ports, threads, server_args, log):
+    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), ready, or ``RuntimeError``."""
     http, grpc, metrics = ports
     cmd = [sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads),
-           "--max-batch", str(max_batch), "--queue-delay-us", str(delay_us)]
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads)] + server_args
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     import urllib.request
@@ -84,11 +84,20 @@ def counts(metrics_port):
     return tuple(out)
 
 
-def client_loop(http_port, seed, indices, latencies):
-    """One client: single-image requests back to back, each latency appended."""
-    import tritonclient.http as hc
+def _client(protocol, ports):
+    """``(tritonclient module, client)`` for ``protocol`` ``"http"`` or ``"grpc"``."""
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
 
-    client = hc.InferenceServerClient(f"{HOST}:{http_port}", connection_timeout=300, network_timeout=300)
+        return tc, tc.InferenceServerClient(f"{HOST}:{ports[1]}")
+    import tritonclient.http as tc
+
+    return tc, tc.InferenceServerClient(f"{HOST}:{ports[0]}", connection_timeout=300, network_timeout=300)
+
+
+def client_loop(protocol, ports, seed, indices, latencies):
+    """One client: single-image requests back to back, each latency appended."""
+    hc, client = _client(protocol, ports)
     try:
         for i in indices:
             inputs = []
@@ -103,13 +112,14 @@ def client_loop(http_port, seed, indices, latencies):
         client.close()
 
 
-def served(ports, clients, per_client, seed):
+def served(protocol, ports, clients, per_client, seed):
     """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed."""
     latencies, threads = [], []
     before = counts(ports[2])
     for c in range(clients):
         idx = range(c * per_client, (c + 1) * per_client)
-        threads.append(threading.Thread(target=client_loop, args=(ports[0], seed, idx, latencies), daemon=True))
+        threads.append(threading.Thread(target=client_loop, args=(protocol, ports, seed, idx, latencies),
+                                        daemon=True))
     begin = time.perf_counter()
     for t in threads:
         t.start()
@@ -135,12 +145,12 @@ def direct(sampler, batch, images, seed):
     return images / (time.perf_counter() - begin)
 
 
-def one_round(sampler, ports, images, seed):
+def one_round(sampler, protocol, ports, images, seed):
     """Direct batch 1, the server at 1/4/16 clients, then direct at the batch the batcher formed at 16."""
     row = {"direct_b1": direct(sampler, 1, images, seed)}
     for c in CLIENTS:
         per = max(1, -(-images // c)) if c < 16 else max(2, -(-2 * images // c))
-        row[f"served_c{c}"] = served(ports, c, per, seed)
+        row[f"served_c{c}"] = served(protocol, ports, c, per, seed)
     b = max(1, int(round(row["served_c16"]["mean_batch"])))
     row["formed_batch"] = b
     row["direct_formed"] = direct(sampler, b, max(images, 2 * b), seed)
@@ -169,7 +179,9 @@ def markdown(result):
     lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
              f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
              f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
-             f"queue delay {result['queue_delay_us']} us; {result['rounds']} interleaved rounds (medians); "
+             f"queue delay {result['queue_delay_us']} us, preferred batch {result.get('preferred_batch') or 'none'}, "
+             f"{result.get('instances', 1)} model instance(s); {result.get('client', 'http').upper()} clients "
+             f"(tritonclient); {result['rounds']} interleaved rounds (medians); "
              f"load average {result['load_before']} -> {result['load_after']}; other processes' CPU "
              f"{result['cpu_share']}.", "",
              "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
@@ -206,28 +218,39 @@ def write(result, out):
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--queue-delay-us", type=click.IntRange(0, 10 ** 7), default=2000, show_default=True)
+@click.option("--preferred-batch", type=click.IntRange(1, 256), multiple=True,
+              help="bdm-serve --preferred-batch (repeatable; default none).")
+@click.option("--instances", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="bdm-serve --instances: model instances over the one sampler.")
+@click.option("--client", "protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="tritonclient protocol of the benchmark's clients.")
 @click.option("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve"), show_default=True,
               help="Write OUT.json and OUT.md.")
-def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, out):
+def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, out):
     import bdm_runtime
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = export(ckpt, tmp)
         ports = free_ports()
         load_before, share = loadavg(), CpuShare()
-        proc = start_server(engine, ports, threads, max_batch, queue_delay_us, os.path.join(tmp, "server.log"))
+        server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
+                       "--instances", str(instances)]
+        for size in preferred_batch:
+            server_args += ["--preferred-batch", str(size)]
+        proc = start_server(engine, ports, threads, server_args, os.path.join(tmp, "server.log"))
         try:
             with bdm_runtime.load(engine, threads=threads) as sampler:
                 sampler.sample(2)  # warm-up
                 results = []
                 for r in range(rounds):
-                    results.append(one_round(sampler, ports, images, seed=r))
+                    results.append(one_round(sampler, protocol, ports, images, seed=r))
                     click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
     result = {"model": os.path.relpath(ckpt, ROOT), "machine": machine_info(), "threads": threads,
-              "max_batch": max_batch, "queue_delay_us": queue_delay_us, "rounds": rounds, "images": images,
+              "max_batch": max_batch, "queue_delay_us": queue_delay_us, "preferred_batch": list(preferred_batch),
+              "instances": instances, "client": protocol, "rounds": rounds, "images": images,
               "load_before": load_before, "load_after": loadavg(), "cpu_share": share.result(),
               "per_round": results, "summary": summarize(results)}
     write(result, out)

@@ -25,8 +25,9 @@ class Settings:
     """What the server binds: model name, the batcher's bounds, the largest ``steps`` a request may ask."""
 
     def __init__(self, model_name="bdm", max_batch=64, queue_delay_us=2000, preferred=None, max_steps=1000,
-                 exit_timeout=30):
+                 exit_timeout=30, instances=1):
         self.model_name = model_name
+        self.instances = int(instances)
         self.max_batch = int(max_batch)
         self.queue_delay_us = int(queue_delay_us)
         self.preferred = list(preferred or [])
@@ -49,9 +50,12 @@ def library_path():
     return ":".join(have + [p for p in extra if p and os.path.isdir(p) and p not in have])
 
 
-def make_infer(sampler, settings, stats):
-    """The callable PyTriton runs: a list of requests (one merged batch) in, a list of output dicts out."""
-    lock = threading.Lock()
+def make_infer(sampler, settings, stats, lock):
+    """The callable PyTriton runs: a list of requests (one merged batch) in, a list of output dicts out.
+
+    ``lock`` guards ``stats`` (one callable per model instance, each on its own PyTriton thread);
+    the sampler's own lock lets one batch at a time through the step graph.
+    """
 
     def infer(requests):
         batch = [{name: request[name] for name in request} for request in requests]
@@ -69,7 +73,12 @@ def make_infer(sampler, settings, stats):
 
 
 def bind(triton, sampler, settings, stats):
-    """Bind the sampler as model ``settings.model_name`` with dynamic batching."""
+    """Bind the sampler as model ``settings.model_name`` with dynamic batching.
+
+    ``settings.instances`` > 1 binds that many callables over the one sampler (Triton model
+    instances): while one batch samples, Triton hands the next to another instance, whose transfer
+    and parsing overlap the sampling instead of leaving the step graph idle between batches.
+    """
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     inputs = [Tensor(name=name, dtype=dtype, shape=(1,), optional=optional) for name, dtype, _, optional in rq.INPUTS]
@@ -78,7 +87,9 @@ def bind(triton, sampler, settings, stats):
     batcher = DynamicBatcher(max_queue_delay_microseconds=settings.queue_delay_us,
                              preferred_batch_size=settings.preferred or None)
     config = ModelConfig(batching=True, max_batch_size=settings.max_batch, batcher=batcher)
-    triton.bind(model_name=settings.model_name, infer_func=make_infer(sampler, settings, stats), inputs=inputs,
+    lock = threading.Lock()
+    infer = [make_infer(sampler, settings, stats, lock) for _ in range(settings.instances)]
+    triton.bind(model_name=settings.model_name, infer_func=infer if len(infer) > 1 else infer[0], inputs=inputs,
                 outputs=outputs, config=config, strict=False)
 
 
@@ -117,7 +128,7 @@ def serve(sampler, settings, host, ports, on_ready=None, log=print):
         triton.run()
         log(f"bdm-serve: model '{settings.model_name}' ready on http://{host}:{ports[0]} (gRPC {host}:{ports[1]}, "
             f"metrics http://{host}:{ports[2]}/metrics), backend {sampler.backend} ({sampler.provider}), "
-            f"max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us")
+            f"max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us, {settings.instances} instance(s)")
         if on_ready is not None:
             on_ready()
         while not stop.is_set() and triton.is_alive():

@@ -217,6 +217,45 @@ def test_bad_requests_get_an_error_naming_the_input(server, name, array, words):
     assert serving.infer(http, [(1, 0)]).as_numpy("image").shape == (1, 16, 16, 1)  # still serving
 
 
+def test_a_refused_request_fails_alone_in_its_batch(server, sampler):
+    """Bad values in one request of a merged batch: it alone gets the error; its batch-mates their images."""
+    from tritonclient.utils import InferenceServerException
+
+    http, _, metrics = server
+    rows = [[(6, k)] for k in range(4)] + [[(2, 3), (2, 0)]]
+    calls = [lambda r=r: serving.infer(http, r) for r in rows]
+    calls.insert(2, lambda: serving.infer(http, [(6, 9)], solver=np.array([[b"euler"]], object)))
+    before = serving.counts(metrics)
+    results = concurrently(calls)
+    bad = results.pop(2)
+    assert isinstance(bad, InferenceServerException), bad
+    assert "input 'solver'" in str(bad) and "euler" in str(bad) and "Traceback" not in str(bad), str(bad)[-500:]
+    assert str(bad.status()) == "400", bad.status()  # INVALID_ARG: the client's mistake, not the server's
+    for r, res in zip(rows, results):
+        assert not isinstance(res, Exception), res
+        want = np.concatenate([sampler.generate(1, seed=s, first_index=i) for s, i in r])
+        assert np.array_equal(res.as_numpy("image"), want)
+    after = serving.counts(metrics)
+    assert after[1] - before[1] < len(calls)  # the batcher merged the bad request with good ones
+
+
+def test_proxy_patch_applies_to_this_pytriton():
+    """The per-request branch goes into PyTriton's proxy model, which still compiles; other text is left alone."""
+    pytest.importorskip("pytriton")
+    from pytriton.models.model import Model
+
+    from bdm_runtime.serve import per_request
+
+    path = os.path.join(os.path.dirname(os.path.dirname(sys.modules[Model.__module__].__file__)), "proxy", "model.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    patched = per_request.patch_source(source)
+    assert patched is not None and per_request.ERROR_OUTPUT in patched
+    compile(patched, path, "exec")
+    assert per_request.patch_source(patched) is None  # never twice
+    assert per_request.patch_source("def _wrap_response(response):\n    pass\n") is None
+
+
 def test_too_many_images_refused(server):
     from tritonclient.utils import InferenceServerException
 

@@ -3,9 +3,8 @@
 PyTriton starts the ``tritonserver`` it bundles (it runs on a CPU-only machine too) and hands
 each batch the dynamic batcher formed to :func:`infer` in this process. Triton itself refuses a
 request whose inputs have the wrong data type or shape, or more rows than ``max_batch``, before
-it is batched; :mod:`bdm_runtime.serve.requests` refuses bad values. PyTriton answers a batch as a
-whole, so a request refused on its values fails the requests batched with it too (they get an
-error naming the refused request: retry them); the standalone repository's model refuses per request.
+it is batched; :mod:`bdm_runtime.serve.requests` refuses bad values, each request on its own
+(:mod:`bdm_runtime.serve.per_request`: PyTriton by itself can only fail a whole batch).
 """
 import logging
 import os
@@ -16,6 +15,7 @@ import threading
 
 
 from ..errors import BdmError
+from . import per_request
 from . import requests as rq
 
 LOG = logging.getLogger("bdm_runtime.serve")
@@ -50,19 +50,22 @@ def library_path():
     return ":".join(have + [p for p in extra if p and os.path.isdir(p) and p not in have])
 
 
-def make_infer(sampler, settings, stats, lock):
+def make_infer(sampler, settings, stats, lock, refusals):
     """The callable PyTriton runs: a list of requests (one merged batch) in, a list of output dicts out.
 
     ``lock`` guards ``stats`` (one callable per model instance, each on its own PyTriton thread);
-    the sampler's own lock lets one batch at a time through the step graph.
+    the sampler's own lock lets one batch at a time through the step graph. ``refusals["per_request"]``:
+    the proxy model answers a refused request alone (:mod:`.per_request`); else the batch fails.
     """
 
     def infer(requests):
         batch = [{name: request[name] for name in request} for request in requests]
         parsed, errors = rq.check(sampler, batch, settings.max_batch, settings.max_steps)
-        if errors:  # PyTriton answers the whole batch with one error: name every refused request in it
+        if errors and not refusals["per_request"]:  # the whole batch fails: name every refused request in it
             raise BdmError("; ".join(f"request {i + 1} of {len(batch)} in this batch: {e}" for i, e in errors.items()))
         results = rq.respond(sampler, parsed, len(batch))
+        for i, e in errors.items():
+            results[i] = per_request.refusal(e)
         with lock:
             stats["executions"] += 1
             stats["requests"] += len(batch)
@@ -72,7 +75,7 @@ def make_infer(sampler, settings, stats, lock):
     return infer
 
 
-def bind(triton, sampler, settings, stats):
+def bind(triton, sampler, settings, stats, refusals):
     """Bind the sampler as model ``settings.model_name`` with dynamic batching.
 
     ``settings.instances`` > 1 binds that many callables over the one sampler (Triton model
@@ -88,7 +91,7 @@ def bind(triton, sampler, settings, stats):
                              preferred_batch_size=settings.preferred or None)
     config = ModelConfig(batching=True, max_batch_size=settings.max_batch, batcher=batcher)
     lock = threading.Lock()
-    infer = [make_infer(sampler, settings, stats, lock) for _ in range(settings.instances)]
+    infer = [make_infer(sampler, settings, stats, lock, refusals) for _ in range(settings.instances)]
     triton.bind(model_name=settings.model_name, infer_func=infer if len(infer) > 1 else infer[0], inputs=inputs,
                 outputs=outputs, config=config, strict=False)
 
@@ -123,9 +126,13 @@ def serve(sampler, settings, host, ports, on_ready=None, log=print):
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     triton = Triton(config=triton_config(host, *ports, settings.exit_timeout))
+    refusals, uninstall = per_request.install(settings.model_name)
     try:
-        bind(triton, sampler, settings, stats)
+        bind(triton, sampler, settings, stats, refusals)
         triton.run()
+        if not refusals["per_request"]:
+            LOG.warning("this PyTriton's proxy model could not be taught per-request errors: a request refused "
+                        "on its values fails the requests batched with it")
         log(f"bdm-serve: model '{settings.model_name}' ready on http://{host}:{ports[0]} (gRPC {host}:{ports[1]}, "
             f"metrics http://{host}:{ports[2]}/metrics), backend {sampler.backend} ({sampler.provider}), "
             f"max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us, {settings.instances} instance(s)")
@@ -135,6 +142,7 @@ def serve(sampler, settings, host, ports, on_ready=None, log=print):
             stop.wait(0.5)
     finally:
         triton.stop()  # SIGINT to tritonserver: it finishes in-flight requests, then exits
+        uninstall()
         for s, h in previous.items():
             signal.signal(s, h)
     why = reason[0] if reason else "server exited"

@@ -318,6 +318,7 @@ def bdm_serve(*args):
     (["--http-port", 9000, "--grpc-port", 9000], ("--grpc-port", "differ")),
     (["--max-batch", 4, "--preferred-batch", 8], ("--preferred-batch 8", "--max-batch 4")),
     (["--model-name", "a/b"], ("--model-name",)),
+    (["--instances", 2, "--write-repository", "never"], ("--instances", "instance_group")),
 ])
 def test_cli_mistakes_are_one_line(graph, args, words):
     if "--engine" not in args:

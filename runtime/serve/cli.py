@@ -65,6 +65,10 @@ def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batc
     if write_repository:
         from .repository import write
 
+        if instances != 1:
+            raise BdmError("--instances is for bdm-serve's own server; in a written repository, set instance_group's "
+                           "count in config.pbtxt (each instance there is a process with its own session)")
+
         path = write(write_repository, engine, settings, backend=backend, threads=threads, batch=batch)
         click.echo(f"bdm-serve: wrote Triton model repository {write_repository} (model {path}); start it with "
                    f"tritonserver --model-repository {write_repository}")

@@ -122,9 +122,9 @@ def client_loop(protocol, ports, seed, indices, start, done, finished):
 def served(protocol, ports, clients, per_client, seed):
     """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed.
 
-    Throughput counts the requests answered while all clients were sending (from the moment all
-    are connected until the first one is done), so that neither connecting nor the last,
-    partly filled batches weigh on a short measurement.
+    Throughput: all requests over the time from the moment every client thread has its client
+    (a barrier) to the last answer. ``requests_per_s_all_sending`` counts only the answers until the
+    first client is done (every client still sending); it came out within a few percent of it.
     """
     done, finished, threads = [], [], []
     start = threading.Barrier(clients + 1)
@@ -148,34 +148,60 @@ def served(protocol, ports, clients, per_client, seed):
     time.sleep(0.2)
     after = counts(ports[2])
     executions = max(after[1] - before[1], 1)
-    return {"clients": clients, "requests": n, "requests_per_s": steady / (first - begin),
-            "requests_per_s_overall": n / (max(finished) - begin),
+    return {"clients": clients, "requests": n, "requests_per_s": n / (max(finished) - begin),
+            "requests_per_s_all_sending": steady / (first - begin),
             "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "mean_batch": (after[0] - before[0]) / executions, "executions": executions}
 
 
+def cpu_seconds(pid):
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``)."""
+    tick, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    family, grew = {pid}, True
+    while grew:
+        new = {p for p, parent in parents.items() if parent in family} - family
+        family |= new
+        grew = bool(new)
+    return sum(used.get(p, 0.0) for p in family)
+
+
 def direct(sampler, batch, images, seed):
-    """Images/s of ``Sampler.sample`` in calls of ``batch`` images (``images`` in all), in one process."""
-    begin = time.perf_counter()
+    """``(images/s, images per CPU-second)`` of ``Sampler.sample`` in calls of ``batch`` images, in this process."""
+    begin, cpu = time.perf_counter(), time.process_time()
     for start in range(0, images, batch):
         sampler.sample(min(batch, images - start), seed=seed, first_index=start)
-    return images / (time.perf_counter() - begin)
+    return images / (time.perf_counter() - begin), images / max(time.process_time() - cpu, 1e-9)
 
 
-def one_round(sampler, protocol, ports, images, seed):
+def one_round(sampler, protocol, ports, server, images, seed):
     """The server at 1 and 4 clients; then, back to back: direct batch 1, the server at 16 clients, direct
     at the batch the batcher formed, direct batch 1 again (its mean with the first cancels a steady drift
-    of the other processes' load over the ~5 s that the three measurements of the targets take)."""
+    of the other processes' load over the ~5 s that the three measurements of the targets take).
+
+    Beside wall-clock rates, images per CPU-second: of this process for direct sampling, of the
+    server's processes (``bdm-serve``, ``tritonserver``, the Python backend stub) when served. They
+    do not move with the other processes' load, but do not see the server's idle time either."""
     row = {}
     for c in CLIENTS[:-1]:
         row[f"served_c{c}"] = served(protocol, ports, c, max(1, -(-images // c)), seed)
     first = direct(sampler, 1, images, seed)
-    c = CLIENTS[-1]
+    c, cpu = CLIENTS[-1], cpu_seconds(server)
     row[f"served_c{c}"] = served(protocol, ports, c, max(2, -(-2 * images // c)), seed)
+    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(cpu_seconds(server) - cpu, 1e-9)
     b = max(1, int(round(row[f"served_c{c}"]["mean_batch"])))
     row["formed_batch"] = b
-    row["direct_formed"] = direct(sampler, b, max(2 * images, 2 * b), seed)
-    row["direct_b1"] = (first + direct(sampler, 1, images, seed)) / 2
+    row["direct_formed"], row["direct_formed_per_cpu_s"] = direct(sampler, b, max(2 * images, 2 * b), seed)
+    last = direct(sampler, 1, images, seed)
+    row["direct_b1"], row["direct_b1_per_cpu_s"] = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
     return row
 
 
@@ -201,11 +227,19 @@ def summarize(rounds):
     out["paired_ratio_vs_direct_at_formed_batch"] = median([p[0] for p in paired])
     gains = [p[1] for p in paired if p[1] is not None]
     out["paired_ratio_of_gains"] = median(gains) if len(gains) == len(paired) else None
+    cpu = [shares(r["served_c16_per_cpu_s"], r["direct_b1_per_cpu_s"], r["direct_formed_per_cpu_s"]) for r in rounds]
+    out["per_cpu_s"] = {"direct_b1": med(lambda r: r["direct_b1_per_cpu_s"]),
+                        "direct_formed": med(lambda r: r["direct_formed_per_cpu_s"]),
+                        "served_c16": med(lambda r: r["served_c16_per_cpu_s"]),
+                        "paired_ratio_vs_direct_at_formed_batch": median([p[0] for p in cpu]),
+                        "paired_ratio_of_gains": (median([p[1] for p in cpu])
+                                                  if all(p[1] is not None for p in cpu) else None)}
     return out
 
 
 def markdown(result):
     s, m = result["summary"], result["machine"]
+    cpu = s["per_cpu_s"]
     lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
              f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
              f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
@@ -226,7 +260,11 @@ def markdown(result):
               f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
               f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)",
               f"- the same two ratios per round (paired measurements ~5 s apart), median over rounds: "
-              f"{s['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(s['paired_ratio_of_gains'])}", ""]
+              f"{s['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(s['paired_ratio_of_gains'])}",
+              f"- per CPU-second (images per CPU-second of the server's processes against this process's for "
+              f"direct sampling; blind to idle time, steady under load): direct batch 1 {cpu['direct_b1']:.1f}, batch "
+              f"{s['formed_batch']:.0f} {cpu['direct_formed']:.1f}, served at 16 clients {cpu['served_c16']:.1f}; paired "
+              f"ratios {cpu['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(cpu['paired_ratio_of_gains'])}", ""]
     return "\n".join(lines)
 
 
@@ -275,7 +313,7 @@ def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_bat
                 sampler.sample(2)  # warm-up
                 results = []
                 for r in range(rounds):
-                    results.append(one_round(sampler, protocol, ports, images, seed=r))
+                    results.append(one_round(sampler, protocol, ports, proc.pid, images, seed=r))
                     click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
         finally:
             proc.terminate()

@@ -1,7 +1,8 @@
 """``bdm-serve`` on Triton (PyTriton) and the repository for a standalone tritonserver, on 127.0.0.1 only.
 
 One server per module (start ~5 s, stop ~6 s) takes the concurrent, merged and bad requests; one
-more is stopped with SIGTERM mid-request and started again. Images are compared bit for bit with
+more runs two model instances over its sampler; one more is stopped with SIGTERM mid-request and
+started again. Images are compared bit for bit with
 the runtime's direct sampling of the same (seed, index) on the same backend (ONNX Runtime, 1 thread).
 Every wait has a deadline and every process is stopped in a ``finally``.
 """
@@ -261,6 +262,34 @@ def test_too_many_images_refused(server):
 
     with pytest.raises(InferenceServerException, match="batch-size must be <= 8"):
         serving.infer(server[0], [(0, k) for k in range(MAX_BATCH + 1)])
+
+
+def test_two_instances_share_the_sampler(graph, sampler, tmp_path):
+    """--instances 2: two PyTriton callables over one sampler; images still equal direct sampling, batches
+    still merge (a preferred batch of 4 with a long delay), and a refused request still fails alone."""
+    pytest.importorskip("pytriton")
+    from tritonclient.utils import InferenceServerException
+
+    ports = serving.free_ports()
+    log = tmp_path / "two.log"
+    proc = serving.start_bdm_serve(graph, ports, log, "--instances", 2, "--max-batch", 4, "--preferred-batch", 4,
+                                   "--queue-delay-us", DELAY_US)
+    try:
+        serving.wait_ready(ports[0], proc)
+        rows = [[(4, k)] for k in range(7)]
+        calls = [lambda r=r: serving.infer(ports[0], r) for r in rows]
+        calls.append(lambda: serving.infer(ports[0], [(4, 7)], eta=np.array([[2.0]], np.float32)))
+        results = concurrently(calls)
+        for r, res in zip(rows, results):
+            assert not isinstance(res, Exception), res
+            assert np.array_equal(res.as_numpy("image"), sampler.generate(1, seed=4, first_index=r[0][1]))
+        assert isinstance(results[-1], InferenceServerException) and "input 'eta'" in str(results[-1])
+        inferences, executions = serving.counts(ports[2])
+        assert inferences == 8 and executions < len(calls)  # Triton counts the refused row too: it ran in a batch
+    finally:
+        code = serving.stop(proc)
+    text = log.read_text()
+    assert code == 0 and "2 instance(s)" in text, text[-3000:]
 
 
 # -- SIGTERM drains, and the server starts again -------------------------------------------------------

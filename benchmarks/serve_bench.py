@@ -2,13 +2,16 @@
 
     python -m benchmarks.serve_bench                      # the shipped models/fmnist32, exported to a temp dir
     python -m benchmarks.serve_bench --rounds 3 --out benchmarks/results/serve
+    python -m benchmarks.serve_bench --instances 2 --max-batch 8 --preferred-batch 8 --queue-delay-us 20000 --client grpc
 
-Each round measures, one after the other on the same machine: direct ``Sampler.sample`` of single
-images in a loop (batch 1); the server with 1, 4 and 16 concurrent clients, each sending
-single-image requests back to back (latency per request, throughput, and the batch size Triton's
-dynamic batcher formed, from its metrics); and direct sampling at that batch size. Medians over
-rounds. Targets (issue 21), at 16 clients: throughput >= 0.8x direct sampling at the batch size the
-batcher formed, and >= 0.8x of the gain batching gives direct sampling over batch 1.
+Each round measures, one after the other on the same machine: the server with 1 and 4 concurrent
+clients, each sending single-image requests back to back (latency per request, throughput, and
+the batch size Triton's dynamic batcher formed, from its metrics); then, back to back, direct
+``Sampler.sample`` of single images in a loop (batch 1), the server at 16 clients, direct sampling
+at the batch size the batcher formed, and direct batch 1 again (the mean of the two). Medians over
+rounds, and the median of the per-round (paired) ratios. Targets (issue 21), at 16 clients:
+throughput >= 0.8x direct sampling at the batch size the batcher formed, and >= 0.8x of the gain
+batching gives direct sampling over batch 1, i.e. (served - direct b1) / (direct formed - direct b1).
 """
 import json
 import os
@@ -49,11 +52,11 @@ def export(ckpt, folder):
     return os.path.join(folder, "bdm.onnx")
 
 
-def start_server(engine, ports, threads, max_batch, delay_us, log):
+def start_server(engine, ports, threads, server_args, log):
+    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), ready, or ``RuntimeError``."""
     http, grpc, metrics = ports
     cmd = [sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads),
-           "--max-batch", str(max_batch), "--queue-delay-us", str(delay_us)]
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads)] + server_args
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     import urllib.request
@@ -84,12 +87,23 @@ def counts(metrics_port):
     return tuple(out)
 
 
-def client_loop(http_port, seed, indices, latencies):
-    """One client: single-image requests back to back, each latency appended."""
-    import tritonclient.http as hc
+def _client(protocol, ports):
+    """``(tritonclient module, client)`` for ``protocol`` ``"http"`` or ``"grpc"``."""
+    if protocol == "grpc":
+        import tritonclient.grpc as tc
 
-    client = hc.InferenceServerClient(f"{HOST}:{http_port}", connection_timeout=300, network_timeout=300)
+        return tc, tc.InferenceServerClient(f"{HOST}:{ports[1]}")
+    import tritonclient.http as tc
+
+    return tc, tc.InferenceServerClient(f"{HOST}:{ports[0]}", connection_timeout=300, network_timeout=300)
+
+
+def client_loop(protocol, ports, seed, indices, start, done, finished):
+    """One client: connects, waits at the barrier ``start``, then sends single-image requests back to back;
+    ``(answer time, latency)`` of each appended to ``done``, its last answer's time to ``finished``."""
+    hc, client = _client(protocol, ports)
     try:
+        start.wait(timeout=120)
         for i in indices:
             inputs = []
             for name, v in (("seed", seed), ("index", i)):
@@ -98,53 +112,102 @@ def client_loop(http_port, seed, indices, latencies):
                 inputs.append(x)
             begin = time.perf_counter()
             client.infer("bdm", inputs).as_numpy("image")
-            latencies.append(time.perf_counter() - begin)
+            end = time.perf_counter()
+            done.append((end, end - begin))
+        finished.append(time.perf_counter())
     finally:
         client.close()
 
 
-def served(ports, clients, per_client, seed):
-    """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed."""
-    latencies, threads = [], []
+def served(protocol, ports, clients, per_client, seed):
+    """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed.
+
+    Throughput: all requests over the time from the moment every client thread has its client
+    (a barrier) to the last answer. ``requests_per_s_all_sending`` counts only the answers until the
+    first client is done (every client still sending); it came out within a few percent of it.
+    """
+    done, finished, threads = [], [], []
+    start = threading.Barrier(clients + 1)
     before = counts(ports[2])
     for c in range(clients):
         idx = range(c * per_client, (c + 1) * per_client)
-        threads.append(threading.Thread(target=client_loop, args=(ports[0], seed, idx, latencies), daemon=True))
-    begin = time.perf_counter()
+        threads.append(threading.Thread(target=client_loop, args=(protocol, ports, seed, idx, start, done, finished),
+                                        daemon=True))
     for t in threads:
         t.start()
+    start.wait(timeout=120)
+    begin = time.perf_counter()
     for t in threads:
         t.join(timeout=600)
-    wall = time.perf_counter() - begin
     n = clients * per_client
-    if len(latencies) != n:
-        raise RuntimeError(f"{n - len(latencies)} of {n} requests failed or timed out")
+    if len(done) != n:
+        raise RuntimeError(f"{n - len(done)} of {n} requests failed or timed out")
+    first = min(finished)
+    steady = sum(1 for t, _ in done if t <= first)
+    latencies = [lat for _, lat in done]
     time.sleep(0.2)
     after = counts(ports[2])
     executions = max(after[1] - before[1], 1)
-    return {"clients": clients, "requests": n, "requests_per_s": n / wall,
+    return {"clients": clients, "requests": n, "requests_per_s": n / (max(finished) - begin),
+            "requests_per_s_all_sending": steady / (first - begin),
             "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99)),
             "mean_batch": (after[0] - before[0]) / executions, "executions": executions}
 
 
+def cpu_seconds(pid):
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``)."""
+    tick, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    family, grew = {pid}, True
+    while grew:
+        new = {p for p, parent in parents.items() if parent in family} - family
+        family |= new
+        grew = bool(new)
+    return sum(used.get(p, 0.0) for p in family)
+
+
 def direct(sampler, batch, images, seed):
-    """Images/s of ``Sampler.sample`` in calls of ``batch`` images (``images`` in all), in one process."""
-    begin = time.perf_counter()
+    """``(images/s, images per CPU-second)`` of ``Sampler.sample`` in calls of ``batch`` images, in this process."""
+    begin, cpu = time.perf_counter(), time.process_time()
     for start in range(0, images, batch):
         sampler.sample(min(batch, images - start), seed=seed, first_index=start)
-    return images / (time.perf_counter() - begin)
+    return images / (time.perf_counter() - begin), images / max(time.process_time() - cpu, 1e-9)
 
 
-def one_round(sampler, ports, images, seed):
-    """Direct batch 1, the server at 1/4/16 clients, then direct at the batch the batcher formed at 16."""
-    row = {"direct_b1": direct(sampler, 1, images, seed)}
-    for c in CLIENTS:
-        per = max(1, -(-images // c)) if c < 16 else max(2, -(-2 * images // c))
-        row[f"served_c{c}"] = served(ports, c, per, seed)
-    b = max(1, int(round(row["served_c16"]["mean_batch"])))
+def one_round(sampler, protocol, ports, server, images, seed):
+    """The server at 1 and 4 clients; then, back to back: direct batch 1, the server at 16 clients, direct
+    at the batch the batcher formed, direct batch 1 again (its mean with the first cancels a steady drift
+    of the other processes' load over the ~5 s that the three measurements of the targets take).
+
+    Beside wall-clock rates, images per CPU-second: of this process for direct sampling, of the
+    server's processes (``bdm-serve``, ``tritonserver``, the Python backend stub) when served. They
+    do not move with the other processes' load, but do not see the server's idle time either."""
+    row = {}
+    for c in CLIENTS[:-1]:
+        row[f"served_c{c}"] = served(protocol, ports, c, max(1, -(-images // c)), seed)
+    first = direct(sampler, 1, images, seed)
+    c, cpu = CLIENTS[-1], cpu_seconds(server)
+    row[f"served_c{c}"] = served(protocol, ports, c, max(2, -(-2 * images // c)), seed)
+    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(cpu_seconds(server) - cpu, 1e-9)
+    b = max(1, int(round(row[f"served_c{c}"]["mean_batch"])))
     row["formed_batch"] = b
-    row["direct_formed"] = direct(sampler, b, max(images, 2 * b), seed)
+    row["direct_formed"], row["direct_formed_per_cpu_s"] = direct(sampler, b, max(2 * images, 2 * b), seed)
+    last = direct(sampler, 1, images, seed)
+    row["direct_b1"], row["direct_b1_per_cpu_s"] = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
     return row
+
+
+def shares(s16, d1, db):
+    """``(s16 / db, (s16 - d1) / (db - d1))``: the two targets (the second ``None`` where batching gains nothing)."""
+    return s16 / db, ((s16 - d1) / (db - d1) if db > d1 else None)
 
 
 def summarize(rounds):
@@ -157,19 +220,32 @@ def summarize(rounds):
         k = f"served_c{c}"
         out["served"][c] = {m: med(lambda r: r[k][m]) for m in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch")}
     s16, d1, db = out["served"][16]["requests_per_s"], out["direct_b1_images_per_s"], out["direct_formed_images_per_s"]
-    out["ratio_vs_direct_at_formed_batch"] = s16 / db
+    out["ratio_vs_direct_at_formed_batch"], out["ratio_of_gains"] = shares(s16, d1, db)
     out["gain_direct"] = db / d1
     out["gain_served"] = s16 / d1
-    out["ratio_of_gains"] = (s16 - d1) / (db - d1) if db > d1 else None
+    paired = [shares(r["served_c16"]["requests_per_s"], r["direct_b1"], r["direct_formed"]) for r in rounds]
+    out["paired_ratio_vs_direct_at_formed_batch"] = median([p[0] for p in paired])
+    gains = [p[1] for p in paired if p[1] is not None]
+    out["paired_ratio_of_gains"] = median(gains) if len(gains) == len(paired) else None
+    cpu = [shares(r["served_c16_per_cpu_s"], r["direct_b1_per_cpu_s"], r["direct_formed_per_cpu_s"]) for r in rounds]
+    out["per_cpu_s"] = {"direct_b1": med(lambda r: r["direct_b1_per_cpu_s"]),
+                        "direct_formed": med(lambda r: r["direct_formed_per_cpu_s"]),
+                        "served_c16": med(lambda r: r["served_c16_per_cpu_s"]),
+                        "paired_ratio_vs_direct_at_formed_batch": median([p[0] for p in cpu]),
+                        "paired_ratio_of_gains": (median([p[1] for p in cpu])
+                                                  if all(p[1] is not None for p in cpu) else None)}
     return out
 
 
 def markdown(result):
     s, m = result["summary"], result["machine"]
+    cpu = s["per_cpu_s"]
     lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
              f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
              f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
-             f"queue delay {result['queue_delay_us']} us; {result['rounds']} interleaved rounds (medians); "
+             f"queue delay {result['queue_delay_us']} us, preferred batch {result.get('preferred_batch') or 'none'}, "
+             f"{result.get('instances', 1)} model instance(s); {result.get('client', 'http').upper()} clients "
+             f"(tritonclient); {result['rounds']} interleaved rounds (medians); "
              f"load average {result['load_before']} -> {result['load_after']}; other processes' CPU "
              f"{result['cpu_share']}.", "",
              "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
@@ -182,7 +258,13 @@ def markdown(result):
               f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** "
               "(target >= 0.8)",
               f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
-              f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)", ""]
+              f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)",
+              f"- the same two ratios per round (paired measurements ~5 s apart), median over rounds: "
+              f"{s['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(s['paired_ratio_of_gains'])}",
+              f"- per CPU-second (images per CPU-second of the server's processes against this process's for "
+              f"direct sampling; blind to idle time, steady under load): direct batch 1 {cpu['direct_b1']:.1f}, batch "
+              f"{s['formed_batch']:.0f} {cpu['direct_formed']:.1f}, served at 16 clients {cpu['served_c16']:.1f}; paired "
+              f"ratios {cpu['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(cpu['paired_ratio_of_gains'])}", ""]
     return "\n".join(lines)
 
 
@@ -206,28 +288,39 @@ def write(result, out):
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--queue-delay-us", type=click.IntRange(0, 10 ** 7), default=2000, show_default=True)
+@click.option("--preferred-batch", type=click.IntRange(1, 256), multiple=True,
+              help="bdm-serve --preferred-batch (repeatable; default none).")
+@click.option("--instances", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="bdm-serve --instances: model instances over the one sampler.")
+@click.option("--client", "protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="tritonclient protocol of the benchmark's clients.")
 @click.option("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve"), show_default=True,
               help="Write OUT.json and OUT.md.")
-def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, out):
+def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, out):
     import bdm_runtime
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = export(ckpt, tmp)
         ports = free_ports()
         load_before, share = loadavg(), CpuShare()
-        proc = start_server(engine, ports, threads, max_batch, queue_delay_us, os.path.join(tmp, "server.log"))
+        server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
+                       "--instances", str(instances)]
+        for size in preferred_batch:
+            server_args += ["--preferred-batch", str(size)]
+        proc = start_server(engine, ports, threads, server_args, os.path.join(tmp, "server.log"))
         try:
             with bdm_runtime.load(engine, threads=threads) as sampler:
                 sampler.sample(2)  # warm-up
                 results = []
                 for r in range(rounds):
-                    results.append(one_round(sampler, ports, images, seed=r))
+                    results.append(one_round(sampler, protocol, ports, proc.pid, images, seed=r))
                     click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
     result = {"model": os.path.relpath(ckpt, ROOT), "machine": machine_info(), "threads": threads,
-              "max_batch": max_batch, "queue_delay_us": queue_delay_us, "rounds": rounds, "images": images,
+              "max_batch": max_batch, "queue_delay_us": queue_delay_us, "preferred_batch": list(preferred_batch),
+              "instances": instances, "client": protocol, "rounds": rounds, "images": images,
               "load_before": load_before, "load_after": loadavg(), "cpu_share": share.result(),
               "per_round": results, "summary": summarize(results)}
     write(result, out)

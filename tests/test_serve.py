@@ -1,7 +1,8 @@
 """``bdm-serve`` on Triton (PyTriton) and the repository for a standalone tritonserver, on 127.0.0.1 only.
 
 One server per module (start ~5 s, stop ~6 s) takes the concurrent, merged and bad requests; one
-more is stopped with SIGTERM mid-request and started again. Images are compared bit for bit with
+more runs two model instances over its sampler; one more is stopped with SIGTERM mid-request and
+started again. Images are compared bit for bit with
 the runtime's direct sampling of the same (seed, index) on the same backend (ONNX Runtime, 1 thread).
 Every wait has a deadline and every process is stopped in a ``finally``.
 """
@@ -217,11 +218,78 @@ def test_bad_requests_get_an_error_naming_the_input(server, name, array, words):
     assert serving.infer(http, [(1, 0)]).as_numpy("image").shape == (1, 16, 16, 1)  # still serving
 
 
+def test_a_refused_request_fails_alone_in_its_batch(server, sampler):
+    """Bad values in one request of a merged batch: it alone gets the error; its batch-mates their images."""
+    from tritonclient.utils import InferenceServerException
+
+    http, _, metrics = server
+    rows = [[(6, k)] for k in range(4)] + [[(2, 3), (2, 0)]]
+    calls = [lambda r=r: serving.infer(http, r) for r in rows]
+    calls.insert(2, lambda: serving.infer(http, [(6, 9)], solver=np.array([[b"euler"]], object)))
+    before = serving.counts(metrics)
+    results = concurrently(calls)
+    bad = results.pop(2)
+    assert isinstance(bad, InferenceServerException), bad
+    assert "input 'solver'" in str(bad) and "euler" in str(bad) and "Traceback" not in str(bad), str(bad)[-500:]
+    assert str(bad.status()) == "400", bad.status()  # INVALID_ARG: the client's mistake, not the server's
+    for r, res in zip(rows, results):
+        assert not isinstance(res, Exception), res
+        want = np.concatenate([sampler.generate(1, seed=s, first_index=i) for s, i in r])
+        assert np.array_equal(res.as_numpy("image"), want)
+    after = serving.counts(metrics)
+    assert after[1] - before[1] < len(calls)  # the batcher merged the bad request with good ones
+
+
+def test_proxy_patch_applies_to_this_pytriton():
+    """The per-request branch goes into PyTriton's proxy model, which still compiles; other text is left alone."""
+    pytest.importorskip("pytriton")
+    from pytriton.models.model import Model
+
+    from bdm_runtime.serve import per_request
+
+    path = os.path.join(os.path.dirname(os.path.dirname(sys.modules[Model.__module__].__file__)), "proxy", "model.py")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    patched = per_request.patch_source(source)
+    assert patched is not None and per_request.ERROR_OUTPUT in patched
+    compile(patched, path, "exec")
+    assert per_request.patch_source(patched) is None  # never twice
+    assert per_request.patch_source("def _wrap_response(response):\n    pass\n") is None
+
+
 def test_too_many_images_refused(server):
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match="batch-size must be <= 8"):
         serving.infer(server[0], [(0, k) for k in range(MAX_BATCH + 1)])
+
+
+def test_two_instances_share_the_sampler(graph, sampler, tmp_path):
+    """--instances 2: two PyTriton callables over one sampler; images still equal direct sampling, batches
+    still merge (a preferred batch of 4 with a long delay), and a refused request still fails alone."""
+    pytest.importorskip("pytriton")
+    from tritonclient.utils import InferenceServerException
+
+    ports = serving.free_ports()
+    log = tmp_path / "two.log"
+    proc = serving.start_bdm_serve(graph, ports, log, "--instances", 2, "--max-batch", 4, "--preferred-batch", 4,
+                                   "--queue-delay-us", DELAY_US)
+    try:
+        serving.wait_ready(ports[0], proc)
+        rows = [[(4, k)] for k in range(7)]
+        calls = [lambda r=r: serving.infer(ports[0], r) for r in rows]
+        calls.append(lambda: serving.infer(ports[0], [(4, 7)], eta=np.array([[2.0]], np.float32)))
+        results = concurrently(calls)
+        for r, res in zip(rows, results):
+            assert not isinstance(res, Exception), res
+            assert np.array_equal(res.as_numpy("image"), sampler.generate(1, seed=4, first_index=r[0][1]))
+        assert isinstance(results[-1], InferenceServerException) and "input 'eta'" in str(results[-1])
+        inferences, executions = serving.counts(ports[2])
+        assert inferences == 8 and executions < len(calls)  # Triton counts the refused row too: it ran in a batch
+    finally:
+        code = serving.stop(proc)
+    text = log.read_text()
+    assert code == 0 and "2 instance(s)" in text, text[-3000:]
 
 
 # -- SIGTERM drains, and the server starts again -------------------------------------------------------
@@ -279,6 +347,7 @@ def bdm_serve(*args):
     (["--http-port", 9000, "--grpc-port", 9000], ("--grpc-port", "differ")),
     (["--max-batch", 4, "--preferred-batch", 8], ("--preferred-batch 8", "--max-batch 4")),
     (["--model-name", "a/b"], ("--model-name",)),
+    (["--instances", 2, "--write-repository", "never"], ("--instances", "instance_group")),
 ])
 def test_cli_mistakes_are_one_line(graph, args, words):
     if "--engine" not in args:

@@ -36,6 +36,9 @@ PORT = click.IntRange(1, 65535)
               help="Longest time (microseconds) a request waits in Triton's queue for others to batch with.")
 @click.option("--preferred-batch", type=click.IntRange(min=1), multiple=True,
               help="A batch size the batcher forms as soon as it can (repeatable; default: as large as it can).")
+@click.option("--instances", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Triton model instances over the one sampler: with 2, the next batch is received while one "
+                   "samples (the step graph still runs one batch at a time; see docs/serving.md).")
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=1000, show_default=True,
               help="Most sampler steps a request may ask for (a request's time on the model grows with it).")
 @click.option("--model-name", default="bdm", show_default=True, help="Triton model name (URL /v2/models/NAME).")
@@ -45,7 +48,7 @@ PORT = click.IntRange(1, 65535)
               help="Write a Triton model repository (Python backend + this step graph) to this new folder and "
                    "exit, instead of serving.")
 def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batch, cuda_graph, max_batch,
-        queue_delay_us, preferred_batch, max_steps, model_name, exit_timeout, write_repository):
+        queue_delay_us, preferred_batch, instances, max_steps, model_name, exit_timeout, write_repository):
     """Serve a bdm step graph on Triton Inference Server, with dynamic batching."""
     import re
 
@@ -56,10 +59,15 @@ def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batc
     if len(set((http_port, grpc_port, metrics_port))) < 3:
         raise BdmError(f"--http-port, --grpc-port and --metrics-port must differ, got {http_port}, {grpc_port}, "
                        f"{metrics_port}")
-    settings = Settings(model_name, max_batch or batch or 64, queue_delay_us, preferred_batch, max_steps, exit_timeout)
+    settings = Settings(model_name, max_batch or batch or 64, queue_delay_us, preferred_batch, max_steps, exit_timeout,
+                        instances)
     _check_preferred(settings)
     if write_repository:
         from .repository import write
+
+        if instances != 1:
+            raise BdmError("--instances is for bdm-serve's own server; in a written repository, set instance_group's "
+                           "count in config.pbtxt (each instance there is a process with its own session)")
 
         path = write(write_repository, engine, settings, backend=backend, threads=threads, batch=batch)
         click.echo(f"bdm-serve: wrote Triton model repository {write_repository} (model {path}); start it with "

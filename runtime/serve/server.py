@@ -3,9 +3,8 @@
 PyTriton starts the ``tritonserver`` it bundles (it runs on a CPU-only machine too) and hands
 each batch the dynamic batcher formed to :func:`infer` in this process. Triton itself refuses a
 request whose inputs have the wrong data type or shape, or more rows than ``max_batch``, before
-it is batched; :mod:`bdm_runtime.serve.requests` refuses bad values. PyTriton answers a batch as a
-whole, so a request refused on its values fails the requests batched with it too (they get an
-error naming the refused request: retry them); the standalone repository's model refuses per request.
+it is batched; :mod:`bdm_runtime.serve.requests` refuses bad values, each request on its own
+(:mod:`bdm_runtime.serve.per_request`: PyTriton by itself can only fail a whole batch).
 """
 import logging
 import os
@@ -16,6 +15,7 @@ import threading
 
 
 from ..errors import BdmError
+from . import per_request
 from . import requests as rq
 
 LOG = logging.getLogger("bdm_runtime.serve")
@@ -25,8 +25,9 @@ class Settings:
     """What the server binds: model name, the batcher's bounds, the largest ``steps`` a request may ask."""
 
     def __init__(self, model_name="bdm", max_batch=64, queue_delay_us=2000, preferred=None, max_steps=1000,
-                 exit_timeout=30):
+                 exit_timeout=30, instances=1):
         self.model_name = model_name
+        self.instances = int(instances)
         self.max_batch = int(max_batch)
         self.queue_delay_us = int(queue_delay_us)
         self.preferred = list(preferred or [])
@@ -49,16 +50,22 @@ def library_path():
     return ":".join(have + [p for p in extra if p and os.path.isdir(p) and p not in have])
 
 
-def make_infer(sampler, settings, stats):
-    """The callable PyTriton runs: a list of requests (one merged batch) in, a list of output dicts out."""
-    lock = threading.Lock()
+def make_infer(sampler, settings, stats, lock, refusals):
+    """The callable PyTriton runs: a list of requests (one merged batch) in, a list of output dicts out.
+
+    ``lock`` guards ``stats`` (one callable per model instance, each on its own PyTriton thread);
+    the sampler's own lock lets one batch at a time through the step graph. ``refusals["per_request"]``:
+    the proxy model answers a refused request alone (:mod:`.per_request`); else the batch fails.
+    """
 
     def infer(requests):
         batch = [{name: request[name] for name in request} for request in requests]
         parsed, errors = rq.check(sampler, batch, settings.max_batch, settings.max_steps)
-        if errors:  # PyTriton answers the whole batch with one error: name every refused request in it
+        if errors and not refusals["per_request"]:  # the whole batch fails: name every refused request in it
             raise BdmError("; ".join(f"request {i + 1} of {len(batch)} in this batch: {e}" for i, e in errors.items()))
         results = rq.respond(sampler, parsed, len(batch))
+        for i, e in errors.items():
+            results[i] = per_request.refusal(e)
         with lock:
             stats["executions"] += 1
             stats["requests"] += len(batch)
@@ -68,8 +75,13 @@ def make_infer(sampler, settings, stats):
     return infer
 
 
-def bind(triton, sampler, settings, stats):
-    """Bind the sampler as model ``settings.model_name`` with dynamic batching."""
+def bind(triton, sampler, settings, stats, refusals):
+    """Bind the sampler as model ``settings.model_name`` with dynamic batching.
+
+    ``settings.instances`` > 1 binds that many callables over the one sampler (Triton model
+    instances): while one batch samples, Triton hands the next to another instance, whose transfer
+    and parsing overlap the sampling instead of leaving the step graph idle between batches.
+    """
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     inputs = [Tensor(name=name, dtype=dtype, shape=(1,), optional=optional) for name, dtype, _, optional in rq.INPUTS]
@@ -78,7 +90,9 @@ def bind(triton, sampler, settings, stats):
     batcher = DynamicBatcher(max_queue_delay_microseconds=settings.queue_delay_us,
                              preferred_batch_size=settings.preferred or None)
     config = ModelConfig(batching=True, max_batch_size=settings.max_batch, batcher=batcher)
-    triton.bind(model_name=settings.model_name, infer_func=make_infer(sampler, settings, stats), inputs=inputs,
+    lock = threading.Lock()
+    infer = [make_infer(sampler, settings, stats, lock, refusals) for _ in range(settings.instances)]
+    triton.bind(model_name=settings.model_name, infer_func=infer if len(infer) > 1 else infer[0], inputs=inputs,
                 outputs=outputs, config=config, strict=False)
 
 
@@ -112,18 +126,23 @@ def serve(sampler, settings, host, ports, on_ready=None, log=print):
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     triton = Triton(config=triton_config(host, *ports, settings.exit_timeout))
+    refusals, uninstall = per_request.install(settings.model_name)
     try:
-        bind(triton, sampler, settings, stats)
+        bind(triton, sampler, settings, stats, refusals)
         triton.run()
+        if not refusals["per_request"]:
+            LOG.warning("this PyTriton's proxy model could not be taught per-request errors: a request refused "
+                        "on its values fails the requests batched with it")
         log(f"bdm-serve: model '{settings.model_name}' ready on http://{host}:{ports[0]} (gRPC {host}:{ports[1]}, "
             f"metrics http://{host}:{ports[2]}/metrics), backend {sampler.backend} ({sampler.provider}), "
-            f"max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us")
+            f"max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us, {settings.instances} instance(s)")
         if on_ready is not None:
             on_ready()
         while not stop.is_set() and triton.is_alive():
             stop.wait(0.5)
     finally:
         triton.stop()  # SIGINT to tritonserver: it finishes in-flight requests, then exits
+        uninstall()
         for s, h in previous.items():
             signal.signal(s, h)
     why = reason[0] if reason else "server exited"

@@ -3,6 +3,11 @@
     python -m benchmarks.serve_bench                      # the shipped models/fmnist32, exported to a temp dir
     python -m benchmarks.serve_bench --rounds 3 --out benchmarks/results/serve
     python -m benchmarks.serve_bench --instances 2 --max-batch 8 --preferred-batch 8 --queue-delay-us 20000 --client grpc
+    python -m benchmarks.serve_bench --standalone --max-batch 8 --preferred-batch 8 --queue-delay-us 20000
+
+``--standalone`` serves the same step graph through the repository ``bdm-serve --write-repository``
+writes (same batcher settings), on PyTriton's bundled ``tritonserver`` started by hand: Triton's C++
+front end and the Python backend's stub running the repository's model, no PyTriton process.
 
 Each round measures, one after the other on the same machine: the server with 1 and 4 concurrent
 clients, each sending single-image requests back to back (latency per request, throughput, and
@@ -30,6 +35,8 @@ from benchmarks.bench.machine import CpuShare, loadavg, machine_info, median
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 CLIENTS = (1, 4, 16)
+SERVERS = {False: "bdm-serve (PyTriton)",
+           True: "standalone tritonserver (bdm-serve --write-repository on PyTriton's bundled server, no PyTriton)"}
 
 
 def free_ports(n=3):
@@ -52,26 +59,53 @@ def export(ckpt, folder):
     return os.path.join(folder, "bdm.onnx")
 
 
-def start_server(engine, ports, threads, server_args, log):
-    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), ready, or ``RuntimeError``."""
+def start_server(engine, ports, threads, server_args, tmp):
+    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), started (not yet ready)."""
     http, grpc, metrics = ports
     cmd = [sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads)] + server_args
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    with open(os.path.join(tmp, "server.log"), "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_standalone(engine, ports, threads, server_args, tmp):
+    """The repository ``bdm-serve --write-repository`` writes with ``server_args``, on PyTriton's bundled
+    ``tritonserver`` started by hand (no PyTriton: Triton's front end and the Python backend's stub
+    running the repository's model), started (not yet ready)."""
+    from bdm_runtime.serve import bundled
+
+    repo = os.path.join(tmp, "repository")
+    subprocess.run([sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--write-repository", repo,
+                    "--threads", str(threads)] + server_args, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    work = os.path.join(tmp, "standalone")
+    os.makedirs(work)
+    return bundled.start(repo, ports, work, os.path.join(tmp, "server.log"), host=HOST)
+
+
+def wait_ready(proc, http, log, deadline_s=180):
+    """Until model bdm answers ``/v2/models/bdm/ready`` with 200, or ``RuntimeError`` (exited, or the deadline)."""
     import urllib.request
 
-    end = time.monotonic() + 180
+    end = time.monotonic() + deadline_s
     while time.monotonic() < end and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{http}/v2/models/bdm/ready", timeout=2) as r:
                 if r.status == 200:
-                    return proc
+                    return
         except OSError:
             time.sleep(0.25)
-    proc.terminate()
-    proc.wait(timeout=60)
-    raise RuntimeError(f"bdm-serve did not become ready; see {log}")
+    raise RuntimeError(f"the server did not become ready in {deadline_s} s; see {log}")
+
+
+def stop(proc, timeout=120):
+    """SIGTERM (both servers drain, then exit), SIGKILL after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def counts(metrics_port):
@@ -117,6 +151,23 @@ def client_loop(protocol, ports, seed, indices, start, done, finished):
         finished.append(time.perf_counter())
     finally:
         client.close()
+
+
+def check_images(protocol, ports, sampler, seed=5, n=3):
+    """The server's images equal ``Sampler.generate``'s for the same seed and indices (bit for bit), or
+    ``RuntimeError``: a benchmark of a server that answers something else would measure nothing."""
+    hc, client = _client(protocol, ports)
+    try:
+        x = [hc.InferInput(name, [n, 1], "INT64") for name in ("seed", "index")]
+        x[0].set_data_from_numpy(np.full((n, 1), seed, np.int64))
+        x[1].set_data_from_numpy(np.arange(n, dtype=np.int64).reshape(n, 1))
+        got = client.infer("bdm", x).as_numpy("image")
+    finally:
+        client.close()
+    want = np.concatenate([sampler.generate(1, seed=seed, first_index=i) for i in range(n)])
+    if got is None or got.shape != want.shape or not np.array_equal(got, want):
+        raise RuntimeError("the server's images differ from direct sampling's for the same seed and indices")
+    return True
 
 
 def served(protocol, ports, clients, per_client, seed):
@@ -240,7 +291,9 @@ def summarize(rounds):
 def markdown(result):
     s, m = result["summary"], result["machine"]
     cpu = s["per_cpu_s"]
-    lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
+    server = result.get("server", SERVERS[False])
+    lines = [f"# {server} vs direct sampling ({result['model']})", "",
+             f"Images served equal direct sampling's: {result.get('images_equal_direct', 'not checked')}.", "",
              f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
              f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
              f"queue delay {result['queue_delay_us']} us, preferred batch {result.get('preferred_batch') or 'none'}, "
@@ -294,31 +347,38 @@ def write(result, out):
               help="bdm-serve --instances: model instances over the one sampler.")
 @click.option("--client", "protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
               help="tritonclient protocol of the benchmark's clients.")
-@click.option("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve"), show_default=True,
-              help="Write OUT.json and OUT.md.")
-def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, out):
+@click.option("--standalone", is_flag=True,
+              help="Serve the repository `bdm-serve --write-repository` writes on PyTriton's bundled tritonserver "
+                   "(no PyTriton); --instances is then instance_group's count: processes, each its own sampler.")
+@click.option("--out", default=None,
+              help="Write OUT.json and OUT.md.  [default: benchmarks/results/serve, or serve_standalone]")
+def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, standalone,
+         out):
     import bdm_runtime
 
+    out = out or os.path.join(ROOT, "benchmarks", "results", "serve_standalone" if standalone else "serve")
+    server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
+                   "--instances", str(instances)]
+    for size in preferred_batch:
+        server_args += ["--preferred-batch", str(size)]
     with tempfile.TemporaryDirectory() as tmp:
         engine = export(ckpt, tmp)
         ports = free_ports()
         load_before, share = loadavg(), CpuShare()
-        server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
-                       "--instances", str(instances)]
-        for size in preferred_batch:
-            server_args += ["--preferred-batch", str(size)]
-        proc = start_server(engine, ports, threads, server_args, os.path.join(tmp, "server.log"))
+        proc = (start_standalone if standalone else start_server)(engine, ports, threads, server_args, tmp)
         try:
+            wait_ready(proc, ports[0], os.path.join(tmp, "server.log"))
             with bdm_runtime.load(engine, threads=threads) as sampler:
                 sampler.sample(2)  # warm-up
+                equal = check_images(protocol, ports, sampler)
                 results = []
                 for r in range(rounds):
                     results.append(one_round(sampler, protocol, ports, proc.pid, images, seed=r))
                     click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+            stop(proc)
     result = {"model": os.path.relpath(ckpt, ROOT), "machine": machine_info(), "threads": threads,
+              "server": SERVERS[standalone], "images_equal_direct": equal,
               "max_batch": max_batch, "queue_delay_us": queue_delay_us, "preferred_batch": list(preferred_batch),
               "instances": instances, "client": protocol, "rounds": rounds, "images": images,
               "load_before": load_before, "load_after": loadavg(), "cpu_share": share.result(),

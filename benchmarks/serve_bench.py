@@ -30,13 +30,11 @@ import time
 import click
 import numpy as np
 
-from benchmarks.bench.machine import CpuShare, loadavg, machine_info, median
+from benchmarks.bench.machine import CpuShare, loadavg, machine_info
+from benchmarks.serve_report import CLIENTS, SERVERS, markdown, summarize, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
-CLIENTS = (1, 4, 16)
-SERVERS = {False: "bdm-serve (PyTriton)",
-           True: "standalone tritonserver (bdm-serve --write-repository on PyTriton's bundled server, no PyTriton)"}
 
 
 def free_ports(n=3):
@@ -205,24 +203,30 @@ def served(protocol, ports, clients, per_client, seed):
             "mean_batch": (after[0] - before[0]) / executions, "executions": executions}
 
 
-def cpu_seconds(pid):
-    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``)."""
+def cpu_by_process(pid):
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``), summed
+    per process name (``tritonserver``, ``triton_python_b`` the Python backend's stub, ``python`` bdm-serve)."""
     tick, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    head, tail = f.read().rsplit(")", 1)
             except OSError:
                 continue
+            fields = tail.split()
             parents[int(entry)] = int(fields[1])
-            used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+            used[int(entry)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick)
     family, grew = {pid}, True
     while grew:
         new = {p for p, parent in parents.items() if parent in family} - family
         family |= new
         grew = bool(new)
-    return sum(used.get(p, 0.0) for p in family)
+    out = {}
+    for p in family & set(used):
+        name, seconds = used[p]
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 def direct(sampler, batch, images, seed):
@@ -245,92 +249,17 @@ def one_round(sampler, protocol, ports, server, images, seed):
     for c in CLIENTS[:-1]:
         row[f"served_c{c}"] = served(protocol, ports, c, max(1, -(-images // c)), seed)
     first = direct(sampler, 1, images, seed)
-    c, cpu = CLIENTS[-1], cpu_seconds(server)
+    c, cpu = CLIENTS[-1], cpu_by_process(server)
     row[f"served_c{c}"] = served(protocol, ports, c, max(2, -(-2 * images // c)), seed)
-    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(cpu_seconds(server) - cpu, 1e-9)
+    after = cpu_by_process(server)
+    row["served_c16_cpu_s_by_process"] = {k: v - cpu.get(k, 0.0) for k, v in after.items()}
+    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(sum(after.values()) - sum(cpu.values()), 1e-9)
     b = max(1, int(round(row[f"served_c{c}"]["mean_batch"])))
     row["formed_batch"] = b
     row["direct_formed"], row["direct_formed_per_cpu_s"] = direct(sampler, b, max(2 * images, 2 * b), seed)
     last = direct(sampler, 1, images, seed)
     row["direct_b1"], row["direct_b1_per_cpu_s"] = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
     return row
-
-
-def shares(s16, d1, db):
-    """``(s16 / db, (s16 - d1) / (db - d1))``: the two targets (the second ``None`` where batching gains nothing)."""
-    return s16 / db, ((s16 - d1) / (db - d1) if db > d1 else None)
-
-
-def summarize(rounds):
-    """Medians over rounds and the two target ratios."""
-    med = lambda f: median([f(r) for r in rounds])  # noqa: E731
-    out = {"direct_b1_images_per_s": med(lambda r: r["direct_b1"]),
-           "direct_formed_images_per_s": med(lambda r: r["direct_formed"]),
-           "formed_batch": med(lambda r: r["formed_batch"]), "served": {}}
-    for c in CLIENTS:
-        k = f"served_c{c}"
-        out["served"][c] = {m: med(lambda r: r[k][m]) for m in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch")}
-    s16, d1, db = out["served"][16]["requests_per_s"], out["direct_b1_images_per_s"], out["direct_formed_images_per_s"]
-    out["ratio_vs_direct_at_formed_batch"], out["ratio_of_gains"] = shares(s16, d1, db)
-    out["gain_direct"] = db / d1
-    out["gain_served"] = s16 / d1
-    paired = [shares(r["served_c16"]["requests_per_s"], r["direct_b1"], r["direct_formed"]) for r in rounds]
-    out["paired_ratio_vs_direct_at_formed_batch"] = median([p[0] for p in paired])
-    gains = [p[1] for p in paired if p[1] is not None]
-    out["paired_ratio_of_gains"] = median(gains) if len(gains) == len(paired) else None
-    cpu = [shares(r["served_c16_per_cpu_s"], r["direct_b1_per_cpu_s"], r["direct_formed_per_cpu_s"]) for r in rounds]
-    out["per_cpu_s"] = {"direct_b1": med(lambda r: r["direct_b1_per_cpu_s"]),
-                        "direct_formed": med(lambda r: r["direct_formed_per_cpu_s"]),
-                        "served_c16": med(lambda r: r["served_c16_per_cpu_s"]),
-                        "paired_ratio_vs_direct_at_formed_batch": median([p[0] for p in cpu]),
-                        "paired_ratio_of_gains": (median([p[1] for p in cpu])
-                                                  if all(p[1] is not None for p in cpu) else None)}
-    return out
-
-
-def markdown(result):
-    s, m = result["summary"], result["machine"]
-    cpu = s["per_cpu_s"]
-    server = result.get("server", SERVERS[False])
-    lines = [f"# {server} vs direct sampling ({result['model']})", "",
-             f"Images served equal direct sampling's: {result.get('images_equal_direct', 'not checked')}.", "",
-             f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
-             f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
-             f"queue delay {result['queue_delay_us']} us, preferred batch {result.get('preferred_batch') or 'none'}, "
-             f"{result.get('instances', 1)} model instance(s); {result.get('client', 'http').upper()} clients "
-             f"(tritonclient); {result['rounds']} interleaved rounds (medians); "
-             f"load average {result['load_before']} -> {result['load_after']}; other processes' CPU "
-             f"{result['cpu_share']}.", "",
-             "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
-    for c, v in s["served"].items():
-        lines.append(f"| {c} | {v['requests_per_s']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} "
-                     f"| {v['mean_batch']:.2f} |")
-    lines += ["", f"Direct `Sampler.sample`: batch 1 {s['direct_b1_images_per_s']:.2f} images/s; batch "
-              f"{s['formed_batch']:.0f} (the batch formed at 16 clients) {s['direct_formed_images_per_s']:.2f} "
-              f"images/s (batching gain x{s['gain_direct']:.2f}).", "",
-              f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** "
-              "(target >= 0.8)",
-              f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
-              f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)",
-              f"- the same two ratios per round (paired measurements ~5 s apart), median over rounds: "
-              f"{s['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(s['paired_ratio_of_gains'])}",
-              f"- per CPU-second (images per CPU-second of the server's processes against this process's for "
-              f"direct sampling; blind to idle time, steady under load): direct batch 1 {cpu['direct_b1']:.1f}, batch "
-              f"{s['formed_batch']:.0f} {cpu['direct_formed']:.1f}, served at 16 clients {cpu['served_c16']:.1f}; paired "
-              f"ratios {cpu['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(cpu['paired_ratio_of_gains'])}", ""]
-    return "\n".join(lines)
-
-
-def _fmt(v):
-    return "n/a (batching gives direct sampling no gain here)" if v is None else f"{v:.2f}"
-
-
-def write(result, out):
-    from bdm_runtime.io import atomic_path
-
-    for ext, text in ((".json", json.dumps(result, indent=1, sort_keys=True) + "\n"), (".md", markdown(result))):
-        with atomic_path(out + ext) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 @click.command()

@@ -3,6 +3,11 @@
     python -m benchmarks.serve_bench                      # the shipped models/fmnist32, exported to a temp dir
     python -m benchmarks.serve_bench --rounds 3 --out benchmarks/results/serve
     python -m benchmarks.serve_bench --instances 2 --max-batch 8 --preferred-batch 8 --queue-delay-us 20000 --client grpc
+    python -m benchmarks.serve_bench --standalone --max-batch 8 --preferred-batch 8 --queue-delay-us 20000
+
+``--standalone`` serves the same step graph through the repository ``bdm-serve --write-repository``
+writes (same batcher settings), on PyTriton's bundled ``tritonserver`` started by hand: Triton's C++
+front end and the Python backend's stub running the repository's model, no PyTriton process.
 
 Each round measures, one after the other on the same machine: the server with 1 and 4 concurrent
 clients, each sending single-image requests back to back (latency per request, throughput, and
@@ -25,11 +30,11 @@ import time
 import click
 import numpy as np
 
-from benchmarks.bench.machine import CpuShare, loadavg, machine_info, median
+from benchmarks.bench.machine import CpuShare, loadavg, machine_info
+from benchmarks.serve_report import CLIENTS, SERVERS, markdown, summarize, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
-CLIENTS = (1, 4, 16)
 
 
 def free_ports(n=3):
@@ -52,26 +57,53 @@ def export(ckpt, folder):
     return os.path.join(folder, "bdm.onnx")
 
 
-def start_server(engine, ports, threads, server_args, log):
-    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), ready, or ``RuntimeError``."""
+def start_server(engine, ports, threads, server_args, tmp):
+    """``bdm-serve`` on ``ports`` with ``server_args`` (its batcher options), started (not yet ready)."""
     http, grpc, metrics = ports
     cmd = [sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", str(threads)] + server_args
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    with open(os.path.join(tmp, "server.log"), "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_standalone(engine, ports, threads, server_args, tmp):
+    """The repository ``bdm-serve --write-repository`` writes with ``server_args``, on PyTriton's bundled
+    ``tritonserver`` started by hand (no PyTriton: Triton's front end and the Python backend's stub
+    running the repository's model), started (not yet ready)."""
+    from bdm_runtime.serve import bundled
+
+    repo = os.path.join(tmp, "repository")
+    subprocess.run([sys.executable, "-m", "bdm_runtime.serve.cli", "--engine", engine, "--write-repository", repo,
+                    "--threads", str(threads)] + server_args, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    work = os.path.join(tmp, "standalone")
+    os.makedirs(work)
+    return bundled.start(repo, ports, work, os.path.join(tmp, "server.log"), host=HOST)
+
+
+def wait_ready(proc, http, log, deadline_s=180):
+    """Until model bdm answers ``/v2/models/bdm/ready`` with 200, or ``RuntimeError`` (exited, or the deadline)."""
     import urllib.request
 
-    end = time.monotonic() + 180
+    end = time.monotonic() + deadline_s
     while time.monotonic() < end and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{http}/v2/models/bdm/ready", timeout=2) as r:
                 if r.status == 200:
-                    return proc
+                    return
         except OSError:
             time.sleep(0.25)
-    proc.terminate()
-    proc.wait(timeout=60)
-    raise RuntimeError(f"bdm-serve did not become ready; see {log}")
+    raise RuntimeError(f"the server did not become ready in {deadline_s} s; see {log}")
+
+
+def stop(proc, timeout=120):
+    """SIGTERM (both servers drain, then exit), SIGKILL after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def counts(metrics_port):
@@ -119,6 +151,23 @@ def client_loop(protocol, ports, seed, indices, start, done, finished):
         client.close()
 
 
+def check_images(protocol, ports, sampler, seed=5, n=3):
+    """The server's images equal ``Sampler.generate``'s for the same seed and indices (bit for bit), or
+    ``RuntimeError``: a benchmark of a server that answers something else would measure nothing."""
+    hc, client = _client(protocol, ports)
+    try:
+        x = [hc.InferInput(name, [n, 1], "INT64") for name in ("seed", "index")]
+        x[0].set_data_from_numpy(np.full((n, 1), seed, np.int64))
+        x[1].set_data_from_numpy(np.arange(n, dtype=np.int64).reshape(n, 1))
+        got = client.infer("bdm", x).as_numpy("image")
+    finally:
+        client.close()
+    want = np.concatenate([sampler.generate(1, seed=seed, first_index=i) for i in range(n)])
+    if got is None or got.shape != want.shape or not np.array_equal(got, want):
+        raise RuntimeError("the server's images differ from direct sampling's for the same seed and indices")
+    return True
+
+
 def served(protocol, ports, clients, per_client, seed):
     """Throughput and latency of ``clients`` concurrent clients, and the mean batch the batcher formed.
 
@@ -154,24 +203,30 @@ def served(protocol, ports, clients, per_client, seed):
             "mean_batch": (after[0] - before[0]) / executions, "executions": executions}
 
 
-def cpu_seconds(pid):
-    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``)."""
+def cpu_by_process(pid):
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux ``/proc``), summed
+    per process name (``tritonserver``, ``triton_python_b`` the Python backend's stub, ``python`` bdm-serve)."""
     tick, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    head, tail = f.read().rsplit(")", 1)
             except OSError:
                 continue
+            fields = tail.split()
             parents[int(entry)] = int(fields[1])
-            used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+            used[int(entry)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick)
     family, grew = {pid}, True
     while grew:
         new = {p for p, parent in parents.items() if parent in family} - family
         family |= new
         grew = bool(new)
-    return sum(used.get(p, 0.0) for p in family)
+    out = {}
+    for p in family & set(used):
+        name, seconds = used[p]
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 def direct(sampler, batch, images, seed):
@@ -194,90 +249,17 @@ def one_round(sampler, protocol, ports, server, images, seed):
     for c in CLIENTS[:-1]:
         row[f"served_c{c}"] = served(protocol, ports, c, max(1, -(-images // c)), seed)
     first = direct(sampler, 1, images, seed)
-    c, cpu = CLIENTS[-1], cpu_seconds(server)
+    c, cpu = CLIENTS[-1], cpu_by_process(server)
     row[f"served_c{c}"] = served(protocol, ports, c, max(2, -(-2 * images // c)), seed)
-    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(cpu_seconds(server) - cpu, 1e-9)
+    after = cpu_by_process(server)
+    row["served_c16_cpu_s_by_process"] = {k: v - cpu.get(k, 0.0) for k, v in after.items()}
+    row["served_c16_per_cpu_s"] = row[f"served_c{c}"]["requests"] / max(sum(after.values()) - sum(cpu.values()), 1e-9)
     b = max(1, int(round(row[f"served_c{c}"]["mean_batch"])))
     row["formed_batch"] = b
     row["direct_formed"], row["direct_formed_per_cpu_s"] = direct(sampler, b, max(2 * images, 2 * b), seed)
     last = direct(sampler, 1, images, seed)
     row["direct_b1"], row["direct_b1_per_cpu_s"] = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
     return row
-
-
-def shares(s16, d1, db):
-    """``(s16 / db, (s16 - d1) / (db - d1))``: the two targets (the second ``None`` where batching gains nothing)."""
-    return s16 / db, ((s16 - d1) / (db - d1) if db > d1 else None)
-
-
-def summarize(rounds):
-    """Medians over rounds and the two target ratios."""
-    med = lambda f: median([f(r) for r in rounds])  # noqa: E731
-    out = {"direct_b1_images_per_s": med(lambda r: r["direct_b1"]),
-           "direct_formed_images_per_s": med(lambda r: r["direct_formed"]),
-           "formed_batch": med(lambda r: r["formed_batch"]), "served": {}}
-    for c in CLIENTS:
-        k = f"served_c{c}"
-        out["served"][c] = {m: med(lambda r: r[k][m]) for m in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch")}
-    s16, d1, db = out["served"][16]["requests_per_s"], out["direct_b1_images_per_s"], out["direct_formed_images_per_s"]
-    out["ratio_vs_direct_at_formed_batch"], out["ratio_of_gains"] = shares(s16, d1, db)
-    out["gain_direct"] = db / d1
-    out["gain_served"] = s16 / d1
-    paired = [shares(r["served_c16"]["requests_per_s"], r["direct_b1"], r["direct_formed"]) for r in rounds]
-    out["paired_ratio_vs_direct_at_formed_batch"] = median([p[0] for p in paired])
-    gains = [p[1] for p in paired if p[1] is not None]
-    out["paired_ratio_of_gains"] = median(gains) if len(gains) == len(paired) else None
-    cpu = [shares(r["served_c16_per_cpu_s"], r["direct_b1_per_cpu_s"], r["direct_formed_per_cpu_s"]) for r in rounds]
-    out["per_cpu_s"] = {"direct_b1": med(lambda r: r["direct_b1_per_cpu_s"]),
-                        "direct_formed": med(lambda r: r["direct_formed_per_cpu_s"]),
-                        "served_c16": med(lambda r: r["served_c16_per_cpu_s"]),
-                        "paired_ratio_vs_direct_at_formed_batch": median([p[0] for p in cpu]),
-                        "paired_ratio_of_gains": (median([p[1] for p in cpu])
-                                                  if all(p[1] is not None for p in cpu) else None)}
-    return out
-
-
-def markdown(result):
-    s, m = result["summary"], result["machine"]
-    cpu = s["per_cpu_s"]
-    lines = [f"# bdm-serve vs direct sampling ({result['model']})", "",
-             f"CPU: {m.get('cpu_model')} ({', '.join(m.get('simd', []))}), {m.get('affinity_cpus')} cores; "
-             f"ONNX Runtime threads {result['threads']} in both; Triton max batch {result['max_batch']}, "
-             f"queue delay {result['queue_delay_us']} us, preferred batch {result.get('preferred_batch') or 'none'}, "
-             f"{result.get('instances', 1)} model instance(s); {result.get('client', 'http').upper()} clients "
-             f"(tritonclient); {result['rounds']} interleaved rounds (medians); "
-             f"load average {result['load_before']} -> {result['load_after']}; other processes' CPU "
-             f"{result['cpu_share']}.", "",
-             "| clients | requests/s | p50 ms | p99 ms | mean batch formed |", "|---|---|---|---|---|"]
-    for c, v in s["served"].items():
-        lines.append(f"| {c} | {v['requests_per_s']:.2f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} "
-                     f"| {v['mean_batch']:.2f} |")
-    lines += ["", f"Direct `Sampler.sample`: batch 1 {s['direct_b1_images_per_s']:.2f} images/s; batch "
-              f"{s['formed_batch']:.0f} (the batch formed at 16 clients) {s['direct_formed_images_per_s']:.2f} "
-              f"images/s (batching gain x{s['gain_direct']:.2f}).", "",
-              f"- 16 clients / direct at the formed batch: **{s['ratio_vs_direct_at_formed_batch']:.2f}** "
-              "(target >= 0.8)",
-              f"- gain over batch 1: served x{s['gain_served']:.2f} against direct x{s['gain_direct']:.2f}; share of "
-              f"the gain kept: **{_fmt(s['ratio_of_gains'])}** (target >= 0.8)",
-              f"- the same two ratios per round (paired measurements ~5 s apart), median over rounds: "
-              f"{s['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(s['paired_ratio_of_gains'])}",
-              f"- per CPU-second (images per CPU-second of the server's processes against this process's for "
-              f"direct sampling; blind to idle time, steady under load): direct batch 1 {cpu['direct_b1']:.1f}, batch "
-              f"{s['formed_batch']:.0f} {cpu['direct_formed']:.1f}, served at 16 clients {cpu['served_c16']:.1f}; paired "
-              f"ratios {cpu['paired_ratio_vs_direct_at_formed_batch']:.2f} and {_fmt(cpu['paired_ratio_of_gains'])}", ""]
-    return "\n".join(lines)
-
-
-def _fmt(v):
-    return "n/a (batching gives direct sampling no gain here)" if v is None else f"{v:.2f}"
-
-
-def write(result, out):
-    from bdm_runtime.io import atomic_path
-
-    for ext, text in ((".json", json.dumps(result, indent=1, sort_keys=True) + "\n"), (".md", markdown(result))):
-        with atomic_path(out + ext) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 @click.command()
@@ -294,31 +276,38 @@ def write(result, out):
               help="bdm-serve --instances: model instances over the one sampler.")
 @click.option("--client", "protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
               help="tritonclient protocol of the benchmark's clients.")
-@click.option("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve"), show_default=True,
-              help="Write OUT.json and OUT.md.")
-def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, out):
+@click.option("--standalone", is_flag=True,
+              help="Serve the repository `bdm-serve --write-repository` writes on PyTriton's bundled tritonserver "
+                   "(no PyTriton); --instances is then instance_group's count: processes, each its own sampler.")
+@click.option("--out", default=None,
+              help="Write OUT.json and OUT.md.  [default: benchmarks/results/serve, or serve_standalone]")
+def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, standalone,
+         out):
     import bdm_runtime
 
+    out = out or os.path.join(ROOT, "benchmarks", "results", "serve_standalone" if standalone else "serve")
+    server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
+                   "--instances", str(instances)]
+    for size in preferred_batch:
+        server_args += ["--preferred-batch", str(size)]
     with tempfile.TemporaryDirectory() as tmp:
         engine = export(ckpt, tmp)
         ports = free_ports()
         load_before, share = loadavg(), CpuShare()
-        server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
-                       "--instances", str(instances)]
-        for size in preferred_batch:
-            server_args += ["--preferred-batch", str(size)]
-        proc = start_server(engine, ports, threads, server_args, os.path.join(tmp, "server.log"))
+        proc = (start_standalone if standalone else start_server)(engine, ports, threads, server_args, tmp)
         try:
+            wait_ready(proc, ports[0], os.path.join(tmp, "server.log"))
             with bdm_runtime.load(engine, threads=threads) as sampler:
                 sampler.sample(2)  # warm-up
+                equal = check_images(protocol, ports, sampler)
                 results = []
                 for r in range(rounds):
                     results.append(one_round(sampler, protocol, ports, proc.pid, images, seed=r))
                     click.echo(f"round {r + 1}/{rounds}: {json.dumps(results[-1], default=float)}", err=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+            stop(proc)
     result = {"model": os.path.relpath(ckpt, ROOT), "machine": machine_info(), "threads": threads,
+              "server": SERVERS[standalone], "images_equal_direct": equal,
               "max_batch": max_batch, "queue_delay_us": queue_delay_us, "preferred_batch": list(preferred_batch),
               "instances": instances, "client": protocol, "rounds": rounds, "images": images,
               "load_before": load_before, "load_after": loadavg(), "cpu_share": share.result(),

@@ -5,7 +5,6 @@ caller's ``finally`` (SIGTERM, then SIGKILL after a timeout).
 """
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -106,48 +105,12 @@ def start_bdm_serve(engine, ports, log, *extra):
         out.close()
 
 
-def bundled_tritonserver():
-    """``(tritonserver binary, backends folder, Python stub)`` shipped inside the pytriton package."""
-    import pytriton
-
-    root = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
-    stub = os.path.join(root, "python_backend_stubs", f"{sys.version_info[0]}.{sys.version_info[1]}",
-                        "triton_python_backend_stub")
-    return os.path.join(root, "bin", "tritonserver"), os.path.join(root, "backends"), stub
-
-
 def start_tritonserver(repository, ports, work, log):
-    """PyTriton's bundled ``tritonserver`` serving ``repository`` with no PyTriton, as an operator would run it.
+    """PyTriton's bundled ``tritonserver`` serving ``repository`` with no PyTriton, as an operator would run it
+    (:func:`bdm_runtime.serve.bundled.start`: the stub, ``LD_LIBRARY_PATH`` and numpy it needs here)."""
+    from bdm_runtime.serve import bundled
 
-    The Python backend needs its stub beside it (PyTriton ships one per Python version) and runs
-    this interpreter's ``libpython``; the stub runs Python isolated (no ``PYTHONPATH``), so the
-    model finds bdm through ``BDM_SITE_PACKAGES``. The stub imports numpy first from its own
-    search path, whose first entry is the working directory: a ``numpy`` link there to the numpy
-    this venv runs keeps the stub off a numpy 2 of the base interpreter, which its pybind11 build
-    cannot read (outputs came back empty).
-    """
-    import numpy as npmod
-
-    from bdm_runtime.serve.server import library_path
-
-    binary, backends, stub = bundled_tritonserver()
-    mine = os.path.join(work, "backends")
-    shutil.copytree(backends, mine)
-    shutil.copy(stub, os.path.join(mine, "python", "triton_python_backend_stub"))
-    cwd = os.path.join(work, "cwd")
-    os.makedirs(cwd)
-    os.symlink(os.path.dirname(npmod.__file__), os.path.join(cwd, "numpy"))
-    sites = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
-    env = dict(os.environ, LD_LIBRARY_PATH=library_path(), BDM_SITE_PACKAGES=os.pathsep.join(sites))
-    http, grpc, metrics = ports
-    cmd = [binary, "--model-repository", str(repository), "--backend-directory", mine, "--http-address", HOST,
-           "--http-port", str(http), "--grpc-address", HOST, "--grpc-port", str(grpc), "--metrics-address", HOST,
-           "--metrics-port", str(metrics), "--allow-gpu-metrics", "false", "--exit-timeout-secs", "10"]
-    out = open(log, "w")
-    try:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        out.close()
+    return bundled.start(repository, ports, work, log, host=HOST)
 
 
 def counts(metrics_port, model="bdm"):

@@ -347,7 +347,6 @@ def bdm_serve(*args):
     (["--http-port", 9000, "--grpc-port", 9000], ("--grpc-port", "differ")),
     (["--max-batch", 4, "--preferred-batch", 8], ("--preferred-batch 8", "--max-batch 4")),
     (["--model-name", "a/b"], ("--model-name",)),
-    (["--instances", 2, "--write-repository", "never"], ("--instances", "instance_group")),
 ])
 def test_cli_mistakes_are_one_line(graph, args, words):
     if "--engine" not in args:
@@ -376,7 +375,8 @@ def test_port_in_use_is_one_line(graph):
 # -- the repository for a standalone tritonserver ------------------------------------------------------
 def test_write_repository_is_all_or_nothing(graph, tmp_path):
     repo = tmp_path / "repo"
-    proc = bdm_serve("--engine", graph, "--write-repository", repo, "--max-batch", 4, "--queue-delay-us", 1000)
+    proc = bdm_serve("--engine", graph, "--write-repository", repo, "--max-batch", 4, "--queue-delay-us", 1000,
+                     "--preferred-batch", 2, "--instances", 2)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(repo / "bdm")) == ["1", "config.pbtxt"]
     assert sorted(os.listdir(repo / "bdm" / "1")) == ["bdm.onnx", "model.py"]
@@ -385,11 +385,14 @@ def test_write_repository_is_all_or_nothing(graph, tmp_path):
     config = (repo / "bdm" / "config.pbtxt").read_text()
     assert "max_batch_size: 4" in config and "max_queue_delay_microseconds: 1000" in config
     assert 'name: "image" data_type: TYPE_UINT8 dims: [ 16, 16, 1 ]' in config
+    assert "preferred_batch_size: [ 2 ]" in config and "instance_group [ { count: 2 kind: KIND_CPU } ]" in config
     again = bdm_serve("--engine", graph, "--write-repository", repo)
     assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["repo"]  # no temporary left beside it
     bad = bdm_serve("--engine", tmp_path / "none.onnx", "--write-repository", tmp_path / "r2")
     assert bad.returncode == 1 and not (tmp_path / "r2").exists()
+    assert bdm_serve("--engine", graph, "--write-repository", tmp_path / "r1").returncode == 0
+    assert "instance_group [ { count: 1 kind: KIND_CPU } ]" in (tmp_path / "r1" / "bdm" / "config.pbtxt").read_text()
 
 
 def test_repository_loads_and_answers_on_bundled_tritonserver(graph, sampler, tmp_path):

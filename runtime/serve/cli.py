@@ -38,7 +38,8 @@ PORT = click.IntRange(1, 65535)
               help="A batch size the batcher forms as soon as it can (repeatable; default: as large as it can).")
 @click.option("--instances", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Triton model instances over the one sampler: with 2, the next batch is received while one "
-                   "samples (the step graph still runs one batch at a time; see docs/serving.md).")
+                   "samples (the step graph still runs one batch at a time; see docs/serving.md). With "
+                   "--write-repository: instance_group's count, each instance a process with its own sampler.")
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=1000, show_default=True,
               help="Most sampler steps a request may ask for (a request's time on the model grows with it).")
 @click.option("--model-name", default="bdm", show_default=True, help="Triton model name (URL /v2/models/NAME).")
@@ -64,10 +65,6 @@ def cli(engine, host, http_port, grpc_port, metrics_port, backend, threads, batc
     _check_preferred(settings)
     if write_repository:
         from .repository import write
-
-        if instances != 1:
-            raise BdmError("--instances is for bdm-serve's own server; in a written repository, set instance_group's "
-                           "count in config.pbtxt (each instance there is a process with its own session)")
 
         path = write(write_repository, engine, settings, backend=backend, threads=threads, batch=batch)
         click.echo(f"bdm-serve: wrote Triton model repository {write_repository} (model {path}); start it with "

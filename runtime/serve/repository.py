@@ -44,7 +44,8 @@ def config_text(name, image_shape, settings, params, gpu):
         block = [f'  {{ name: "{n}" data_type: {t} dims: {_dims(s)}' + (" optional: true" if o else "") + " }"
                  for k, n, t, s, o in tensors if k == kind]
         lines += [f"{kind} ["] + [",\n".join(block)] + ["]"]
-    lines.append(f"instance_group [ {{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]")
+    # each instance is its own stub process with its own sampler (session): batches run side by side
+    lines.append(f"instance_group [ {{ count: {settings.instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]")
     for key, value in params.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"

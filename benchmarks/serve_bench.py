@@ -267,7 +267,9 @@ def one_round(sampler, protocol, ports, server, images, seed):
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True)
 @click.option("--images", type=click.IntRange(4, 10000), default=32, show_default=True,
               help="Images per measurement (16 clients send twice as many).")
-@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 64), default=None,
+              help="ONNX Runtime threads of the server and of direct sampling.  [default: one per core, as "
+                   "bdm-serve and bdm-run]")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--queue-delay-us", type=click.IntRange(0, 10 ** 7), default=2000, show_default=True)
 @click.option("--preferred-batch", type=click.IntRange(1, 256), multiple=True,
@@ -284,7 +286,9 @@ def one_round(sampler, protocol, ports, server, images, seed):
 def main(ckpt, rounds, images, threads, max_batch, queue_delay_us, preferred_batch, instances, protocol, standalone,
          out):
     import bdm_runtime
+    from bdm_runtime.limits import cpu_count
 
+    threads = threads or cpu_count()
     out = out or os.path.join(ROOT, "benchmarks", "results", "serve_standalone" if standalone else "serve")
     server_args = ["--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
                    "--instances", str(instances)]

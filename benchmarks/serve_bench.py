@@ -38,16 +38,9 @@ HOST = "127.0.0.1"
 
 
 def free_ports(n=3):
-    import socket
+    from bdm_runtime.serve.bundled import free_ports as free
 
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return free(n, HOST)
 
 
 def export(ckpt, folder):

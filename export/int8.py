@@ -206,12 +206,19 @@ def int8_graph(fp32_path, images=DEFAULT_IMAGES, method=DEFAULT_METHOD, seed=DEF
         "solver": meta.get(fmt.K_DEFAULT_SOLVER, "ddim"), "grid": meta.get(fmt.K_DEFAULT_GRID, "uniform"),
         "eta": float(plan.eta), "float_layers": list(float_layers), "quantized": int(quantized)}
     del proto.metadata_props[:]
+    doc = "bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights), sampler update in FP32"
+    return finish(proto, meta, doc), meta
+
+
+def finish(proto, meta, doc):
+    """``proto`` with ``meta`` and ``doc`` stored, its shapes inferred (value_info, as export stores it), checked."""
+    import onnx
+
     onnx.helper.set_model_props(proto, fmt.encode(meta))
-    proto.doc_string = ("bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights), "
-                        "sampler update in FP32")
-    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)  # value_info, as export stores it
+    proto.doc_string = doc
+    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
-    return proto, meta
+    return proto
 
 
 def export_int8(fp32_path, path, images=DEFAULT_IMAGES, method=DEFAULT_METHOD, seed=DEFAULT_SEED,

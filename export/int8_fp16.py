@@ -26,7 +26,7 @@ from bdm_runtime.errors import BdmError
 from bdm_runtime.io import atomic_path
 
 from .fp16 import F16
-from .int8 import NETWORK
+from .int8 import NETWORK, finish
 
 OPSET = 19
 IR_VERSION = 9      # the ONNX IR that opset 19 came with (onnx 1.14)
@@ -190,12 +190,9 @@ def int8_fp16_graph(int8_path, fp16_path):
     int8, fp16 = onnx.load(int8_path), onnx.load(fp16_path)
     meta = _metadata(read_metadata(int8), read_metadata(fp16), int8_path, fp16_path)
     proto = quantize_like(fp16, quantized_convs(int8, int8_path), fp16_path)
-    onnx.helper.set_model_props(proto, fmt.encode(meta))
-    proto.doc_string = ("bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights, float16 "
-                        "scales), the rest of the network FP16, sampler update in FP32")
-    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)  # value_info, as export stores it
-    onnx.checker.check_model(proto, full_check=True)
-    return proto, meta
+    doc = ("bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights, float16 scales), "
+           "the rest of the network FP16, sampler update in FP32")
+    return finish(proto, meta, doc), meta
 
 
 def export_int8_fp16(int8_path, fp16_path, path):

@@ -47,6 +47,15 @@ def tiny_data(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """An ``.npz`` of 24 generated 8x8 images (for training runs of a few steps)."""
+    images, labels = make_shapes(24, size=8, seed=1)
+    path = tmp_path_factory.mktemp("small_data") / "d.npz"
+    np.savez(path, images=images, labels=labels)
+    return str(path)
+
+
 def _train_tiny(tmp_path_factory, data, name, **extra):
     from bdm_train.train import train
 

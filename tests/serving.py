@@ -6,7 +6,6 @@ caller's ``finally`` (SIGTERM, then SIGKILL after a timeout).
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ HOST = "127.0.0.1"
 
 def free_ports(n=3):
     """``n`` distinct ports free on the loopback interface now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    from bdm_runtime.serve.bundled import free_ports as free
+
+    return free(n, HOST)
 
 
 def http_status(url, timeout=2.0):

@@ -21,7 +21,7 @@ from helpers import export_mixture
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from test_reliability import snapshot  # noqa: E402
+from test_reliability import finished, snapshot  # noqa: E402
 
 
 def run(*args, module="bdm_runtime.cli", address_space=None, timeout=60, **kw):
@@ -33,14 +33,9 @@ def run(*args, module="bdm_runtime.cli", address_space=None, timeout=60, **kw):
     kw.setdefault("stdout", subprocess.PIPE)
     proc = subprocess.Popen([sys.executable, "-m", module] + [str(a) for a in args], cwd=ROOT, env=env,
                             stderr=subprocess.PIPE, preexec_fn=limit if address_space else None, **kw)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"still running after {timeout} s: {proc.args}")
+    code, out, err = finished(proc, timeout)
     decode = (lambda b: None if b is None else b.decode("utf-8", "replace"))  # bytes: keep every \r
-    return proc.returncode, decode(out), decode(err)
+    return code, decode(out), decode(err)
 
 
 def one_line(code, err, *words):

@@ -12,18 +12,10 @@ from bdm_train import checkpoint
 from bdm_train.batches import batch_indices
 from bdm_train.train import main, train
 from bdm_train.sample_cli import main as sample_main
-from conftest import ROOT, make_shapes
+from conftest import ROOT
 
 SMALL = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(4,), blur_sigma_max=2.0, batch_size=8, lr=1e-3,
              warmup=2, log_every=1, ckpt_every=0)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    images, labels = make_shapes(24, size=8, seed=1)
-    path = tmp_path_factory.mktemp("small") / "d.npz"
-    np.savez(path, images=images, labels=labels)
-    return str(path)
 
 
 def _log(ckpt_path):

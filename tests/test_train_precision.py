@@ -10,18 +10,9 @@ from bdm_runtime import cpu
 from bdm_train import checkpoint
 from bdm_train.options import resolve_precision
 from bdm_train.train import main, train
-from conftest import make_shapes
 
 SMALL = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn=(4,), blur_sigma_max=2.0, batch_size=8, lr=1e-3,
              warmup=2, log_every=1, ckpt_every=0, dropout=0.1, seed=5)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    images, labels = make_shapes(24, size=8, seed=1)
-    path = tmp_path_factory.mktemp("prec") / "d.npz"
-    np.savez(path, images=images, labels=labels)
-    return str(path)
 
 
 def _weights(path):
@@ -53,13 +44,13 @@ def test_cpu_flags_read_from_cpuinfo():
     assert cpu.native_bf16() == any(f" {name}" in text for name in cpu.BF16_FLAGS)
 
 
-def test_bf16_is_recorded_and_resumes_exactly(data, tmp_path):
+def test_bf16_is_recorded_and_resumes_exactly(small_data, tmp_path):
     """At bf16, 3 + 3 resumed steps equal 6 straight, bit for bit; the run really ran in bf16 (its weights
     differ from the float32 run's by bf16 rounding, not by more)."""
-    straight = train(data, tmp_path / "a", progress=False, steps=6, precision="bf16", **SMALL)
-    train(data, tmp_path / "b", progress=False, steps=3, precision="bf16", **SMALL)
+    straight = train(small_data, tmp_path / "a", progress=False, steps=6, precision="bf16", **SMALL)
+    train(small_data, tmp_path / "b", progress=False, steps=3, precision="bf16", **SMALL)
     resumed = train(None, tmp_path / "b", resume=True, progress=False, steps=6)   # precision from the checkpoint
-    fp32 = train(data, tmp_path / "c", progress=False, steps=6, precision="fp32", **SMALL)
+    fp32 = train(small_data, tmp_path / "c", progress=False, steps=6, precision="fp32", **SMALL)
     (pa, ma, ea), (pb, mb, eb), (pc, mc, _) = _weights(straight), _weights(resumed), _weights(fp32)
     assert pa == pb == "bf16" and pc == "fp32"
     for name in ma:
@@ -72,10 +63,10 @@ def test_bf16_is_recorded_and_resumes_exactly(data, tmp_path):
     np.testing.assert_allclose(_losses(straight), _losses(fp32), rtol=0.05)
 
 
-def test_legacy_checkpoint_resumes_in_float32(data, tmp_path):
+def test_legacy_checkpoint_resumes_in_float32(small_data, tmp_path):
     """A checkpoint without ``precision`` (before the option) continues in float32 on CPU, exactly as before."""
-    straight = train(data, tmp_path / "a", progress=False, steps=4, precision="fp32", **SMALL)
-    old = train(data, tmp_path / "b", progress=False, steps=2, precision="fp32", **SMALL)
+    straight = train(small_data, tmp_path / "a", progress=False, steps=4, precision="fp32", **SMALL)
+    old = train(small_data, tmp_path / "b", progress=False, steps=2, precision="fp32", **SMALL)
     state = torch.load(old, weights_only=True)
     del state["config"]["train"]["precision"]
     torch.save(state, old)
@@ -85,25 +76,25 @@ def test_legacy_checkpoint_resumes_in_float32(data, tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_changing_precision_on_resume_is_noted(data, tmp_path, capsys):
-    train(data, tmp_path, progress=False, steps=1, precision="fp32", **SMALL)
+def test_changing_precision_on_resume_is_noted(small_data, tmp_path, capsys):
+    train(small_data, tmp_path, progress=False, steps=1, precision="fp32", **SMALL)
     capsys.readouterr()
     train(None, tmp_path, resume=True, progress=False, steps=2, precision="bf16")
     assert "changed precision" in capsys.readouterr().err
     assert _weights(tmp_path / "model.pt")[0] == "bf16"
 
 
-def test_cli_refuses_an_unknown_precision(data, tmp_path, capsys):
+def test_cli_refuses_an_unknown_precision(small_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--data", data, "--out", str(tmp_path / "x"), "--precision", "fp8"])
+        main(["--data", small_data, "--out", str(tmp_path / "x"), "--precision", "fp8"])
     assert e.value.code != 0 and "fp8" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_explicit_precision_equal_to_the_stored_one_is_no_change(data, tmp_path, capsys):
+def test_explicit_precision_equal_to_the_stored_one_is_no_change(small_data, tmp_path, capsys):
     """A checkpoint from before the option, resumed on CPU with ``--precision fp32`` (what it trained in):
     nothing changed, so no note; asking for bf16 is a change, and says so."""
-    old = train(data, tmp_path, progress=False, steps=1, precision="fp32", **SMALL)
+    old = train(small_data, tmp_path, progress=False, steps=1, precision="fp32", **SMALL)
     state = torch.load(old, weights_only=True)
     del state["config"]["train"]["precision"]
     torch.save(state, old)

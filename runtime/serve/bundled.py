@@ -8,10 +8,23 @@ PyTriton), so both run the server the same way.
 """
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
 from ..errors import BdmError
+
+
+def free_ports(n=3, host="127.0.0.1"):
+    """``n`` distinct TCP ports free on ``host`` now (HTTP, gRPC, metrics of a server about to start)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def bundled_tritonserver():

@@ -77,9 +77,9 @@ def decide(rows, shipped, ch, present=True, tolerance=TOLERANCE):
     if blur is not None:
         out.update(branch="blurring", candidate=brief(blur), reference_fd=ref, ratio=round(blur["mean_fd"] / ref, 3))
         if _same(blur, shipped):
-            return dict(out, recommended=brief(shipped), reason=f"{blur['model']} at {blur['steps']} steps is shipped")
+            return dict(out, recommended=brief(shipped), reason=f"{blur['model']} at {blur['steps']:,} steps is shipped")
         return dict(out, verdict="ship", recommended=brief(blur), reason=(
-            f"blurring {blur['model']} at {blur['steps']} steps: three-seed mean FD {blur['mean_fd']:.2f} is "
+            f"blurring {blur['model']} at {blur['steps']:,} steps: three-seed mean FD {blur['mean_fd']:.2f} is "
             f"{blur['mean_fd'] / ref:.2f}x the best DDPM's {ref:.2f} at its cost (<= {tolerance:g}x)"))
     ddpm = [r for r in rows if r["blur_sigma_max"] == 0 and r["ch"] == ch and r["seeds"] >= 3]
     if not ddpm:
@@ -95,13 +95,13 @@ def decide(rows, shipped, ch, present=True, tolerance=TOLERANCE):
             "the shipped model is not one of the study's rows with three seeds: measure it before comparing"))
     if _same(best, shipped):
         return dict(out, recommended=brief(shipped), reason=head + f"the shipped {best['model']} at "
-                    f"{best['steps']} steps is the best ch {ch} DDPM ({best['mean_fd']:.2f})")
+                    f"{best['steps']:,} steps is the best ch {ch} DDPM ({best['mean_fd']:.2f})")
     margin, spread = shipped["mean_fd"] - best["mean_fd"], max(best["spread"], shipped["spread"])
     out.update(margin=round(margin, 3), spread=round(spread, 3))
     verdict = "ship" if margin > spread else "keep"
     return dict(out, verdict=verdict, recommended=brief(best if verdict == "ship" else shipped), reason=head + (
-        f"{best['model']} at {best['steps']} steps: three-seed mean FD {best['mean_fd']:.2f} against the shipped "
-        f"{shipped['model']} at {shipped['steps']} steps' {shipped['mean_fd']:.2f}, better by {margin:.2f}, "
+        f"{best['model']} at {best['steps']:,} steps: three-seed mean FD {best['mean_fd']:.2f} against the shipped "
+        f"{shipped['model']} at {shipped['steps']:,} steps' {shipped['mean_fd']:.2f}, better by {margin:.2f}, "
         f"{'more' if verdict == 'ship' else 'not more'} than the seed spread {spread:.2f}"))
 
 
@@ -148,7 +148,7 @@ def rule(rows, shipped_folder=SHIPPED, runs=SCALE_RUNS):
     out = dict(decide(rows, row, ch), shipped_match=match)
     if match == "same recipe":
         out["reason"] += (f" (the shipped model's figures are this study's retraining of it: {row['model']}, same "
-                          f"recipe and {row['steps']} steps, weights equal to float rounding, not bit for bit)")
+                          f"recipe and {row['steps']:,} steps, weights equal to float rounding, not bit for bit)")
     return out
 
 
@@ -183,7 +183,7 @@ def ship(runs=SCALE_RUNS, results=RESULTS, shipped_folder=SHIPPED, n=1000, threa
     release(src, shipped_folder, sampler, lambda state, p: _card(state, p, facts), keep)
     data["rule"] = rule(data["rows"], shipped_folder, runs)   # now the shipped model is the one it recommends
     write(results, data)
-    log(f"shipped {row['model']} at {row['steps']} steps ({sampler}) to {shipped_folder}: {decision['reason']}")
+    log(f"shipped {row['model']} at {row['steps']:,} steps ({sampler}) to {shipped_folder}: {decision['reason']}")
     return decision
 
 
@@ -258,13 +258,13 @@ def facts_of(row, decision, old, n=1000, threads=1, runs=SCALE_RUNS):
     notes = [f"**Network size**: ch {row['ch']}. The shipping rule compared only candidates of the shipped "
              f"network's size: a ch 32 network costs about 4x per evaluation, and every speed figure of the README "
              f"is for this ch {row['ch']} network.",
-             f"**Weights**: `{src}` (the study's snapshot at {row['steps']} steps), EMA only.",
+             f"**Weights**: `{src}` (the study's snapshot at {row['steps']:,} steps), EMA only.",
              replaced_note(old)]
     facts = dict(source=("the model the third study's shipping rule picked (`benchmarks/study/scale_ship.py`, "
                          f"`benchmarks/results/scale.md`): {decision['reason']}"),
                  steps=row["steps"], seconds=seconds, devices=devices, setting=setting._asdict(), point=point,
                  floor=floor, cheaper=cheaper, notes=notes,
-                 seeds=(f"over sample seeds 1 / 2 / 3 ({point['n']} samples each): "
+                 seeds=(f"over sample seeds 1 / 2 / 3 ({point['n']:,} samples each): "
                         f"{' / '.join(f'{v:.2f}' for v in seeds)}, mean **{mean:.2f}** (spread {spread:.2f})"),
                  regenerate=("`python -m benchmarks.study scale` (train, measure, report), then "
                              "`python -m benchmarks.study scale --stages ship` (the rule: "
@@ -283,15 +283,14 @@ def replaced_note(old):
     """The card's line on the model this one replaces (``previous()``): what it was, its FD, where it still is."""
     if old is None:
         return "**Replaces**: nothing (no model was shipped before)."
-    where = ", ".join(["git history (`git log -- models/fmnist32/model.pt`)"] + [f"`{p}`" for p in old["copies"]])
-    text = f"**Replaces** the previous `models/fmnist32`, {old['by']} (sha256 `{old['sha256']}`"
-    text += f"; FD-FMNIST {old['card_fd']:.2f} at its default, by its card)" if old["card_fd"] else ")"
+    where = " and ".join(["git history (`git log -- models/fmnist32/model.pt`)"] + [f"`{p}`" for p in old["copies"]])
+    text = f"**Replaces** the previous `models/fmnist32`, {old['by']}: sha256 `{old['sha256']}`"
+    text += f", FD-FMNIST {old['card_fd']:.2f} at its default by its card" if old["card_fd"] else ""
     if old.get("model"):
         twin = "this study's retraining of it (same recipe and budget, weights not bit for bit the same)"
-        text += (f": `{old['model']}` at {old['steps']} steps (ch {old['ch']}), three-seed mean FD-FMNIST "
+        text += (f"; `{old['model']}` at {old['steps']:,} steps (ch {old['ch']}), three-seed mean FD-FMNIST "
                  f"{old['mean_fd']:.2f} ({' / '.join(f'{v:.2f}' for v in old.get('seed_fd') or ())}) at its best "
-                 "setting, "
-                 f"measured on {'the same weights' if old['match'] == 'same weights' else twin}")
+                 f"setting, measured on {'the same weights' if old['match'] == 'same weights' else twin}")
     return text + f". The replaced weights are still in {where}."
 
 
@@ -303,15 +302,15 @@ def shipping_lines(decision, shipped):
     if decision:
         rec = decision.get("recommended")
         lines.append(f"Rule: {decision['rule']}. Verdict against `models/fmnist32` now: **{decision['verdict']}**"
-                     + (f" ({rec['model']} at {rec['steps']} steps)" if rec else "") + f": {decision['reason']}.")
+                     + (f" ({rec['model']} at {rec['steps']:,} steps)" if rec else "") + f": {decision['reason']}.")
     if shipped:
         cheap = ", ".join(f"{k} evaluations FD {p['fd']:.2f} ({_describe(p)})" for k, p in shipped["cheaper"].items())
         old = shipped["replaced"]
-        lines += ["", f"Shipped by this study: `{shipped['model']}` at {shipped['steps']} steps (ch {shipped['ch']}, "
+        lines += ["", f"Shipped by this study: `{shipped['model']}` at {shipped['steps']:,} steps (ch {shipped['ch']}, "
                   f"{shipped['precision']}; sha256 `{shipped['sha256'][:16]}...`), default "
                   f"{_describe(shipped['sampler'])}: "
                   f"FD {shipped['fd']:.2f} at seed 1, {shipped['mean_fd']:.2f} over seeds 1-3 "
                   f"({' / '.join(f'{v:.2f}' for v in shipped['seed_fd'])}); cheaper: {cheap or 'none'}."
-                  + (f" It replaced `{old['model']}` at {old['steps']} steps ({old['mean_fd']:.2f} over three seeds)."
+                  + (f" It replaced `{old['model']}` at {old['steps']:,} steps ({old['mean_fd']:.2f} over three seeds)."
                      if old.get("model") else "")]
     return lines

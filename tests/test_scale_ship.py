@@ -149,3 +149,20 @@ def test_ship_releases_the_rule_s_pick_with_its_card_and_record_then_keeps_it(tm
     again = (results / "scale.json").read_bytes()
     assert ship(runs=str(runs), results=str(results), shipped_folder=str(shipped), n=1000)["verdict"] == "keep"
     assert {p: (shipped / p).read_bytes() for p in before} == before and (results / "scale.json").read_bytes() == again
+
+
+def test_the_second_study_s_ship_refuses_once_the_third_has_shipped(tmp_path):
+    """Its stage would put its own pick back over the third study's; it says which stage to run instead. (Its
+    runs folder is empty here: were the guard missing, it would stop at "nothing evaluated", writing nothing.)"""
+    from bdm_runtime.errors import BdmError
+    from benchmarks.study import Study
+    from benchmarks.study.common import write_json
+    from benchmarks.study.report import ship
+
+    write_json(str(tmp_path / "results" / "scale.json"), dict(rows=[], shipped=dict(model="ddpm", steps=12000)))
+    study = Study(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    with pytest.raises(BdmError, match=r"third study's ddpm \(12000 steps.*scale --stages ship"):
+        ship(study)
+    os.remove(tmp_path / "results" / "scale.json")
+    with pytest.raises(BdmError, match="nothing evaluated yet"):
+        ship(study)

@@ -144,11 +144,13 @@ def test_ship_releases_the_rule_s_pick_with_its_card_and_record_then_keeps_it(tm
     assert res["shipped"]["cheaper"]["10"]["fd"] == 8.0 and res["shipped"]["seed_fd"] == [5.0, 4.9, 5.1]
     assert (res["rule"]["verdict"], res["rule"]["recommended"]["steps"]) == ("keep", 30)
     assert "Shipped by this study" in (results / "scale.md").read_text()
+    with open(results / "scale_ship.json") as f:
+        assert json.load(f) == res["shipped"]          # its own file: a report rewriting scale.json keeps it
 
     before = {p: (shipped / p).read_bytes() for p in ("model.pt", "config.json", "MODEL_CARD.md")}
-    again = (results / "scale.json").read_bytes()
+    again = {p: (results / p).read_bytes() for p in ("scale.json", "scale_ship.json")}
     assert ship(runs=str(runs), results=str(results), shipped_folder=str(shipped), n=1000)["verdict"] == "keep"
-    assert {p: (shipped / p).read_bytes() for p in before} == before and (results / "scale.json").read_bytes() == again
+    assert {p: (shipped / p).read_bytes() for p in before} == before and {p: (results / p).read_bytes() for p in again} == again
 
 
 def test_the_second_study_s_ship_refuses_once_the_third_has_shipped(tmp_path):
@@ -159,10 +161,10 @@ def test_the_second_study_s_ship_refuses_once_the_third_has_shipped(tmp_path):
     from benchmarks.study.common import write_json
     from benchmarks.study.report import ship
 
-    write_json(str(tmp_path / "results" / "scale.json"), dict(rows=[], shipped=dict(model="ddpm", steps=12000)))
+    write_json(str(tmp_path / "results" / "scale_ship.json"), dict(model="ddpm", steps=12000))
     study = Study(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))
     with pytest.raises(BdmError, match=r"third study's ddpm \(12000 steps.*scale --stages ship"):
         ship(study)
-    os.remove(tmp_path / "results" / "scale.json")
+    os.remove(tmp_path / "results" / "scale_ship.json")
     with pytest.raises(BdmError, match="nothing evaluated yet"):
         ship(study)

@@ -127,12 +127,12 @@ def ship(study, folder=SHIPPED):
     """The recommended model's EMA weights, config and model card into ``folder`` (what ``make demo`` uses).
 
     The sampler defaults stored with it (and so in every graph ``bdm-export`` makes of it) are the
-    study's recommended setting. Refused once the third study has shipped a model (``scale.json``): its
+    study's recommended setting. Refused once the third study has shipped a model (``scale_ship.json``): its
     rule picked that one over this study's, and only its own stage may replace it.
     """
     from .tables import model_card
 
-    later = (read_json(os.path.join(study.results, "scale.json")) or {}).get("shipped")
+    later = read_json(os.path.join(study.results, "scale_ship.json"))   # the third study's ship record
     if later and os.path.abspath(folder) == os.path.abspath(SHIPPED):
         raise BdmError(f"{folder} holds the third study's {later['model']} ({later['steps']} steps, shipped by its "
                        "rule over this study's pick): run `python -m benchmarks.study scale --stages ship` instead")

@@ -104,14 +104,13 @@ def plot(rows, out=PLOT):
 
 def report(runs=SCALE_RUNS, results=RESULTS, out=PLOT):
     """``scale.json``/``.md`` from the runs, with the shipping rule's verdict against ``models/fmnist32`` now
-    (the last ship's record, kept from the previous ``scale.json``), and the figure."""
-    from .scale_ship import rule
+    and the ship stage's last record (``scale_ship.json``), and the figure."""
+    from .scale_ship import RECORD, rule
 
     rows = collect(runs)
     gap_rows = gaps(rows)
-    old = read_json(os.path.join(results, "scale.json")) or {}
     write(results, dict(rows=rows, gaps=gap_rows, rule=rule(rows, runs=runs) if rows else None,
-                        shipped=old.get("shipped")))
+                        shipped=read_json(os.path.join(results, RECORD))))
     if rows:
         plot(rows, out)
     log(f"scale report: {len(rows)} rows, {len(gap_rows)} comparisons")

@@ -22,10 +22,11 @@ import numpy as np
 
 from bdm_runtime.errors import BdmError
 
-from .common import NET, RESULTS, ROOT, SHIPPED, log, point_name, read_json, sweep_settings
+from .common import NET, RESULTS, ROOT, SHIPPED, log, point_name, read_json, sweep_settings, write_json
 from .report import TOLERANCE
 from .scale import LINES, SCALE_RUNS, folder, measure_point, same_ema, settings, snapshot_path
 
+RECORD = "scale_ship.json"   # beside scale.json: what the ship stage last shipped (only that stage writes it)
 CHEAPER = (5, 10)   # the card's cheaper settings: the second study's solver x grid sweep at these evaluations
 KEYS = ("model", "steps", "ch", "blur_sigma_max", "param", "best", "best_fd", "seed_fd", "mean_fd", "spread")
 RULE = ("a blurring model ships if its three-seed mean FD is within {tol:.0%} of the best DDPM's at the same cost "
@@ -155,7 +156,9 @@ def rule(rows, shipped_folder=SHIPPED, runs=SCALE_RUNS):
 # -- the stage ------------------------------------------------------------------------------------------
 def ship(runs=SCALE_RUNS, results=RESULTS, shipped_folder=SHIPPED, n=1000, threads=1):
     """Apply the rule to ``results/scale.json``; when it says ship, measure the candidate's cheaper settings
-    (resumable), release it into ``shipped_folder`` with its card, and record it in ``scale.json``/``.md``."""
+    (resumable), release it into ``shipped_folder`` with its card, and record it: ``results/scale_ship.json``
+    (its own file, so that a report or a merge that rewrites ``scale.json`` cannot lose it; every report copies
+    it into ``scale.json``'s ``shipped`` and ``scale.md``)."""
     from .report import release
     from .scale_report import write
 
@@ -169,10 +172,11 @@ def ship(runs=SCALE_RUNS, results=RESULTS, shipped_folder=SHIPPED, n=1000, threa
         log(f"ship: {shipped_folder} unchanged: {decision['reason']}")
         return decision
     row = next(r for r in data["rows"] if _same(r, decision["candidate"]))
-    facts, record = facts_of(row, decision, previous(shipped_folder, decision, data.get("shipped"), runs),
-                             n, threads, runs)
+    last = read_json(os.path.join(results, RECORD))
+    facts, record = facts_of(row, decision, previous(shipped_folder, decision, last, runs), n, threads, runs)
 
     def keep(state, sha):
+        write_json(os.path.join(results, RECORD), dict(record, sha256=sha))
         data.update(shipped=dict(record, sha256=sha), rule=decision)
         write(results, data)
 

@@ -135,8 +135,8 @@ def test_each_int8_convolution_against_float64(graphs):
     """Every Q/DQ convolution as ONNX Runtime runs it, against float64 from bdm_int8.onnx's own numbers.
 
     Not step outputs against bdm_int8.onnx's: INT8 rounding amplifies float16 rounding. Measured on the
-    shipped model, float16 moves 0.4% of the first quantized convolution's input codes by one step
-    (relative change 2**-11 of values up to ~120 steps), the next convolution's input already by ~10%,
+    6,000-step DDPM shipped until issue 19, float16 moves 0.4% of the first quantized convolution's input
+    codes by one step (relative change 2**-11 of values up to ~120 steps), the next convolution's input already by ~10%,
     and from the third on the two INT8 graphs differ by as much as INT8 differs from FP32 (their
     roundings are as good as independent). So each layer is checked on its own inputs: its INT8 codes are
     exactly ``round(x / scale)`` with bdm_int8.onnx's scale rounded to float16, and its output is the
@@ -147,7 +147,7 @@ def test_each_int8_convolution_against_float64(graphs):
     (SIAM J. Sci. Comput. 41, 2019) for a float16 sum of ``K`` terms is ``sqrt(K) U sum|terms|`` (measured
     here: at most ~15% of the bound; a wrong weight errs by ~|ref|, far above it). And per output channel
     the mean error, where rounding errors of either sign cancel, stays below ``U`` times the channel's rms
-    sum of |terms| (what one correctly rounded output may err by); measured on the shipped model at most
+    sum of |terms| (what one correctly rounded output may err by); measured on that model at most
     0.18 of that, while a bias 0.01 off on one channel gave 5.8x and a 1% larger weight scale 2.0x it.
     """
     from bdm_export.check import make_inputs

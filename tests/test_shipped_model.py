@@ -1,4 +1,4 @@
-"""The shipped model (models/fmnist32): what `make demo` uses is what the study measured and recommends."""
+"""The shipped model (models/fmnist32): what `make demo` uses is what the latest study measured and recommends."""
 import hashlib
 import json
 import os
@@ -11,38 +11,77 @@ from conftest import ROOT
 
 FOLDER = os.path.join(ROOT, "models", "fmnist32")
 STUDY = os.path.join(ROOT, "benchmarks", "results", "study.json")
+SCALE = os.path.join(ROOT, "benchmarks", "results", "scale.json")
+SHIP = os.path.join(ROOT, "benchmarks", "results", "scale_ship.json")   # the third study's ship stage's record
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FOLDER, "model.pt")), reason="no shipped model")
 
 
-@pytest.fixture(scope="module")
-def study():
-    with open(STUDY) as f:
+def _read(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
         return json.load(f)
 
 
-def test_shipped_model_is_the_recommended_one_with_its_sampler_defaults(study):
-    from bdm_train import checkpoint
-
-    state = checkpoint.load_state(os.path.join(FOLDER, "model.pt"))
+@pytest.fixture(scope="module")
+def latest():
+    """What the latest study that shipped ``models/fmnist32`` recorded: the third study's ship stage (issue 19,
+    ``scale_ship.json``) once it replaced the model, else the second study's recommendation."""
+    rec, scale = _read(SHIP), _read(SCALE)
+    if rec:
+        s = rec["sampler"]
+        return dict(study="scale", scale=scale, rec=rec, steps=rec["steps"], blur=rec["blur_sigma_max"], fd=rec["fd"],
+                    sampler=dict(clip_denoised=s["clip"], steps=s["steps"], eta=s["eta"], solver=s["solver"],
+                                 grid=s["grid"]))
+    study = _read(STUDY)
     rec = study["recommended"]
     want = dict(clip_denoised=rec["clip"], steps=rec["steps"], eta=rec["eta"])
     if "solver" in rec:   # studies since issue 11 also choose the solver and the time grid
         want.update(solver=rec["solver"], grid=rec["grid"])
-    assert state["config"]["sampler"] == want
-    assert state["config"]["process"]["blur_sigma_max"] == study["models"][rec["model"]]["blur_sigma_max"]
-    assert state["step"] == study["models"][rec["model"]]["trained_steps"]
+    info = study["models"][rec["model"]]
+    return dict(study="study", rec=rec, steps=info["trained_steps"], blur=info["blur_sigma_max"], fd=rec["fd"],
+                sampler=want)
+
+
+def test_shipped_model_is_the_recommended_one_with_its_sampler_defaults(latest):
+    from bdm_train import checkpoint
+
+    state = checkpoint.load_state(os.path.join(FOLDER, "model.pt"))
+    assert state["config"]["sampler"] == latest["sampler"]
+    assert state["config"]["process"]["blur_sigma_max"] == latest["blur"]
+    assert state["step"] == latest["steps"]
     assert state["optimizer"] is None  # a release: EMA weights only
     assert os.path.getsize(os.path.join(FOLDER, "model.pt")) < 20 * 2 ** 20
     with open(os.path.join(FOLDER, "config.json")) as f:
         assert json.load(f)["sampler"] == state["config"]["sampler"]
 
 
-def test_model_card_names_the_file_and_the_measured_quality(study):
+def test_the_third_study_s_rule_recommends_what_it_shipped(latest):
+    """The rule's latest verdict (``scale.json``, rewritten by every report) keeps the shipped model: a newer,
+    better row that it would ship instead means the ship stage is due."""
+    from benchmarks.study.common import sha256
+
+    if latest["study"] != "scale":
+        pytest.skip("models/fmnist32 is the second study's pick; the third study has not shipped")
+    rec, scale = latest["rec"], latest["scale"]
+    assert scale.get("shipped") == rec, "scale.json is older than the last ship: run the scale study's report stage"
+    verdict = scale["rule"]
+    assert rec["sha256"] == sha256(os.path.join(FOLDER, "model.pt"))
+    assert verdict["verdict"] == "keep", verdict["reason"]
+    assert (verdict["recommended"]["model"], verdict["recommended"]["steps"]) == (rec["model"], rec["steps"])
+    assert verdict["recommended"]["mean_fd"] == rec["mean_fd"]
+
+
+def test_model_card_names_the_file_and_the_measured_quality(latest):
     with open(os.path.join(FOLDER, "MODEL_CARD.md")) as f:
         card = f.read()
     with open(os.path.join(FOLDER, "model.pt"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() in card
-    assert re.search(rf"FD-FMNIST {study['recommended']['fd']:.2f}\b", card)
+    assert re.search(rf"FD-FMNIST {latest['fd']:.2f}\b", card)
+    if latest["study"] == "scale":   # the three-seed mean, and the cheaper settings it measured
+        assert f"mean **{latest['rec']['mean_fd']:.2f}**" in card
+        for k, p in latest["rec"]["cheaper"].items():
+            assert f"{k} evaluations: FD {p['fd']:.2f}" in card
 
 
 def test_shipped_model_samples_garments_not_noise(tmp_path):

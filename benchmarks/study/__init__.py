@@ -20,7 +20,8 @@ Every stage is resumable and skippable, so the study can span several sittings:
 
     python -m benchmarks.study run --hours 3          # train (resumes), export, sample, check, evaluate, report
     python -m benchmarks.study run --stages report    # only rebuild study.json / study.md / the plot
-    python -m benchmarks.study run --stages ship      # the recommended model -> models/fmnist32
+    python -m benchmarks.study run --stages ship      # the recommended model -> models/fmnist32 (refused
+                                                      # once the third study shipped: scale --stages ship)
     python -m benchmarks.study run --smoke            # a tiny end-to-end check of the wiring (minutes)
 
 On 2 cores run two processes with ``--models A --threads 1`` and ``--models B --threads 1``: small

@@ -138,8 +138,13 @@ def diagnose_cmd(runs, only):
             click.echo(f"  t={t:<5g} {low:10.4f} {clipped:10.4f}")
 
 
+SCALE_STAGES = ("train", "measure", "report", "ship")
+
+
 @cli.command("scale")
-@click.option("--stages", default="train,measure,report", show_default=True, help="Subset of train, measure, report.")
+@click.option("--stages", default="train,measure,report", show_default=True,
+              help=f"Subset of {', '.join(SCALE_STAGES)} (ship applies the shipping rule and may replace "
+                   "models/fmnist32: ask for it).")
 @click.option("--models", "only", default=None, help="Comma-separated lines of the third study [all].")
 @click.option("--hours", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop starting training chunks after this long (per sitting).")
@@ -151,14 +156,14 @@ def scale_cmd(stages, only, hours, n, threads, upto):
     """The third study (issue 19): blur strength, budget and capacity (resumable; two processes, one core each)."""
     import torch
 
-    from . import scale, scale_report
+    from . import scale, scale_report, scale_ship
 
     names = list(scale.LINES) if only is None else [m.strip() for m in only.split(",") if m.strip()]
     if not names or any(m not in scale.LINES for m in names):
         raise BdmError(f"--models {only!r}: choose from {', '.join(scale.LINES)}")
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    if any(s not in ("train", "measure", "report") for s in chosen):
-        raise BdmError(f"--stages {stages!r}: choose from train, measure, report")
+    if not chosen or any(s not in SCALE_STAGES for s in chosen):
+        raise BdmError(f"--stages {stages!r}: choose from {', '.join(SCALE_STAGES)}")
     torch.set_num_threads(threads)
     if "train" in chosen:
         scale.train(names, hours=hours, upto=upto)
@@ -166,6 +171,8 @@ def scale_cmd(stages, only, hours, n, threads, upto):
         scale.measure(names, n=n, threads=threads, upto=upto)
     if "report" in chosen:
         scale_report.report()
+    if "ship" in chosen:   # every line's rows (the rule compares them all), whatever --models says; it logs why
+        scale_ship.ship(n=n, threads=threads)
 
 
 def main(args=None):

@@ -104,6 +104,14 @@ def read_json(path, default=None):
         return json.load(f)
 
 
+def sha256(path):
+    """The file's sha256 (hex): what a model card names, so a card and its weights can be checked together."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def ckpt_step(path):
     from bdm_train import checkpoint
 

@@ -127,27 +127,48 @@ def ship(study, folder=SHIPPED):
     """The recommended model's EMA weights, config and model card into ``folder`` (what ``make demo`` uses).
 
     The sampler defaults stored with it (and so in every graph ``bdm-export`` makes of it) are the
-    study's recommended setting.
+    study's recommended setting. Refused once the third study has shipped a model (``scale_ship.json``): its
+    rule picked that one over this study's, and only its own stage may replace it.
+    """
+    from .tables import model_card
+
+    later = read_json(os.path.join(study.results, "scale_ship.json"))   # the third study's ship record
+    if later and os.path.abspath(folder) == os.path.abspath(SHIPPED):
+        raise BdmError(f"{folder} holds the third study's {later['model']} ({later['steps']} steps, shipped by its "
+                       "rule over this study's pick): run `python -m benchmarks.study scale --stages ship` instead")
+    res = collect(study)
+    rec = res["recommended"]
+    if rec is None:
+        raise BdmError("nothing evaluated yet: run the sample and eval stages before ship")
+    sampler = dict(steps=int(rec["steps"]), eta=float(rec["eta"]), clip_denoised=bool(rec["clip"]),
+                   solver=rec["solver"], grid=rec["grid"])
+    state = release(study.ckpt(rec["model"]), folder, sampler, lambda st, path: model_card(res, st, path))
+    log(f"shipped {rec['model']} (step {state['step']}, {sampler}) to {folder}")
+    return os.path.join(folder, "model.pt")
+
+
+def release(src, folder, sampler, card, record=None):
+    """Checkpoint ``src`` as a release in ``folder``: ``model.pt`` (EMA weights only, ``sampler`` as its
+    defaults), ``config.json`` and ``MODEL_CARD.md`` (``card(state, path)``'s text); ``record(state, sha256)``
+    lets a study keep what it shipped. ``model.pt`` is renamed into place last, after everything else is
+    written: a ship cut short leaves the previous weights, which the study then sees as shipped and replaces
+    again, never new weights under an old card. Returns the release's state.
     """
     from bdm_runtime.io import atomic_path
 
     from bdm_train import checkpoint
 
-    from .tables import model_card
+    from .common import sha256
 
-    res = collect(study)
-    rec = res["recommended"]
-    if rec is None:
-        raise BdmError("nothing evaluated yet: run the sample and eval stages before ship")
-    dst = os.path.join(folder, "model.pt")
-    sampler = dict(steps=int(rec["steps"]), eta=float(rec["eta"]), clip_denoised=bool(rec["clip"]),
-                   solver=rec["solver"], grid=rec["grid"])
-    checkpoint.release(study.ckpt(rec["model"]), dst, sampler=sampler)
-    state = checkpoint.load_state(dst)
-    cfg = dict(state["config"], step=int(state["step"]))
-    cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in ("data_mean", "data_std")}   # in model.pt
-    write_json(os.path.join(folder, "config.json"), cfg)
-    with atomic_path(os.path.join(folder, "MODEL_CARD.md")) as tmp, open(tmp, "w") as f:
-        f.write(model_card(res, state, dst))
-    log(f"shipped {rec['model']} (step {state['step']}, {sampler}) to {folder}")
-    return dst
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(os.path.join(folder, "model.pt")) as tmp:
+        checkpoint.release(src, tmp, sampler=sampler)
+        state = checkpoint.load_state(tmp)
+        cfg = dict(state["config"], step=int(state["step"]))
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in ("data_mean", "data_std")}   # in model.pt
+        write_json(os.path.join(folder, "config.json"), cfg)
+        with atomic_path(os.path.join(folder, "MODEL_CARD.md")) as t, open(t, "w") as f:
+            f.write(card(state, tmp))
+        if record is not None:
+            record(state, sha256(tmp))
+    return state

@@ -15,6 +15,7 @@ and 3 at each point's best setting (the seed spread at 1,000 samples is about +-
 
 Runs live in ``runs/scale/NAME`` (``model.pt`` resumable, ``model_stepN.pt`` per budget, samples per step,
 seed and setting); results in ``results/scale.{json,md}`` and ``docs/scale_blur.png``. Every stage resumes.
+The shipping rule and the ``ship`` stage (explicit: it may replace ``models/fmnist32``) are in ``scale_ship``.
 """
 import glob
 import os

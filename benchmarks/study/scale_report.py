@@ -30,7 +30,8 @@ def collect(runs=SCALE_RUNS):
                              steps=step, precision=spec["precision"],
                              fd={point_name(s): round(v, 3) for s, v in fds.items()},
                              best=point_name(best), best_fd=round(fds[best], 3),
-                             seeds=len(seeds), mean_fd=round(float(np.mean(seeds)), 3),
+                             seeds=len(seeds), seed_fd=[round(v, 3) for v in seeds],
+                             mean_fd=round(float(np.mean(seeds)), 3),
                              spread=round(float(np.ptp(seeds)), 3) if len(seeds) > 1 else None))
     return rows
 
@@ -51,7 +52,10 @@ def gaps(rows):
     return out
 
 
-def markdown(rows, gap_rows):
+def markdown(rows, gap_rows, rule=None, shipped=None):
+    """``scale.md``: the rows, the gaps, and (when given) the shipping rule's verdict and what was shipped."""
+    from .scale_ship import shipping_lines
+
     lines = ["# Third study: blur strength, budget and capacity (issue 19)", "",
              "FD-FMNIST, 1,000 samples; seed 1 at every setting, seeds 1-3 at each row's best (mean).", "",
              "| model | blur | ch | steps | precision | FD per setting (seed 1) | best | 3-seed mean (spread) |",
@@ -66,6 +70,8 @@ def markdown(rows, gap_rows):
     for g in gap_rows:
         lines.append(f"| {g['ch']} | {g['steps']} | {g['ddpm']} ({g['ddpm_fd']}) | {g['blur']} ({g['blur_fd']}) | "
                      f"{g['ratio']} | {'yes' if g['within'] else 'no'} |")
+    if rule or shipped:
+        lines += shipping_lines(rule, shipped)
     return "\n".join(lines) + "\n"
 
 
@@ -97,14 +103,24 @@ def plot(rows, out=PLOT):
 
 
 def report(runs=SCALE_RUNS, results=RESULTS, out=PLOT):
+    """``scale.json``/``.md`` from the runs, with the shipping rule's verdict against ``models/fmnist32`` now
+    and the ship stage's last record (``scale_ship.json``), and the figure."""
+    from .scale_ship import RECORD, rule
+
     rows = collect(runs)
     gap_rows = gaps(rows)
-    write_json(os.path.join(results, "scale.json"), dict(rows=rows, gaps=gap_rows))
-    from bdm_runtime.io import atomic_path
-
-    with atomic_path(os.path.join(results, "scale.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown(rows, gap_rows))
+    write(results, dict(rows=rows, gaps=gap_rows, rule=rule(rows, runs=runs) if rows else None,
+                        shipped=read_json(os.path.join(results, RECORD))))
     if rows:
         plot(rows, out)
     log(f"scale report: {len(rows)} rows, {len(gap_rows)} comparisons")
     return rows, gap_rows
+
+
+def write(results, data):
+    """``scale.json`` and ``scale.md`` (atomically) from ``data``: rows, gaps, rule, shipped."""
+    from bdm_runtime.io import atomic_path
+
+    write_json(os.path.join(results, "scale.json"), data)
+    with atomic_path(os.path.join(results, "scale.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(data["rows"], data["gaps"], data.get("rule"), data.get("shipped")))

@@ -1,7 +1,7 @@
 """The study's text: the markdown tables (``study.md``) and the shipped model's card."""
 import os
 
-from .common import point_name, solver_label
+from .common import point_name, sha256, solver_label
 
 
 def _sampler_name(eta, steps):
@@ -136,61 +136,74 @@ def _describe(p):
 
 
 def model_card(study, state, path):
-    """The shipped model's card: data, network, budget, default sampler and its measured quality."""
-    import hashlib
-
+    """The second study's shipped model's card: data, network, budget, default sampler and its measured quality."""
     rec = study["recommended"]
     name, info = rec["model"], study["models"][rec["model"]]
-    cfg = state["config"]
     point = next(p for p in study["points"] if p["model"] == name and point_name(_key(p)) == point_name(_key(rec)))
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    params = sum(v.numel() for k, v in state["ema"].items() if k not in ("data_mean", "data_std"))
     n = study["n_samples"]
-    floor = study.get("reference", {}).get(f"fd_train_{n}")
-    kind = "blurring diffusion" if info["blur_sigma_max"] else "DDPM"
-    param = cfg["model"].get("param", "eps")
+    return card(state, path, dict(
+        source=("the model recommended by the quality study (`benchmarks/study/`, `benchmarks/results/study.md`): "
+                f"{rec['rule']}"),
+        steps=info["trained_steps"], seconds=info["train_seconds"], devices=info["devices"], setting=rec,
+        point=point, floor=study.get("reference", {}).get(f"fd_train_{n}"),
+        cheaper=[p for k, p in sorted(_best_per_nfe(study["points"], name).items()) if k < rec["steps"]],
+        regenerate="`python -m benchmarks.study run` then `python -m benchmarks.study run --stages ship`"))
+
+
+def card(state, path, facts):
+    """A shipped model's card from its release ``state`` (at ``path``, hashed here) and measured ``facts``.
+
+    ``facts``: ``source`` (which study picked it, and why), ``steps``, ``seconds``, ``devices`` (its training),
+    ``setting`` (the default sampler), ``point`` (``eval.json`` at the default), ``floor`` (real images' FD or
+    ``None``), ``cheaper`` (the best points below the default's cost), ``regenerate``; optional ``seeds``
+    (a sentence on the seed spread) and ``notes`` (more bullet lines). Both studies write their card here, so
+    the two cards say the same things the same way.
+    """
+    cfg, point, sha = state["config"], facts["point"], sha256(path)
+    model, train = cfg["model"], cfg["train"]
+    params = sum(v.numel() for k, v in state["ema"].items() if k not in ("data_mean", "data_std"))
+    blur, param = cfg["process"]["blur_sigma_max"], model.get("param", "eps")
     reading = ("eps prediction (B8)" if param == "eps" else
                "spectral preconditioning (B14: per-frequency Wiener skip and unit-variance target, with the "
                "training data's DCT mean and std stored as buffers in `model.pt`)")
+    noisy = f"; {100 * point['noisy']:.1f}% of samples ended as noise" if "noisy" in point else ""
+    floor = facts.get("floor")
     lines = [
-        f"# Model card: `{os.path.basename(os.path.dirname(os.path.abspath(path)))}`",
-        "",
-        f"- **What**: an unconditional {kind} model (`blur_sigma_max = {info['blur_sigma_max']:g}`, "
-        f"`param = {param}`) of Fashion-MNIST at 32x32x1 (28x28 centre-padded with black), the model "
-        "recommended by the quality study (`benchmarks/study/`, `benchmarks/results/study.md`): "
-        f"{rec['rule']}.",
+        f"# Model card: `{os.path.basename(os.path.dirname(os.path.abspath(path)))}`", "",
+        f"- **What**: an unconditional {'blurring diffusion' if blur else 'DDPM'} model (`blur_sigma_max = "
+        f"{blur:g}`, `param = {param}`) of Fashion-MNIST at 32x32x1 (28x28 centre-padded with black), "
+        f"{facts['source']}.",
         "- **Data**: the 60,000 Fashion-MNIST training images (Debian's `dataset-fashion-mnist`), no labels, "
         "no augmentation.",
-        f"- **Network**: UNet read as {reading}; `ch {cfg['model']['ch']}`, multipliers "
-        f"`{','.join(map(str, cfg['model']['ch_mult']))}`, {cfg['model']['num_res_blocks']} residual block(s) per "
-        f"level, attention at {list(cfg['model']['attn_resolutions']) or 'none'}, {params / 1e6:.2f} M parameters; "
-        f"EMA weights (decay {cfg['train']['ema_decay']:g}) only: no optimizer state, so it samples and exports "
+        f"- **Network**: UNet read as {reading}; `ch {model['ch']}`, multipliers "
+        f"`{','.join(map(str, model['ch_mult']))}`, {model['num_res_blocks']} residual block(s) per "
+        f"level, attention at {list(model['attn_resolutions']) or 'none'}, {params / 1e6:.2f} M parameters; "
+        f"EMA weights (decay {train['ema_decay']:g}) only: no optimizer state, so it samples and exports "
         "but cannot be resumed.",
-        f"- **Training**: {info['trained_steps']} steps of batch {cfg['train']['batch_size']} "
-        f"({info['trained_steps'] * cfg['train']['batch_size'] / 60000:.1f} epochs), AdamW lr "
-        f"{cfg['train']['lr']:g} (warm-up {cfg['train']['warmup']}), seed {cfg['train']['seed']}; "
-        f"{info['train_seconds'] / 3600:.2f} h on {', '.join(info['devices'])}.",
-        f"- **Default sampler** (stored here and in every graph `bdm-export` makes of it): {_describe(rec)}.",
+        f"- **Training**: {facts['steps']} steps of batch {train['batch_size']} "
+        f"({facts['steps'] * train['batch_size'] / 60000:.1f} epochs), AdamW lr {train['lr']:g} (warm-up "
+        f"{train['warmup']}), seed {train['seed']}, {train.get('precision', 'fp32')} precision; "
+        f"{facts['seconds'] / 3600:.2f} h on {', '.join(facts['devices'])}.",
+        f"- **Default sampler** (stored here and in every graph `bdm-export` makes of it): "
+        f"{_describe(facts['setting'])}.",
         f"- **Measured at the default** ({point['n']} samples through the runtime on the exported FP32 ONNX, "
         f"ONNX Runtime CPU): FD-FMNIST {point['fd']:.2f}, KID {point['kid']:.4f} +- {point['kid_std']:.4f}"
-        + (f" (real training images: FD {floor:.2f} at the same count)" if floor is not None else "") + "; "
-        f"{100 * point.get('noisy', 0):.1f}% of samples ended as noise. "
+        + (f" (real training images: FD {floor:.2f} at the same count)" if floor is not None else "") + noisy
+        + (f"; {facts['seeds']}" if facts.get("seeds") else "") + ". "
         "FD-FMNIST is the Frechet distance on the project's own Fashion-MNIST classifier "
         "(`benchmarks/feature_net.py`): comparable within this project, not with Inception FIDs.",
         "- **Cheaper settings, measured** (the best at each smaller cost; pass them to `bdm-run`/`bdm-export` with "
         "`--solver --grid --steps --eta`): " + (", ".join(
-            f"{k} evaluations: FD {p['fd']:.2f} ({_describe(p)})"
-            for k, p in sorted(_best_per_nfe(study["points"], name).items()) if k < rec["steps"]) or "none") + ".",
+            f"{p['steps']} evaluations: FD {p['fd']:.2f} ({_describe(p)})" for p in facts["cheaper"]) or "none") + ".",
         f"- **Class histogram** of those samples (classifier's labels, T-shirt .. ankle boot): {point['hist']} "
         f"(total variation from the test set's {point['hist_tv']:.3f}).",
+    ] + [f"- {note}" for note in facts.get("notes", ())] + [
         f"- **File**: `model.pt`, sha256 `{sha}`; `config.json` is its config in readable form (without the "
         "data statistics, which are in `model.pt`).",
         "- **Use**: `bdm-export --ckpt models/fmnist32/model.pt --out-dir out && "
         "bdm-run --engine out/bdm.onnx --n 64 --out grid.png` (what `make demo` does).",
         "- **Limits**: a small network trained for a CPU budget: samples are recognisable garments with "
-        "artefacts, not state of the art. Regenerate with `python -m benchmarks.study run` then "
-        "`python -m benchmarks.study run --stages ship`.",
+        f"artefacts, not state of the art. Regenerate with {facts['regenerate']}.",
         "",
     ]
     return "\n".join(lines)

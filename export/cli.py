@@ -20,7 +20,7 @@ from bdm_runtime.grids import GRIDS, SOLVERS
 from bdm_runtime.limits import MAX_STEPS
 
 from . import CHECK_TOLERANCES
-from .int8 import DEFAULT_IMAGES, DEFAULT_METHOD, METHODS
+from .int8 import CHOICES, DEFAULT_IMAGES, DEFAULT_METHOD
 
 _TOL = "; ".join(f"{p}: {a:g} abs / {r:g} rel" for p, (a, r) in CHECK_TOLERANCES.items())
 
@@ -246,9 +246,10 @@ def _export_staged(model, process, folder, out_dir, names, guidance, steps, eta,
               "update in FP32), calibrated on the FP32 graph's own trajectories (docs/int8.md).")
 @click.option("--calib-images", type=click.IntRange(1, 4096), default=DEFAULT_IMAGES, show_default=True,
               help="With --int8: seeded trajectories of the default sampler whose every step calibrates it.")
-@click.option("--calib-method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
+@click.option("--calib-method", type=click.Choice(list(CHOICES)), default=DEFAULT_METHOD, show_default=True,
               help="With --int8: activation ranges from the max, a percentile (99.999) or entropy (KL) of "
-                   "the calibration activations.")
+                   "the calibration activations; auto: each, keeping the one whose images on held-out seeds "
+                   "are closest to FP32's (slower; docs/int8.md).")
 @click.option("--guidance/--no-guidance", default=None,
               help="Include the classifier-free guidance branch (doubles the batch inside the graph). "
                    "Default: yes for conditional checkpoints.")

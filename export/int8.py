@@ -33,10 +33,14 @@ from bdm_runtime import format as fmt
 from bdm_runtime.errors import BdmError
 from bdm_runtime.io import atomic_path
 
+from .int8_auto import AUTO, HELD_OUT_SEED_OFFSET, choose
+
 # CLI names -> onnxruntime.quantization.CalibrationMethod members
 METHODS = {"max": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 # measured on the 6,000-step DDPM shipped until issue 19 (FD as FP32's; max: +12%): docs/int8.md
 DEFAULT_METHOD = "percentile"
+CHOICES = tuple(METHODS) + (AUTO,)  # --calib-method: a method, or the one closest to FP32 (int8_auto)
+DOC = "bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights), sampler update in FP32"
 DEFAULT_IMAGES = 32         # trajectories; x the default steps = calibration batches' images
 DEFAULT_SEED = 0
 PERCENTILE = 99.999         # of |activation|, for "percentile" (ONNX Runtime's default)
@@ -190,25 +194,34 @@ def quantize(fp32_path, feeds, method=DEFAULT_METHOD, float_layers=DEFAULT_FLOAT
 
 def int8_graph(fp32_path, images=DEFAULT_IMAGES, method=DEFAULT_METHOD, seed=DEFAULT_SEED,
                float_layers=DEFAULT_FLOAT, progress=False):
-    """The INT8 step graph of the FP32 step graph ``fp32_path``, with its metadata (``precision int8``)."""
+    """The INT8 step graph of the FP32 step graph ``fp32_path``, with its metadata (``precision int8``);
+    ``method`` ``"auto"``: the candidate closest to FP32 on held-out seeds (``bdm_export.int8_auto``)."""
     import onnx
 
     from .onnx_export import read_metadata
 
     meta = read_metadata(fp32_path)
+    if method not in CHOICES:
+        raise BdmError(f"calibration method must be one of {', '.join(CHOICES)}, got {method!r}")
     if meta[fmt.K_PRECISION] != "fp32":
         raise BdmError(f"{fp32_path}: INT8 is calibrated from the FP32 step graph, this one is "
                        f"{meta[fmt.K_PRECISION]}")
     feeds, plan = record_inputs(fp32_path, images, seed, progress)
-    proto, quantized = quantize(fp32_path, feeds, method, float_layers, progress)
-    meta[fmt.K_PRECISION] = "int8"
-    meta[fmt.K_CALIBRATION] = {
-        "method": method, "images": int(images), "steps": int(plan.steps), "seed": int(seed),
-        "solver": meta.get(fmt.K_DEFAULT_SOLVER, "ddim"), "grid": meta.get(fmt.K_DEFAULT_GRID, "uniform"),
-        "eta": float(plan.eta), "float_layers": list(float_layers), "quantized": int(quantized)}
-    del proto.metadata_props[:]
-    doc = "bdm step graph, INT8 network convolutions (QDQ, symmetric, per-channel weights), sampler update in FP32"
-    return finish(proto, meta, doc), meta
+
+    def build(m):
+        proto, quantized = quantize(fp32_path, feeds, m, float_layers, progress)
+        out = dict(meta)
+        out[fmt.K_PRECISION] = "int8"
+        out[fmt.K_CALIBRATION] = {
+            "method": m, "images": int(images), "steps": int(plan.steps), "seed": int(seed),
+            "solver": meta.get(fmt.K_DEFAULT_SOLVER, "ddim"), "grid": meta.get(fmt.K_DEFAULT_GRID, "uniform"),
+            "eta": float(plan.eta), "float_layers": list(float_layers), "quantized": int(quantized)}
+        del proto.metadata_props[:]
+        return finish(proto, out, DOC), out
+
+    if method == AUTO:  # every candidate on held-out seeds: bdm_export.int8_auto
+        return choose(fp32_path, build, seed + HELD_OUT_SEED_OFFSET)
+    return build(method)
 
 
 def finish(proto, meta, doc):

@@ -61,10 +61,10 @@ def test_auto_keeps_the_candidate_closest_to_fp32_on_held_out_seeds(fp32, tmp_pa
             str(tmp_path / f"{best}.onnx")).sample(4, seed=5))
 
 
-def test_cli_auto_on_a_conditional_model(tiny_cond_checkpoint, tmp_path, capsys):
+def test_cli_default_is_auto_on_a_conditional_model(tiny_cond_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = in_process(main, ["--ckpt", tiny_cond_checkpoint, "--out-dir", out, "--no-engine", "--steps",
-                                     STEPS, "--int8", "--calib-images", IMAGES, "--calib-method", "auto"], capsys)
+                                     STEPS, "--int8", "--calib-images", IMAGES], capsys)     # no --calib-method
     assert code == 0, err
     calib = read_metadata(out / "bdm_int8.onnx")[fmt.K_CALIBRATION]
     assert calib["method"] in CANDIDATES and set(calib["auto"]["errors"]) == set(CANDIDATES)

@@ -33,7 +33,9 @@ def _images(path, n, seed):
 
 def run_ckpt(ckpt, n, seeds, log=print):
     """Rows of final-image errors for each method on ``ckpt``."""
+    from bdm_export import read_metadata
     from bdm_export.int8 import export_int8
+    from bdm_runtime import format as fmt
 
     from .int8 import _export_fp32
 
@@ -54,18 +56,45 @@ def run_ckpt(ckpt, n, seeds, log=print):
             rows.append(dict(method=method, rms=rms, rms_mean=round(float(np.mean(rms)), 5), max_abs=mx,
                              export_s=round(export_s, 1)))
             log(f"{ckpt} {method}: rms {rms} max {mx} export {export_s:.1f} s")
-    return dict(checkpoint=ckpt, rows=rows)
+        m = read_metadata(fp32)
+        sampler = dict(solver=m.get(fmt.K_DEFAULT_SOLVER, "ddim"), grid=m.get(fmt.K_DEFAULT_GRID, "uniform"),
+                       steps=m[fmt.K_DEFAULT_STEPS], eta=m[fmt.K_DEFAULT_ETA])
+    return dict(checkpoint=ckpt, sampler=sampler, rows=rows)
+
+
+def auto_timing(ckpt, rounds, log=print):
+    """Wall seconds of ``export_int8`` (the INT8 step only) with percentile, max and auto, interleaved round by round;
+    auto's choice and its candidates' errors (held-out seed, ``HELD_OUT_IMAGES`` images)."""
+    from bdm_export.int8 import export_int8
+    from bdm_runtime import format as fmt
+
+    from .int8 import _export_fp32
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bdm-int8-auto-time-") as folder:
+        fp32 = _export_fp32(ckpt, folder)
+        for r in range(rounds):
+            for method in ("percentile", "max", "auto"):
+                t = time.perf_counter()
+                calib = export_int8(fp32, os.path.join(folder, f"{method}.onnx"), method=method)[fmt.K_CALIBRATION]
+                rows.append(dict(checkpoint=ckpt, round=r, method=method, seconds=round(time.perf_counter() - t, 1),
+                                 chosen=calib["method"], auto=calib.get("auto"), steps=calib["steps"]))
+                log(json.dumps(rows[-1]))
+    return rows
 
 
 def markdown(res):
     m = res["machine"]
     out = [f"{res['n']} images per seed, seeds {res['seeds']}, ONNX Runtime CPU (1 thread) on {m.get('cpu_model')} "
            f"({', '.join(m.get('simd', []))}).", "",
-           "| checkpoint | method | final rms per seed | rms mean | max abs per seed | INT8 export s |",
-           "|---|---|---|---|---|---|"]
+           "| checkpoint | default sampler | method | final rms per seed | rms mean | max abs per seed | "
+           "INT8 export s |", "|---|---|---|---|---|---|---|"]
     for c in res["checkpoints"]:
+        p = c.get("sampler", {})
+        sampler = f"{p.get('solver')} {p.get('grid')}, {p.get('steps')} steps, eta {p.get('eta')}"
         for r in c["rows"]:
-            out.append(f"| `{c['checkpoint']}` | {r['method']} | {', '.join(f'{x:.4f}' for x in r['rms'])} | "
+            out.append(f"| {c.get('label', '`' + c['checkpoint'] + '`')} | {sampler} | {r['method']} | "
+                       f"{', '.join(f'{x:.4f}' for x in r['rms'])} | "
                        f"{r['rms_mean']:.4f} | {', '.join(f'{x:.3f}' for x in r['max_abs'])} | {r['export_s']} |")
     return "\n".join(out) + "\n"
 
@@ -75,10 +104,18 @@ def markdown(res):
 @click.option("--n", type=click.IntRange(1, 100000), default=64, show_default=True, help="Images per seed.")
 @click.option("--seeds", default="1000,2000", show_default=True, help="Held-out seeds, comma-separated.")
 @click.option("--out", default="benchmarks/results/int8_proxy", show_default=True, help="OUT.json and OUT.md.")
-def main(ckpts, n, seeds, out):
+@click.option("--auto-rounds", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Instead: time export_int8 with percentile, max and auto, this many interleaved rounds (OUT.json).")
+def main(ckpts, n, seeds, out, auto_rounds):
     """Final-image error of each calibration method's INT8 graph against FP32."""
     from .bench.machine import machine_info
 
+    if auto_rounds:
+        res = dict(machine=machine_info(), rows=[r for c in ckpts for r in auto_timing(c, auto_rounds)])
+        with atomic_path(out + ".json") as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(res, f, indent=1)
+        return
     seeds = [int(s) for s in seeds.split(",")]
     res = dict(schema="bdm-int8-proxy/1", n=n, seeds=seeds, threads=1, machine=machine_info(),
                checkpoints=[run_ckpt(c, n, seeds) for c in ckpts])

@@ -68,8 +68,9 @@ def choose(fp32_path, build, seed, images=HELD_OUT_IMAGES, candidates=CANDIDATES
             graphs[method] = build(method)
             path = os.path.join(tmp, f"{method}.onnx")
             onnx.save(graphs[method][0], path)
-            errors[method] = round(rms(final_images(path, images, seed), ref), 6)
-    best = min(candidates, key=lambda m: errors[m])
+            e = rms(final_images(path, images, seed), ref)
+            errors[method] = round(e, 6) if np.isfinite(e) else None   # JSON has no NaN; never chosen
+    best = min(candidates, key=lambda m: np.inf if errors[m] is None else errors[m])
     proto, meta = graphs[best]
     meta[fmt.K_CALIBRATION]["auto"] = {"errors": errors, "images": int(images), "seed": int(seed),
                                        "error": "rms of final images against the FP32 graph's"}

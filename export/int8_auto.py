@@ -8,7 +8,8 @@ noise on held-out seeds (not calibration's), ranked the methods as FD did on bot
 seconds of sampling per candidate. The candidates share one recording of the calibration trajectories;
 each is quantized, finished (metadata, shapes, checker) and sampled; the smallest rms wins (ties: the
 first in ``CANDIDATES``). The cost: one more quantization and ``1 + len(CANDIDATES)`` short sampling
-runs. The graph records the method chosen as ``method`` (so any runtime reads it as an ordinary INT8 graph) and, under ``auto``, every candidate's error and the held-out images and seed.
+runs. The graph records the method chosen as ``method`` (so any runtime reads it as an ordinary INT8
+graph) and, under ``auto``, every candidate's error and the held-out images and seed.
 """
 import os
 import tempfile

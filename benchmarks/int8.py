@@ -21,7 +21,8 @@ import time
 import click
 import numpy as np
 
-from bdm_runtime.io import atomic_path
+from .bench.output import write_results
+
 
 # (label, calibration method, layers kept in float, calibration trajectories); the first is bdm-export's default
 # and gets the per-step x0 error
@@ -218,12 +219,7 @@ def merge(parts):
 
 
 def _write(res, out):
-    with atomic_path(out + ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-    with atomic_path(out + ".md") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(markdown(res))
+    write_results(res, out, markdown(res))
 
 
 def markdown(res):
@@ -262,9 +258,7 @@ def main(ckpt, n, seeds, threads, rounds, variants, out, speed_net, sensitivity,
     """Measure INT8 step graphs of one checkpoint against its FP32 graph."""
     if speed_net or sensitivity:
         res = speed(speed_net, threads=threads) if speed_net else globals()["sensitivity"](ckpt)
-        with atomic_path(out + ".json") as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
+        write_results(res, out)
         click.echo(json.dumps({k: v for k, v in res.items() if k != "machine"}))
         return
     if parts:

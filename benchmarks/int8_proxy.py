@@ -19,7 +19,8 @@ import time
 import click
 import numpy as np
 
-from bdm_runtime.io import atomic_path
+from .bench.output import write_results
+
 
 METHODS = ("max", "percentile", "entropy")
 
@@ -112,19 +113,12 @@ def main(ckpts, n, seeds, out, auto_rounds):
 
     if auto_rounds:
         res = dict(machine=machine_info(), rows=[r for c in ckpts for r in auto_timing(c, auto_rounds)])
-        with atomic_path(out + ".json") as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
+        write_results(res, out)
         return
     seeds = [int(s) for s in seeds.split(",")]
     res = dict(schema="bdm-int8-proxy/1", n=n, seeds=seeds, threads=1, machine=machine_info(),
                checkpoints=[run_ckpt(c, n, seeds) for c in ckpts])
-    with atomic_path(out + ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-    with atomic_path(out + ".md") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(markdown(res))
+    write_results(res, out, markdown(res))
     click.echo(markdown(res))
 
 

@@ -1,7 +1,6 @@
 """One benchmark run: the stages in order (machine, imports, each network, sweep, GPU, targets), and
 the result written as JSON and markdown."""
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -109,13 +108,6 @@ def _network(net, folder, threads, quick, pk, log):
 
 def write(res, out):
     """``out.json`` and ``out.md`` (atomically)."""
-    from bdm_runtime.io import atomic_path
+    from .output import write_results
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with atomic_path(out + ".json") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-            f.write("\n")
-    with atomic_path(out + ".md") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(markdown(res))
+    write_results(res, out, markdown(res))

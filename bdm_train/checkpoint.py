@@ -76,8 +76,9 @@ def _write(state, path):
     """``torch.save`` atomically; a full disk (or any write failure) is one line naming ``path``."""
     existed = os.path.exists(path)
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # through a file object: the archive's inner folder is "archive", not the
+            # temporary file's name, so the same state writes the same bytes (a release's sha256 is reproducible)
     except (OSError, RuntimeError) as e:  # torch's writer raises RuntimeError("... file write failed")
         reason = getattr(e, "strerror", None) or "the write failed"  # torch's own text is internal detail
         kept = "the previous checkpoint is unchanged" if existed else "nothing was written"

@@ -125,3 +125,14 @@ def test_unknown_device(saved, device):
     with pytest.raises(BdmError, match="device") as e:
         checkpoint.load(saved[0], device=device)
     assert "\n" not in str(e.value)
+
+
+def test_release_bytes_reproducible(saved, tmp_path):
+    """The same checkpoint released twice, under different names, is the same file (a release's sha256 is a
+    fact of its weights, not of the temporary file it was written through)."""
+    a, b = tmp_path / "a" / "model.pt", tmp_path / "b" / "other.pt"
+    checkpoint.release(saved[0], str(a), sampler={"steps": 20})
+    checkpoint.release(saved[0], str(b), sampler={"steps": 20})
+    assert a.read_bytes() == b.read_bytes()
+    checkpoint.release(saved[0], str(b), sampler={"steps": 21})
+    assert a.read_bytes() != b.read_bytes()

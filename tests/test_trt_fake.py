@@ -489,6 +489,7 @@ def test_close_frees_every_buffer_even_if_one_free_fails(graphs, tmp_path, monke
     with pytest.raises(BdmError) as e:
         s.close()
     assert "\n" not in str(e.value) and "cudaFree" in str(e.value)
+    assert "CUDA error 1 (cudaErrorInvalidValue) in cudaFree" in str(e.value)  # the number and its name
     assert set(env.cudart.live) == {stuck}                          # every other buffer was freed
     assert not env.cudart.streams and not env.cudart.events and not env.cudart.execs
 

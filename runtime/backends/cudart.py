@@ -56,7 +56,19 @@ class Cudart:
         self.lib.cudaGetLastError()  # reset the last-error state, so later calls report their own
         if status == ERROR_MEMORY_ALLOCATION:
             raise BdmError(f"out of GPU memory in {what}: close other GPU programs or use a smaller --batch")
-        raise BdmError(f"CUDA error {status} in {what}")
+        raise BdmError(f"CUDA error {status} ({self.error_name(status)}) in {what}")
+
+    def error_name(self, status):
+        """``cudaGetErrorName(status)``, e.g. ``cudaErrorIllegalAddress``: what the number means, for the
+        message (``const char *``; "unrecognized error code" from CUDA itself for a number it does not know)."""
+        try:
+            fn = self.lib.cudaGetErrorName
+            if isinstance(fn, ctypes._CFuncPtr):
+                fn.restype = ctypes.c_char_p  # a C function returns int to ctypes unless told
+            name = fn(ctypes.c_int(int(status)))
+            return name.decode("ascii", "replace") if isinstance(name, bytes) else "no name"
+        except Exception:  # an old or odd libcudart: the number alone still says it
+            return "no name"
 
     # -- device ---------------------------------------------------------------------------------
     def device(self):

@@ -113,6 +113,13 @@ class FakeCudart:
     def cudaGetLastError(self):
         return SUCCESS
 
+    NAMES = {INVALID_VALUE: b"cudaErrorInvalidValue", MEMORY_ALLOCATION: b"cudaErrorMemoryAllocation",
+             INVALID_HANDLE: b"cudaErrorInvalidResourceHandle", CAPTURE_UNSUPPORTED: b"cudaErrorStreamCaptureUnsupported",
+             CAPTURE_ILLEGAL: b"cudaErrorStreamCaptureInvalidated"}  # driver_types.h
+
+    def cudaGetErrorName(self, status):  # const char * (restype c_char_p): bytes here
+        return self.NAMES.get(_arg_type(status, ctypes.c_int, "cudaGetErrorName"), b"unrecognized error code")
+
     # -- memory ---------------------------------------------------------------------------------
     def cudaMalloc(self, ptr, size):
         out = _out(ptr, ctypes.c_void_p, "cudaMalloc")

@@ -27,7 +27,7 @@ from .report import TOLERANCE
 from .scale import LINES, SCALE_RUNS, folder, measure_point, same_ema, settings, snapshot_path
 
 RECORD = "scale_ship.json"   # beside scale.json: what the ship stage last shipped (only that stage writes it)
-CHEAPER = (5, 10)   # the card's cheaper settings: the second study's solver x grid sweep at these evaluations
+CHEAPER = (5, 10, 20)   # the card's cheaper settings: the second study's solver x grid sweep at these evaluations
 KEYS = ("model", "steps", "ch", "blur_sigma_max", "param", "best", "best_fd", "seed_fd", "mean_fd", "spread")
 RULE = ("a blurring model ships if its three-seed mean FD is within {tol:.0%} of the best DDPM's at the same cost "
         "(ch {ch}, the same network evaluations); else a DDPM ships if its three-seed mean beats the shipped "

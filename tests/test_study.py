@@ -163,6 +163,13 @@ def test_scale_gaps_compare_equal_capacity_and_budget():
     assert set(out) == {(16, 6000), (16, 12000)}            # ch 32 has no blurring row yet: no comparison
     assert out[16, 6000]["blur"] == "bdm3-spectral" and out[16, 6000]["ratio"] == round(8.5 / 6.0, 2)
     assert out[16, 6000]["within"] and not out[16, 12000]["within"]     # 1.42 <= 1.5 < 2.0
+    assert "ratio_above_floor" not in out[16, 6000]                     # no floor given: none computed
+    fixed = {(g["ch"], g["steps"]): g for g in gaps(rows, floor=1.0, blur=10)}
+    assert fixed[16, 6000]["blur"] == "bdm10-spectral"                  # blur 3 is better, but not blur 10
+    assert fixed[16, 6000]["ratio"] == round(13.5 / 6.0, 2)
+    assert fixed[16, 6000]["ratio_above_floor"] == round((13.5 - 1.0) / (6.0 - 1.0), 2)   # 2.5, against 2.25 raw
+    assert fixed[16, 12000]["ratio_above_floor"] == round(9.0 / 4.0, 2)
+    assert gaps([_row("ddpm", 0, 16, 6000, 6.0), _row("bdm3-spectral", 3, 16, 6000, 8.5)], blur=10) == []
 
 
 def test_scale_settings_follow_the_second_study():

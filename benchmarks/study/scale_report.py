@@ -36,24 +36,36 @@ def collect(runs=SCALE_RUNS):
     return rows
 
 
-def gaps(rows):
-    """Best blurring FD / DDPM FD at equal (capacity, budget): the trend the issue asks about."""
+def gaps(rows, floor=None, blur=None):
+    """Best blurring FD / DDPM FD at equal (capacity, budget): the trend the issue asks about.
+
+    ``blur``: only blurring rows of that ``blur_sigma_max`` (the same model across budgets and capacities, where
+    the best blurring model may change strength from one to the next). ``floor``: the FD of real images at the
+    same sample count; ``ratio_above_floor`` compares what each model adds to it. A ratio of raw FDs tends to 1
+    as both approach the floor, so a shrinking raw ratio alone could be the floor; the second ratio shows
+    whether the gap itself shrinks.
+    """
     out = []
     for ch, steps in sorted({(r["ch"], r["steps"]) for r in rows}):
         same = [r for r in rows if (r["ch"], r["steps"]) == (ch, steps)]
         ddpm = [r for r in same if r["blur_sigma_max"] == 0]
-        blur = [r for r in same if r["blur_sigma_max"] > 0]
-        if ddpm and blur:
-            b = min(blur, key=lambda r: r["mean_fd"])
+        fuzzy = [r for r in same if r["blur_sigma_max"] > 0 and (blur is None or r["blur_sigma_max"] == blur)]
+        if ddpm and fuzzy:
+            b = min(fuzzy, key=lambda r: r["mean_fd"])
             d = min(ddpm, key=lambda r: r["mean_fd"])
-            out.append(dict(ch=ch, steps=steps, ddpm=d["model"], ddpm_fd=d["mean_fd"], blur=b["model"],
-                            blur_fd=b["mean_fd"], ratio=round(b["mean_fd"] / d["mean_fd"], 2),
-                            within=b["mean_fd"] <= RATIO * d["mean_fd"]))
+            g = dict(ch=ch, steps=steps, ddpm=d["model"], ddpm_fd=d["mean_fd"], blur=b["model"],
+                     blur_fd=b["mean_fd"], ratio=round(b["mean_fd"] / d["mean_fd"], 2),
+                     within=b["mean_fd"] <= RATIO * d["mean_fd"])
+            if floor is not None and d["mean_fd"] > floor:
+                g.update(floor=round(float(floor), 3),
+                         ratio_above_floor=round((b["mean_fd"] - floor) / (d["mean_fd"] - floor), 2))
+            out.append(g)
     return out
 
 
-def markdown(rows, gap_rows, rule=None, shipped=None):
-    """``scale.md``: the rows, the gaps, and (when given) the shipping rule's verdict and what was shipped."""
+def markdown(rows, gap_rows, rule=None, shipped=None, blur10=None):
+    """``scale.md``: the rows, the gaps (best blurring model; ``blur10``: blur 10 alone), and (when given) the
+    shipping rule's verdict and what was shipped."""
     from .scale_ship import shipping_lines
 
     lines = ["# Third study: blur strength, budget and capacity (issue 19)", "",
@@ -65,11 +77,19 @@ def markdown(rows, gap_rows, rule=None, shipped=None):
         spread = f" ({r['spread']})" if r["spread"] is not None else ""
         lines.append(f"| {r['model']} | {r['blur_sigma_max']:g} | {r['ch']} | {r['steps']} | {r['precision']} | "
                      f"{per} | {r['best_fd']} | {r['mean_fd']} over {r['seeds']}{spread} |")
-    lines += ["", "Best blurring model / best DDPM at equal capacity and budget:", "",
-              "| ch | steps | DDPM (FD) | best blurring (FD) | ratio | within 1.5x |", "|---|---|---|---|---|---|"]
-    for g in gap_rows:
-        lines.append(f"| {g['ch']} | {g['steps']} | {g['ddpm']} ({g['ddpm_fd']}) | {g['blur']} ({g['blur_fd']}) | "
-                     f"{g['ratio']} | {'yes' if g['within'] else 'no'} |")
+    for title, table in (("Best blurring model / best DDPM at equal capacity and budget:", gap_rows),
+                         ("Blur 10 (`blur_sigma_max` 10, the blur measured at every budget and capacity) / best DDPM:",
+                          blur10 or [])):
+        if not table:
+            continue
+        floor = next((g["floor"] for g in table if "floor" in g), None)
+        above = f" | ratio above real images' FD ({floor})" if floor is not None else ""
+        lines += ["", title, "", f"| ch | steps | DDPM (FD) | blurring (FD) | ratio{above} | within 1.5x |",
+                  "|---|---|---|---|---|" + ("---|" if floor is not None else "") + "---|"]
+        for g in table:
+            extra = f" | {g.get('ratio_above_floor', '-')}" if floor is not None else ""
+            lines.append(f"| {g['ch']} | {g['steps']} | {g['ddpm']} ({g['ddpm_fd']}) | {g['blur']} ({g['blur_fd']}) | "
+                         f"{g['ratio']}{extra} | {'yes' if g['within'] else 'no'} |")
     if rule or shipped:
         lines += shipping_lines(rule, shipped)
     return "\n".join(lines) + "\n"
@@ -107,9 +127,13 @@ def report(runs=SCALE_RUNS, results=RESULTS, out=PLOT):
     and the ship stage's last record (``scale_ship.json``), and the figure."""
     from .scale_ship import RECORD, rule
 
+    from .. import metrics
+
     rows = collect(runs)
-    gap_rows = gaps(rows)
-    write(results, dict(rows=rows, gaps=gap_rows, rule=rule(rows, runs=runs) if rows else None,
+    floor = metrics.reference_stats().get("fd_train_1000")   # real training images against the test set, n = 1,000
+    floor = None if floor is None else float(floor)
+    gap_rows, blur10 = gaps(rows, floor), gaps(rows, floor, blur=10.0)
+    write(results, dict(rows=rows, gaps=gap_rows, gaps_blur10=blur10, rule=rule(rows, runs=runs) if rows else None,
                         shipped=read_json(os.path.join(results, RECORD))))
     if rows:
         plot(rows, out)
@@ -123,4 +147,4 @@ def write(results, data):
 
     write_json(os.path.join(results, "scale.json"), data)
     with atomic_path(os.path.join(results, "scale.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown(data["rows"], data["gaps"], data.get("rule"), data.get("shipped")))
+        f.write(markdown(data["rows"], data["gaps"], data.get("rule"), data.get("shipped"), data.get("gaps_blur10")))

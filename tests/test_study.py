@@ -170,6 +170,14 @@ def test_scale_gaps_compare_equal_capacity_and_budget():
     assert fixed[16, 6000]["ratio_above_floor"] == round((13.5 - 1.0) / (6.0 - 1.0), 2)   # 2.5, against 2.25 raw
     assert fixed[16, 12000]["ratio_above_floor"] == round(9.0 / 4.0, 2)
     assert gaps([_row("ddpm", 0, 16, 6000, 6.0), _row("bdm3-spectral", 3, 16, 6000, 8.5)], blur=10) == []
+    # with seeds: the ratio's standard error by error propagation, checked against a float64 Monte Carlo
+    rng = np.random.default_rng(0)
+    a, b = [9.0, 10.0, 11.0], [4.5, 5.0, 5.5]
+    seeded = [dict(_row("ddpm", 0, 16, 6000, 5.0), seed_fd=b), dict(_row("bdm10-spectral", 10, 16, 6000, 10.0), seed_fd=a)]
+    g = gaps(seeded, floor=1.0)[0]
+    draws = (rng.normal(10.0, 1 / np.sqrt(3), 200_000)) / rng.normal(5.0, 0.5 / np.sqrt(3), 200_000)
+    assert g["ratio_se"] == pytest.approx(draws.std(), abs=0.01)           # 2.0 +- 0.16
+    assert g["ratio_above_floor_se"] > g["ratio_se"]                         # the floor removed: a larger relative spread
 
 
 def test_scale_settings_follow_the_second_study():

@@ -36,6 +36,15 @@ def collect(runs=SCALE_RUNS):
     return rows
 
 
+def _ratio_se(a, b, floor=0.0):
+    """Standard error of ``(mean(a) - floor) / (mean(b) - floor)`` from the seeds' spread (first-order error
+    propagation, independent samples: the two models' seeds are different runs)."""
+    a, b = np.asarray(a, float) - floor, np.asarray(b, float) - floor
+    r = a.mean() / b.mean()
+    rel = [x.std(ddof=1) / np.sqrt(len(x)) / x.mean() for x in (a, b)]
+    return round(float(abs(r) * np.hypot(*rel)), 2)
+
+
 def gaps(rows, floor=None, blur=None):
     """Best blurring FD / DDPM FD at equal (capacity, budget): the trend the issue asks about.
 
@@ -56,9 +65,14 @@ def gaps(rows, floor=None, blur=None):
             g = dict(ch=ch, steps=steps, ddpm=d["model"], ddpm_fd=d["mean_fd"], blur=b["model"],
                      blur_fd=b["mean_fd"], ratio=round(b["mean_fd"] / d["mean_fd"], 2),
                      within=b["mean_fd"] <= RATIO * d["mean_fd"])
-            if floor is not None and d["mean_fd"] > floor:
-                g.update(floor=round(float(floor), 3),
-                         ratio_above_floor=round((b["mean_fd"] - floor) / (d["mean_fd"] - floor), 2))
+            f = floor if floor is not None and d["mean_fd"] > floor else None
+            if f is not None:
+                g.update(floor=round(float(f), 3),
+                         ratio_above_floor=round((b["mean_fd"] - f) / (d["mean_fd"] - f), 2))
+            if len(b.get("seed_fd") or ()) > 1 and len(d.get("seed_fd") or ()) > 1:
+                g["ratio_se"] = _ratio_se(b["seed_fd"], d["seed_fd"])
+                if f is not None:
+                    g["ratio_above_floor_se"] = _ratio_se(b["seed_fd"], d["seed_fd"], f)
             out.append(g)
     return out
 
@@ -84,12 +98,14 @@ def markdown(rows, gap_rows, rule=None, shipped=None, blur10=None):
             continue
         floor = next((g["floor"] for g in table if "floor" in g), None)
         above = f" | ratio above real images' FD ({floor})" if floor is not None else ""
-        lines += ["", title, "", f"| ch | steps | DDPM (FD) | blurring (FD) | ratio{above} | within 1.5x |",
+        lines += ["", title, "", f"| ch | steps | DDPM (FD) | blurring (FD) | ratio (+- standard error from the seeds)"
+                                 f"{above} | within 1.5x |",
                   "|---|---|---|---|---|" + ("---|" if floor is not None else "") + "---|"]
         for g in table:
-            extra = f" | {g.get('ratio_above_floor', '-')}" if floor is not None else ""
+            pm = (lambda k: f" +- {g[k + '_se']}" if k + "_se" in g else "")
+            extra = f" | {g.get('ratio_above_floor', '-')}{pm('ratio_above_floor')}" if floor is not None else ""
             lines.append(f"| {g['ch']} | {g['steps']} | {g['ddpm']} ({g['ddpm_fd']}) | {g['blur']} ({g['blur_fd']}) | "
-                         f"{g['ratio']}{extra} | {'yes' if g['within'] else 'no'} |")
+                         f"{g['ratio']}{pm('ratio')}{extra} | {'yes' if g['within'] else 'no'} |")
     if rule or shipped:
         lines += shipping_lines(rule, shipped)
     return "\n".join(lines) + "\n"
